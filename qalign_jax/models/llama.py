@@ -1,0 +1,421 @@
+"""Llama-family decoder in Flax nnx: the one model every stage of qalign_jax runs.
+
+Einsum letters, used in every file of this package:
+  B batch, T query length, S key length (the KV cache), D model dim, N query heads,
+  K kv heads, G query heads per kv head (N = K * G), H head dim, F mlp dim, V vocab, L layers.
+
+Invariants:
+- Parameter names mirror Hugging Face (`embed_tokens`, `layers.self_attn.q_proj`,
+  `mlp.gate_proj`, `input_layernorm`, `norm`, `lm_head`), so import/export is a table of
+  transposes and reshapes (`models/hf.py`).
+- The L decoder blocks are stored *stacked*, every block parameter with a leading `layers`
+  axis, and run under `jax.lax.scan`: compile time does not grow with depth (an 8B model
+  compiles one block, not 32).
+- Every parameter carries `logical_axes` metadata (names from the vocabulary in
+  `sharding.py`); the config's rules map them to mesh axes. Activations are constrained with
+  the same names.
+- Positions are explicit and drive the attention mask: a token at position p sees keys whose
+  position is in [0, p]; position -1 marks padding (left-padded prompts, empty cache slots).
+  The same rule serves training (no cache), prefill and decode (a functional `KVCache`).
+- Parameters are stored in `param_dtype` and cast to the compute `dtype` at use; norms,
+  softmax and RoPE run in float32; logits are returned in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qalign_jax import sharding
+
+# Mask value for disallowed attention: finite so that a fully masked row (a padding query)
+# gives a uniform softmax instead of NaN.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+# What the backward pass may keep from a block instead of recomputing it.
+REMAT_POLICIES = {
+    "none": None,  # no jax.checkpoint: keep everything
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the block inputs
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 frequency scaling ("rope_type": "llama3" in Hugging Face configs)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture and numerics of a Llama-family model. Hashable: jit treats it as static."""
+
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 8192
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype
+    remat: str = "none"  # see REMAT_POLICIES
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
+                f"{self.num_kv_heads} (grouped-query attention shares each kv head by a group "
+                "of query heads)."
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}; use float32, bfloat16 or float16."
+                )
+
+    def replace(self, **kwargs) -> LlamaConfig:
+        return dataclasses.replace(self, **kwargs)
+
+    @property
+    def num_params(self) -> int:
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        block = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else d * v
+        return v * d + self.num_layers * block + d + head
+
+
+_LLAMA3_ROPE = RopeScaling(factor=8.0, original_max_position_embeddings=8192)
+
+PRESETS = {
+    # For tests: GQA with 2 query heads per kv head, tied head, 2 layers.
+    "tiny": LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=512,
+    ),
+    "smollm2_135m": LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, rope_theta=100_000.0, tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
+    "llama3_2_1b": LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+        num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500_000.0,
+        rope_scaling=RopeScaling(factor=32.0), tie_word_embeddings=True,
+        max_position_embeddings=131072,
+    ),
+    "llama3_1_8b": LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500_000.0,
+        rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072,
+    ),
+    "llama3_1_70b": LlamaConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+        num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=500_000.0,
+        rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072,
+    ),
+}  # fmt: skip
+
+
+def get_preset(name: str) -> LlamaConfig:
+    if name not in PRESETS:
+        raise ValueError(f"Unknown model preset {name!r}; known presets: {sorted(PRESETS)}.")
+    return PRESETS[name]
+
+
+class KVCache(NamedTuple):
+    """Functional KV cache, passed into and returned from `Llama.__call__`.
+
+    k, v: [L, B, S, K, H] keys (after RoPE) and values of every layer.
+    positions: [B, S] int32 position of the token held in each slot; -1 for an empty slot.
+    index: [] int32, the slot the next call writes its first token to (shared by all rows:
+      prompts are left-padded so that rows advance together).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+
+def init_cache(cfg: LlamaConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache of `max_len` slots per row."""
+    dtype = dtype or cfg.dtype
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        positions=jnp.full((batch_size, max_len), -1, jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+# Logical axes of the cache, for placing it on a mesh (see `sharding.logical_sharding`).
+CACHE_LOGICAL_AXES = KVCache(
+    k=("layers", "batch", "seq", "kv_heads", "head_dim"),
+    v=("layers", "batch", "seq", "kv_heads", "head_dim"),
+    positions=("batch", "seq"),
+    index=(),
+)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, param_dtype, init: str = "normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, param_dtype)
+    else:  # Hugging Face's Llama initializer: N(0, 0.02)
+        value = 0.02 * jax.random.normal(rngs.params(), shape, param_dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, stack: tuple = (), *, cfg, rngs: nnx.Rngs):
+        axes = ("layers",) * len(stack) + ("norm",)
+        self.weight = _param(rngs, (*stack, dim), axes, cfg.param_dtype, init="ones")
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # As Hugging Face: normalize in float32, cast back, then scale.
+        return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+class Proj(nnx.Module):
+    """A bias-free projection; the einsum lives with its caller."""
+
+    def __init__(self, shape, axes, stack: tuple = (), *, cfg, rngs: nnx.Rngs):
+        axes = ("layers",) * len(stack) + tuple(axes)
+        self.kernel = _param(rngs, (*stack, *shape), axes, cfg.param_dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, stack: tuple, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(stack=stack, cfg=cfg, rngs=rngs)
+        self.q_proj = Proj((d, n, h), ("embed", "heads", "head_dim"), **kw)
+        self.k_proj = Proj((d, k, h), ("embed", "kv_heads", "head_dim"), **kw)
+        self.v_proj = Proj((d, k, h), ("embed", "kv_heads", "head_dim"), **kw)
+        self.o_proj = Proj((n, h, d), ("heads", "head_dim", "embed"), **kw)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, stack: tuple, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(stack=stack, cfg=cfg, rngs=rngs)
+        self.gate_proj = Proj((d, f), ("embed", "mlp"), **kw)
+        self.up_proj = Proj((d, f), ("embed", "mlp"), **kw)
+        self.down_proj = Proj((f, d), ("mlp", "embed"), **kw)
+
+
+class Block(nnx.Module):
+    """One decoder block's parameters; `Llama` holds all L of them stacked."""
+
+    def __init__(self, cfg: LlamaConfig, stack: tuple, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, stack, cfg=cfg, rngs=rngs)
+        self.self_attn = Attention(cfg, stack, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, stack, cfg=cfg, rngs=rngs
+        )
+        self.mlp = MLP(cfg, stack, rngs=rngs)
+
+
+class Embed(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        shape = (cfg.vocab_size, cfg.hidden_size)
+        self.embedding = _param(rngs, shape, ("vocab", "embed"), cfg.param_dtype)
+
+
+def rope_inv_frequencies(cfg: LlamaConfig) -> np.ndarray:
+    """[H/2] float32 inverse frequencies, with Llama-3.1 scaling when configured.
+
+    Computed in float32 as Hugging Face does, so positions times frequencies round alike.
+    """
+    h = cfg.head_dim
+    exponent = np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h)
+    inv = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE (Hugging Face layout). x: [B, T, *, H]; positions: [B, T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.concatenate([jnp.cos(freqs)] * 2, axis=-1).astype(x.dtype)
+    sin = jnp.concatenate([jnp.sin(freqs)] * 2, axis=-1).astype(x.dtype)
+    extra = x.ndim - 3  # broadcast over the head axes
+    cos = cos.reshape(cos.shape[:2] + (1,) * extra + cos.shape[-1:])
+    sin = sin.reshape(sin.shape[:2] + (1,) * extra + sin.shape[-1:])
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def attention_mask(q_positions, k_positions):
+    """[B, T, S] bool: key position in [0, query position]. Position -1 is padding."""
+    q = q_positions[:, :, None]
+    k = k_positions[:, None, :]
+    return (k >= 0) & (k <= q)
+
+
+def _block_forward(blk: Block, x, positions, k_cache, v_cache, k_positions, index, inv_freq, cfg):
+    """One decoder block. x: [B, T, D]. Caches: [B, S, K, H] or None (no cache)."""
+    dt = cfg.dtype
+    attn = blk.self_attn
+    b, t, _ = x.shape
+    kh, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+
+    h = blk.input_layernorm(x)
+    q = jnp.einsum("BTD,DNH->BTNH", h, attn.q_proj.kernel[...].astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", h, attn.k_proj.kernel[...].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", h, attn.v_proj.kernel[...].astype(dt))
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if k_cache is not None:  # write this call's keys at `index`, attend over all slots
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        k, v = k_cache.astype(dt), v_cache.astype(dt)
+    q = q.reshape(b, t, kh, g, cfg.head_dim)  # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    scores = scores / np.sqrt(cfg.head_dim).astype(np.float32)
+    mask = attention_mask(positions, k_positions)[:, None, None]  # [B, 1, 1, T, S]
+    probs = jax.nn.softmax(jnp.where(mask, scores, _MASK_VALUE), axis=-1).astype(dt)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    x = x + jnp.einsum("BTNH,NHD->BTD", out, attn.o_proj.kernel[...].astype(dt))
+    x = sharding.constrain(x, ("batch", "seq", "embed"))
+
+    h = blk.post_attention_layernorm(x)
+    gate = jnp.einsum("BTD,DF->BTF", h, blk.mlp.gate_proj.kernel[...].astype(dt))
+    up = jnp.einsum("BTD,DF->BTF", h, blk.mlp.up_proj.kernel[...].astype(dt))
+    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+    x = x + jnp.einsum("BTF,FD->BTD", hidden, blk.mlp.down_proj.kernel[...].astype(dt))
+    return sharding.constrain(x, ("batch", "seq", "embed")), k_cache, v_cache
+
+
+class Llama(nnx.Module):
+    """Decoder-only Llama. See the module docstring for layout and invariants."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = Embed(cfg, rngs=rngs)
+        self.layers = Block(cfg, stack=(cfg.num_layers,), rngs=rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg=cfg, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Proj(
+                (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg=cfg, rngs=rngs
+            )
+
+    def __call__(self, tokens, positions, cache: KVCache | None = None, *, return_hidden=False):
+        """Runs the decoder.
+
+        Args:
+          tokens: [B, T] int32 token ids.
+          positions: [B, T] int32 positions; -1 marks padding (it neither attends nor is seen).
+          cache: a `KVCache` to read and extend (prefill or decode), or None (training).
+          return_hidden: also return the final normed hidden states [B, T, D].
+
+        Returns:
+          (logits [B, T, V] float32, the updated cache or None[, hidden]).
+        """
+        cfg = self.config
+        dt = cfg.dtype
+        inv_freq = jnp.asarray(rope_inv_frequencies(cfg))
+        x = jnp.take(self.embed_tokens.embedding[...], tokens, axis=0).astype(dt)
+        x = sharding.constrain(x, ("batch", "seq", "embed"))
+
+        if cache is None:
+            k_positions = positions
+            index = None
+        else:
+            k_positions = jax.lax.dynamic_update_slice(
+                cache.positions, positions.astype(jnp.int32), (0, cache.index)
+            )
+            index = cache.index
+
+        graphdef, block_state = nnx.split(self.layers)
+
+        def body(x, layer):
+            params, k_cache, v_cache = layer
+            blk = nnx.merge(graphdef, params)
+            x, k_cache, v_cache = _block_forward(
+                blk, x, positions, k_cache, v_cache, k_positions, index, inv_freq, cfg
+            )
+            return x, (k_cache, v_cache)
+
+        policy = REMAT_POLICIES[cfg.remat]
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        layer_caches = (None, None) if cache is None else (cache.k, cache.v)
+        x, (new_k, new_v) = jax.lax.scan(body, x, (block_state, *layer_caches))
+
+        x = self.norm(x)
+        if cfg.tie_word_embeddings:
+            head = self.embed_tokens.embedding[...].astype(dt)  # [V, D]
+            logits = jnp.einsum("BTD,VD->BTV", x, head, preferred_element_type=jnp.float32)
+        else:
+            head = self.lm_head.kernel[...].astype(dt)  # [D, V]
+            logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
+
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(new_k, new_v, k_positions, cache.index + tokens.shape[1])
+        if return_hidden:
+            return logits, new_cache, x
+        return logits, new_cache
+
+
+def abstract_model(cfg: LlamaConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Shapes and logical axes of every parameter, without allocating any."""
+    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(model, nnx.Param)
+
+
+def init_params(cfg: LlamaConfig, seed: int, shardings=None) -> nnx.State:
+    """Random parameters (tests, from-scratch runs), created directly on `shardings`."""
+
+    def init():
+        return nnx.split(Llama(cfg, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg"))), nnx.Param)[1]
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def forward(graphdef, params, tokens, positions, cache=None):
+    """Pure function over the parameter pytree: `nnx.merge` then call. Jit this."""
+    return nnx.merge(graphdef, params)(tokens, positions, cache)
+
+
+def positions_from_mask(mask):
+    """[B, T] positions for left- or right-padded rows: 0.. over real tokens, -1 on padding."""
+    mask = mask.astype(jnp.int32)
+    return jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, -1)

@@ -1,0 +1,205 @@
+"""Device mesh, logical-axis rules, and placement of parameters and batches.
+
+Mode: the classic "Auto" axis types (`jax.jit` with in/out shardings plus
+`with_sharding_constraint` on activations), chosen deliberately over jax 0.10's default
+Explicit mode because logical rules from a config map cleanly onto it and XLA's SPMD
+propagation fills in everything we do not annotate.
+
+Vocabulary. Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and
+optimizer state sharded), `tensor` (heads and MLP columns). Logical names used by the model:
+`batch, seq, vocab, embed, heads, kv_heads, head_dim, mlp, layers, norm`. The rules (a list of
+`(logical name, mesh axis | tuple of mesh axes | None)`) live in the config; `DEFAULT_RULES` is
+the FSDP + tensor-parallel layout.
+
+Invariants: a mesh axis is used at most once per array (the first logical name that claims it
+wins), and a dimension that the mesh axes do not divide is replicated instead (logged once),
+e.g. SmolLM2's 3 kv heads on a tensor axis of 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("seq", None),
+    ("norm", None),
+)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `('data', 'fsdp', 'tensor')` mesh; one entry of `shape` may be -1 ("the rest")."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [int(s) for s in shape]
+    n = len(devices)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(
+            f"mesh shape {tuple(shape)} must have {len(MESH_AXES)} entries, one per axis "
+            f"{MESH_AXES}; e.g. (1, -1, 1) for pure FSDP."
+        )
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {tuple(shape)}: use positive sizes and at most one -1.")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if n % known:
+            raise ValueError(
+                f"mesh shape {tuple(shape)}: {n} devices are not divisible by {known}; "
+                f"choose sizes whose product divides {n}."
+            )
+        shape[shape.index(-1)] = n // known
+    if math.prod(shape) != n:
+        raise ValueError(
+            f"mesh shape {tuple(shape)} (data, fsdp, tensor) needs {math.prod(shape)} devices "
+            f"but {n} are available; make the product equal {n} or put -1 on one axis."
+        )
+    return Mesh(
+        np.asarray(devices).reshape(shape),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    )
+
+
+def _as_tuple(mesh_axes) -> tuple[str, ...]:
+    if mesh_axes is None:
+        return ()
+    return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+
+
+_warned: set = set()
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None], rules, mesh: Mesh, shape: Sequence[int] | None = None
+) -> PartitionSpec:
+    """PartitionSpec for an array with the given logical axes under `rules` on `mesh`."""
+    table = {name: _as_tuple(axes) for name, axes in rules}
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(logical_axes):
+        if name is not None and name not in table:
+            raise ValueError(
+                f"logical axis {name!r} has no sharding rule; add ({name!r}, <mesh axes>|None) "
+                f"to config.sharding.rules (known: {sorted(table)})."
+            )
+        axes = tuple(a for a in table.get(name, ()) if a not in used and mesh.shape[a] > 1)
+        if axes and shape is not None and shape[i] % math.prod(mesh.shape[a] for a in axes):
+            key = (name, shape[i], axes)
+            if key not in _warned:
+                _warned.add(key)
+                logging.info("replicating %s (size %d): not divisible by %s", name, shape[i], axes)
+            axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules) -> nnx.State:
+    """NamedSharding for every parameter, from its `logical_axes` metadata and shape."""
+
+    def one(var):
+        spec = logical_to_spec(
+            var.get_metadata()["logical_axes"], rules, mesh, var.get_value().shape
+        )
+        return var.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def logical_shardings(shapes, logical_axes, mesh: Mesh, rules):
+    """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) and a matching axes tree."""
+    return jax.tree.map(
+        lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)),
+        logical_axes,
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) axis over `data` and `fsdp`, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *(None,) * (ndim - 1)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# The mesh and rules that `constrain` uses while tracing; set with `use_rules`.
+_active = threading.local()
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules):
+    """Within this context, `constrain` pins activations to the mesh by their logical axes."""
+    previous = getattr(_active, "value", None)
+    _active.value = (mesh, tuple(rules))
+    try:
+        yield
+    finally:
+        _active.value = previous
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical axes; a no-op outside `use_rules`."""
+    active = getattr(_active, "value", None)
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(logical_axes, rules, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
+    """Fail early: a batch is split over `data` x `fsdp`."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch_size % shards:
+        raise ValueError(
+            f"batch size {global_batch_size} is not divisible by data x fsdp = {shards} "
+            f"(mesh {dict(mesh.shape)}); use a multiple of {shards} or change config.mesh.shape."
+        )
+
+
+def initialize_distributed(cfg) -> None:
+    """`jax.distributed.initialize()` for multi-process runs (pods, multi-GPU hosts).
+
+    `cfg.distributed`: 'auto' initializes when the environment names a cluster (TPU pod
+    metadata, SLURM, or JAX_COORDINATOR_ADDRESS), 'on' always, 'off' never.
+    """
+    import os
+
+    mode = cfg.distributed
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"config.distributed={mode!r}; use 'auto', 'on' or 'off'.")
+    in_cluster = any(
+        k in os.environ
+        for k in (
+            "JAX_COORDINATOR_ADDRESS",
+            "SLURM_JOB_ID",
+            "TPU_WORKER_HOSTNAMES",
+            "MEGASCALE_COORDINATOR_ADDRESS",
+        )
+    )
+    if mode == "on" or (mode == "auto" and in_cluster):
+        jax.distributed.initialize()
+        logging.info(
+            "jax.distributed: process %d of %d, %d local / %d global devices",
+            jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+        )  # fmt: skip

@@ -1,0 +1,180 @@
+"""The model against an independent implementation (PyTorch transformers), and its invariants.
+
+Logit parity runs live against `transformers.LlamaForCausalLM` whenever torch is installed
+(`make test` installs the CPU build; it is a test-only dependency), on tiny random Llamas
+covering MHA / GQA / MQA, tied and untied heads, with and without Llama-3.1 rope scaling.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qalign_jax import sharding
+from qalign_jax.models import hf, llama
+
+TINY = llama.get_preset("tiny")
+
+VARIANTS = {
+    "mha_untied": TINY.replace(num_kv_heads=4, tie_word_embeddings=False),
+    "gqa_tied": TINY,
+    "mqa_untied": TINY.replace(num_kv_heads=1, tie_word_embeddings=False),
+    "gqa_llama3_rope": TINY.replace(
+        rope_theta=500_000.0,
+        rope_scaling=llama.RopeScaling(factor=8.0, original_max_position_embeddings=64),
+    ),
+}
+
+
+def padded_batch(vocab, seed=0):
+    """Two rows, the second left-padded by 3: tokens [2, 12], mask, positions."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, size=(2, 12)).astype(np.int32)
+    mask = np.ones((2, 12), np.int32)
+    mask[1, :3] = 0
+    tokens[1, :3] = 0
+    return tokens, mask, np.asarray(llama.positions_from_mask(jnp.asarray(mask)))
+
+
+def jax_logits(cfg, params, tokens, positions, mesh=None):
+    graphdef, _ = llama.abstract_model(cfg)
+    logits, _ = jax.jit(llama.forward, static_argnums=0)(graphdef, params, tokens, positions)
+    return np.asarray(logits)
+
+
+def torch_model_from(cfg, params):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.LlamaConfig(**{
+        k: v for k, v in hf.config_to_hf(cfg).items() if k not in ("architectures", "torch_dtype")
+    })  # fmt: skip
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    state = {k: torch.from_numpy(v) for k, v in hf.to_hf_state_dict(cfg, params)}
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_logits_match_transformers(name):
+    torch = pytest.importorskip("torch")
+    cfg = VARIANTS[name]
+    params = llama.init_params(cfg, seed=1)
+    tokens, mask, positions = padded_batch(cfg.vocab_size)
+    ours = jax_logits(cfg, params, tokens, positions)
+    model = torch_model_from(cfg, params)
+    with torch.no_grad():
+        ref = model(
+            input_ids=torch.from_numpy(tokens).long(),
+            attention_mask=torch.from_numpy(mask).long(),
+            position_ids=torch.from_numpy(np.maximum(positions, 0)).long(),
+        ).logits.numpy()
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
+    assert np.abs(ref[valid]).max() > 0.1  # not trivially zero
+
+
+def test_llama3_rope_scaling_changes_low_frequencies_only():
+    cfg = VARIANTS["gqa_llama3_rope"]
+    base = llama.rope_inv_frequencies(cfg.replace(rope_scaling=None))
+    scaled = llama.rope_inv_frequencies(cfg)
+    ratio = base / scaled
+    assert ratio[0] == pytest.approx(1.0)  # highest frequency untouched
+    assert ratio[-1] == pytest.approx(8.0)  # lowest frequency divided by the factor
+    assert np.all(np.diff(ratio) >= -1e-6)  # monotone in between
+
+
+def test_padding_does_not_change_real_tokens():
+    params = llama.init_params(TINY, seed=2)
+    tokens, _, positions = padded_batch(TINY.vocab_size)
+    full = jax_logits(TINY, params, tokens, positions)
+    alone = jax_logits(TINY, params, tokens[1:, 3:], positions[1:, 3:])
+    np.testing.assert_allclose(full[1, 3:], alone[0], atol=1e-5)
+
+
+def test_cache_prefill_and_decode_equal_full_forward():
+    cfg = TINY
+    params = llama.init_params(cfg, seed=3)
+    graphdef, _ = llama.abstract_model(cfg)
+    tokens, mask, positions = padded_batch(cfg.vocab_size)
+    full, _ = llama.forward(graphdef, params, jnp.asarray(tokens), jnp.asarray(positions))
+    cache = llama.init_cache(cfg, batch_size=2, max_len=16)
+    step = jax.jit(llama.forward, static_argnums=0)
+    pre, cache = step(graphdef, params, tokens[:, :8], positions[:, :8], cache)
+    np.testing.assert_allclose(
+        np.asarray(pre)[mask[:, :8] > 0], np.asarray(full)[:, :8][mask[:, :8] > 0], atol=1e-5
+    )
+    for t in range(8, 12):
+        out, cache = step(graphdef, params, tokens[:, t : t + 1], positions[:, t : t + 1], cache)
+        np.testing.assert_allclose(np.asarray(out)[:, 0], np.asarray(full)[:, t], atol=1e-5)
+    assert int(cache.index) == 12
+
+
+def test_remat_and_bf16():
+    tokens, _, positions = padded_batch(TINY.vocab_size)
+    params = llama.init_params(TINY, seed=4)
+    ref = jax_logits(TINY, params, tokens, positions)
+
+    def loss(p, cfg):
+        graphdef, _ = llama.abstract_model(cfg)
+        logits, _ = llama.forward(graphdef, p, tokens, positions)
+        return jnp.mean(logits**2)
+
+    g_plain = jax.grad(loss)(params, TINY)
+    g_remat = jax.grad(loss)(params, TINY.replace(remat="full"))
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    bf16 = TINY.replace(dtype="bfloat16")
+    low = jax_logits(bf16, params, tokens, positions)
+    assert low.dtype == np.float32
+    assert np.abs(low - ref)[1, 3:].max() < 0.05
+
+
+def test_config_errors_say_what_to_fix():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        TINY.replace(num_kv_heads=3)
+    with pytest.raises(ValueError, match="remat="):
+        TINY.replace(remat="sometimes")
+    with pytest.raises(ValueError, match="known presets"):
+        llama.get_preset("llama9_1t")
+
+
+def test_presets_parameter_counts():
+    # Published sizes: SmolLM2 135M, Llama-3.2 1.24B, Llama-3.1 8.03B and 70.6B.
+    counts = {k: llama.get_preset(k).num_params for k in llama.PRESETS}
+    assert counts["smollm2_135m"] == pytest.approx(134.5e6, rel=0.01)
+    assert counts["llama3_2_1b"] == pytest.approx(1.236e9, rel=0.01)
+    assert counts["llama3_1_8b"] == pytest.approx(8.03e9, rel=0.01)
+    assert counts["llama3_1_70b"] == pytest.approx(70.55e9, rel=0.01)
+    _, abstract = llama.abstract_model(llama.get_preset("llama3_1_8b"))
+    assert sum(x.size for x in jax.tree.leaves(abstract)) == counts["llama3_1_8b"]
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (1, 2, 4), (8, 1, 1), (2, 2, 2)])
+def test_sharded_forward_equals_single_device(shape):
+    cfg = TINY.replace(num_heads=8, num_kv_heads=4)  # divisible by a tensor axis of 4
+    params = llama.init_params(cfg, seed=5)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 10)).astype(np.int32)
+    positions = np.tile(np.arange(10, dtype=np.int32), (8, 1))
+    ref = jax_logits(cfg, params, tokens, positions)
+
+    mesh = sharding.make_mesh(shape)
+    graphdef, abstract = llama.abstract_model(cfg)
+    shardings = sharding.param_shardings(abstract, mesh, sharding.DEFAULT_RULES)
+    placed = jax.device_put(params, shardings)
+    batch = sharding.batch_sharding(mesh)
+    with sharding.use_rules(mesh, sharding.DEFAULT_RULES):
+        fwd = jax.jit(
+            lambda p, t, pos: llama.forward(graphdef, p, t, pos)[0],
+            in_shardings=(shardings, batch, batch),
+        )
+        out = fwd(placed, jax.device_put(tokens, batch), jax.device_put(positions, batch))
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+    # The parameters really are split: each device holds a fraction of the big matrices.
+    q = placed["layers"]["self_attn"]["q_proj"]["kernel"][...]
+    expected_split = shape[1] * shape[2]  # embed over fsdp, heads over tensor
+    assert q.addressable_shards[0].data.size * expected_split == q.size
+    if shape[2] > 1:
+        assert out.sharding.spec[-1] == "tensor" or len(out.sharding.device_set) == 8
