@@ -166,10 +166,13 @@ def load_gguf_params(
         t = tensors[name]
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
         w = w.reshape(tuple(int(s) for s in reversed(t.shape)))  # ggml order is reversed
-        if name.endswith("q_proj.weight"):
-            w = _unpermute(w, cfg.num_heads)
-        elif name.endswith("k_proj.weight"):
-            w = _unpermute(w, cfg.num_kv_heads)
+        # A q/k tensor of the wrong row count is left as is: `place_params` reports the shape.
+        for suffix, heads in (
+            ("q_proj.weight", cfg.num_heads),
+            ("k_proj.weight", cfg.num_kv_heads),
+        ):
+            if name.endswith(suffix) and w.shape[0] == heads * cfg.head_dim:
+                w = _unpermute(w, heads)
         return w
 
     return hf.place_params(cfg, get, shardings, source, cache_leaf=True)

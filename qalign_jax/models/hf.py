@@ -143,30 +143,35 @@ def place_params(
 
     def build(key_path, var, sh):
         path = _path_of(key_path)
-        hf_name, to_ours, _ = table[path]
+        hf_name, to_ours, to_hf = table[path]
         shape = var.get_value().shape
         stacked = "{i}" in hf_name
+        # Check the shape in HF layout, before the reshapes of `to_ours`: a tensor of the wrong
+        # shape but the right size would otherwise reshape silently into garbage.
+        ours_shape = shape[1:] if stacked else shape
+        hf_shape = tuple(jax.eval_shape(to_hf, jax.ShapeDtypeStruct(ours_shape, dtype)).shape)
         cache: dict[str, np.ndarray] = {}
 
-        def read(name, expected_shape):
+        def read(name):
             if name in cache:
                 return cache[name]
-            w = to_ours(get_tensor(name))
-            if tuple(w.shape) != tuple(expected_shape):
+            w = get_tensor(name)
+            if tuple(w.shape) != hf_shape:
                 raise ValueError(
-                    f"{source}: tensor {name} has shape {tuple(get_tensor(name).shape)} (HF "
-                    f"layout), which gives {tuple(w.shape)} for {'.'.join(path)}, expected "
-                    f"{tuple(expected_shape)}; the config does not match these weights."
+                    f"{source}: tensor {name} has shape {tuple(w.shape)}, but the config needs "
+                    f"{hf_shape} (HF layout) for parameter {'.'.join(path)} {tuple(shape)}; the "
+                    "config does not match these weights."
                 )
+            w = to_ours(w)
             if cache_leaf:
                 cache[name] = w = np.asarray(w)
             return w
 
         def callback(index):
             if not stacked:
-                return np.asarray(read(hf_name, shape)[index], dtype=dtype)
+                return np.asarray(read(hf_name)[index], dtype=dtype)
             layers = range(cfg.num_layers)[index[0]]
-            parts = [read(hf_name.format(i=i), shape[1:])[index[1:]] for i in layers]
+            parts = [read(hf_name.format(i=i))[index[1:]] for i in layers]
             return np.stack([np.asarray(p, dtype=dtype) for p in parts])
 
         return var.replace(jax.make_array_from_callback(shape, sh.get_value(), callback))

@@ -288,29 +288,60 @@ def attention_mask(q_positions, k_positions):
     return (k >= 0) & (k <= q)
 
 
-def _block_forward(blk: Block, x, positions, k_cache, v_cache, k_positions, index, inv_freq, cfg):
-    """One decoder block. x: [B, T, D]. Caches: [B, S, K, H] or None (no cache)."""
+def _attend(q, k, v, q_positions, k_positions, prefix, cfg):
+    """Grouped-query attention. q: [B, T, N, H]; k, v: [B, S, K, H] -> [B, T, N, H].
+
+    `prefix` (or None) is a shared prefix (k [Bp, P, K, H], v, positions [Bp, P]) that every
+    query row also attends to: row r belongs to prefix row r // (B / Bp). The prefix keys are
+    read in place, never broadcast to B rows (the judge scores many questions per prefix).
+    """
+    dt = cfg.dtype
+    b, t, _, h = q.shape
+    kh, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, t, kh, g, h)  # [B, T, K, G, H]
+    scale = np.float32(1.0 / np.sqrt(h))
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    mask = attention_mask(q_positions, k_positions)[:, None, None]  # [B, 1, 1, T, S]
+    scores = jnp.where(mask, scores, _MASK_VALUE)
+    if prefix is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, cfg.num_heads, h)
+    pk, pv, p_positions = prefix
+    bp, p_len = p_positions.shape
+    qg = q.reshape(bp, b // bp, t, kh, g, h)  # [Bp, R, T, K, G, H]
+    p_scores = jnp.einsum(
+        "BRTKGH,BPKH->BRKGTP", qg, pk.astype(dt), preferred_element_type=jnp.float32
+    )
+    p_mask = (p_positions >= 0)[:, None, None, None, None, :]  # [Bp, 1, 1, 1, 1, P]
+    p_scores = jnp.where(p_mask, p_scores * scale, _MASK_VALUE)
+    own = scores.reshape(bp, b // bp, kh, g, t, -1)  # [Bp, R, K, G, T, S]
+    probs = jax.nn.softmax(jnp.concatenate([p_scores, own], axis=-1), axis=-1).astype(dt)
+    out = jnp.einsum("BRKGTP,BPKH->BRTKGH", probs[..., :p_len], pv.astype(dt))
+    out = out + jnp.einsum(
+        "BRKGTS,BRSKH->BRTKGH", probs[..., p_len:], v.reshape(bp, b // bp, -1, kh, h)
+    )
+    return out.reshape(b, t, cfg.num_heads, h)
+
+
+def _block_forward(
+    blk: Block, x, positions, layer_cache, k_positions, index, prefix, inv_freq, cfg
+):
+    """One decoder block. x: [B, T, D]. layer_cache: (k, v) [B, S, K, H] or None."""
     dt = cfg.dtype
     attn = blk.self_attn
-    b, t, _ = x.shape
-    kh, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-
     h = blk.input_layernorm(x)
     q = jnp.einsum("BTD,DNH->BTNH", h, attn.q_proj.kernel[...].astype(dt))
     k = jnp.einsum("BTD,DKH->BTKH", h, attn.k_proj.kernel[...].astype(dt))
     v = jnp.einsum("BTD,DKH->BTKH", h, attn.v_proj.kernel[...].astype(dt))
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    if k_cache is not None:  # write this call's keys at `index`, attend over all slots
+    if layer_cache is not None:  # write this call's keys at `index`, attend over all slots
+        k_cache, v_cache = layer_cache
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        layer_cache = (k_cache, v_cache)
         k, v = k_cache.astype(dt), v_cache.astype(dt)
-    q = q.reshape(b, t, kh, g, cfg.head_dim)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    scores = scores / np.sqrt(cfg.head_dim).astype(np.float32)
-    mask = attention_mask(positions, k_positions)[:, None, None]  # [B, 1, 1, T, S]
-    probs = jax.nn.softmax(jnp.where(mask, scores, _MASK_VALUE), axis=-1).astype(dt)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    out = _attend(q, k, v, positions, k_positions, prefix, cfg)
     x = x + jnp.einsum("BTNH,NHD->BTD", out, attn.o_proj.kernel[...].astype(dt))
     x = sharding.constrain(x, ("batch", "seq", "embed"))
 
@@ -319,7 +350,7 @@ def _block_forward(blk: Block, x, positions, k_cache, v_cache, k_positions, inde
     up = jnp.einsum("BTD,DF->BTF", h, blk.mlp.up_proj.kernel[...].astype(dt))
     hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
     x = x + jnp.einsum("BTF,FD->BTD", hidden, blk.mlp.down_proj.kernel[...].astype(dt))
-    return sharding.constrain(x, ("batch", "seq", "embed")), k_cache, v_cache
+    return sharding.constrain(x, ("batch", "seq", "embed")), layer_cache
 
 
 class Llama(nnx.Module):
@@ -347,15 +378,35 @@ class Llama(nnx.Module):
         Returns:
           (logits [B, T, V] float32, the updated cache or None[, hidden]).
         """
+        hidden, new_cache = self.hidden(tokens, positions, cache)
+        logits = self.logits(hidden)
+        if return_hidden:
+            return logits, new_cache, hidden
+        return logits, new_cache
+
+    def hidden(
+        self, tokens, positions, cache: KVCache | None = None, *, prefix: KVCache | None = None
+    ):
+        """Final normed hidden states [B, T, D] and the updated cache (no output head).
+
+        `prefix`: a filled cache of Bp rows that the B = Bp * R query rows share read-only
+        (row r sees prefix row r // R); positions must continue after the prefix's. Exclusive
+        with `cache`.
+        """
         cfg = self.config
-        dt = cfg.dtype
+        if cache is not None and prefix is not None:
+            raise ValueError("pass either a cache to extend or a shared prefix, not both.")
+        if prefix is not None and tokens.shape[0] % prefix.positions.shape[0]:
+            raise ValueError(
+                f"{tokens.shape[0]} query rows do not divide evenly over "
+                f"{prefix.positions.shape[0]} prefix rows."
+            )
         inv_freq = jnp.asarray(rope_inv_frequencies(cfg))
-        x = jnp.take(self.embed_tokens.embedding[...], tokens, axis=0).astype(dt)
+        x = jnp.take(self.embed_tokens.embedding[...], tokens, axis=0).astype(cfg.dtype)
         x = sharding.constrain(x, ("batch", "seq", "embed"))
 
         if cache is None:
-            k_positions = positions
-            index = None
+            k_positions, index = positions, None
         else:
             k_positions = jax.lax.dynamic_update_slice(
                 cache.positions, positions.astype(jnp.int32), (0, cache.index)
@@ -365,34 +416,44 @@ class Llama(nnx.Module):
         graphdef, block_state = nnx.split(self.layers)
 
         def body(x, layer):
-            params, k_cache, v_cache = layer
-            blk = nnx.merge(graphdef, params)
-            x, k_cache, v_cache = _block_forward(
-                blk, x, positions, k_cache, v_cache, k_positions, index, inv_freq, cfg
-            )
-            return x, (k_cache, v_cache)
+            params, layer_cache, layer_prefix = layer
+            x, layer_cache = _block_forward(
+                nnx.merge(graphdef, params), x, positions, layer_cache, k_positions, index,
+                layer_prefix, inv_freq, cfg,
+            )  # fmt: skip
+            return x, layer_cache
 
-        policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        layer_caches = (None, None) if cache is None else (cache.k, cache.v)
-        x, (new_k, new_v) = jax.lax.scan(body, x, (block_state, *layer_caches))
-
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        layer_caches = None if cache is None else (cache.k, cache.v)
+        layer_prefix = None
+        if prefix is not None:  # scanned per layer; positions are the same for every layer
+            layer_prefix = (
+                prefix.k,
+                prefix.v,
+                jnp.broadcast_to(prefix.positions, (cfg.num_layers, *prefix.positions.shape)),
+            )
+        x, new_layer_caches = jax.lax.scan(body, x, (block_state, layer_caches, layer_prefix))
         x = self.norm(x)
-        if cfg.tie_word_embeddings:
-            head = self.embed_tokens.embedding[...].astype(dt)  # [V, D]
-            logits = jnp.einsum("BTD,VD->BTV", x, head, preferred_element_type=jnp.float32)
-        else:
-            head = self.lm_head.kernel[...].astype(dt)  # [D, V]
-            logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
-        logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
 
         new_cache = None
         if cache is not None:
+            new_k, new_v = new_layer_caches
             new_cache = KVCache(new_k, new_v, k_positions, cache.index + tokens.shape[1])
-        if return_hidden:
-            return logits, new_cache, x
-        return logits, new_cache
+        return x, new_cache
+
+    def logits(self, hidden):
+        """The output head: [..., D] -> [..., V] float32 (tied to the embedding or not)."""
+        dt = self.config.dtype
+        if self.config.tie_word_embeddings:
+            head = self.embed_tokens.embedding[...].astype(dt)  # [V, D]
+            logits = jnp.einsum("...D,VD->...V", hidden, head, preferred_element_type=jnp.float32)
+        else:
+            head = self.lm_head.kernel[...].astype(dt)  # [D, V]
+            logits = jnp.einsum("...D,DV->...V", hidden, head, preferred_element_type=jnp.float32)
+        if logits.ndim == 3:
+            logits = sharding.constrain(logits, ("batch", "seq", "vocab"))
+        return logits
 
 
 def abstract_model(cfg: LlamaConfig) -> tuple[nnx.GraphDef, nnx.State]:

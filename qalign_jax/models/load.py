@@ -16,6 +16,7 @@ import dataclasses
 import os
 
 import jax
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -70,8 +71,8 @@ def load_model(
 ) -> LoadedModel:
     """Loads config, tokenizer and parameters (placed on `mesh` by `rules`).
 
-    `tokenizer_source` gives random-weight models a tokenizer (any source above); the tiny
-    preset's vocabulary is smaller than a real tokenizer's, so it usually runs without one.
+    `tokenizer_source` overrides the model's own tokenizer (any source above); a random-weight
+    model given one gets the tokenizer's vocabulary size, so it can run the chat pipelines.
     """
     mesh = mesh or _default_mesh()
     kind, path = resolve_source(source)
@@ -83,9 +84,15 @@ def load_model(
         tokenizer = tokenizer_lib.tokenizer_from_gguf(reader)
     elif kind == "hf":
         cfg = hf.read_hf_config(path).replace(**numerics)
-        tokenizer = tokenizer_lib.tokenizer_from_hf_dir(path)
+        try:
+            tokenizer = tokenizer_lib.tokenizer_from_hf_dir(path)
+        except FileNotFoundError as e:
+            logging.warning("%s: no tokenizer (%s); the model loads without one.", path, e)
     else:
         cfg = llama.get_preset(path).replace(**numerics)
+        if tokenizer_source is not None:  # random weights sized to a real tokenizer
+            tokenizer = load_tokenizer(tokenizer_source)
+            cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
     graphdef, abstract = llama.abstract_model(cfg)
     shardings = sharding.param_shardings(abstract, mesh, rules)
     with sharding.use_rules(mesh, rules):
@@ -95,7 +102,7 @@ def load_model(
             params = hf.load_hf_params(path, cfg, shardings)
         else:
             params = llama.init_params(cfg, seed, shardings)
-    if tokenizer_source is not None:
+    if tokenizer_source is not None and kind != "random":
         tokenizer = load_tokenizer(tokenizer_source)
     return LoadedModel(cfg, graphdef, params, tokenizer, mesh, tuple(rules), source)
 
