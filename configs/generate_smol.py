@@ -23,6 +23,7 @@ def get_config(arg=None):
     c.generate.temperature = 0.0
     if arg == "smoke":
         c.model.source = "random:tiny"
+        c.model.tokenizer = "embedded"  # random weights sized to the real tokenizer
         c.generate.prompts = c.generate.prompts[:2]
         c.generate.max_new_tokens = 8
     elif arg:

@@ -1,0 +1,157 @@
+"""Judge benchmark: shared-prefix logit scoring vs naive generate-then-parse, same judge, same rubric.
+
+  .venv/bin/python bench/judge.py                       # embedded SmolLM2, default 167-question rubric
+  .venv/bin/python bench/judge.py --num_responses 2 --rubric demo --consistency_repeats 3
+
+(a) naive: every question gets its own full context (judge prompt + user prompt + response +
+    question), the judge generates a few tokens greedily, the first option word is the answer.
+(b) ours: one prefill per response, then all questions as suffixes over the shared prefix
+    cache, answers read from the option-token logits.
+Prints questions/s for both, the speedup, and how often both pick the same answer; then the
+judge-consistency check (the same pairs scored repeatedly; coefficient of variation of each
+principle score) for logit mode and generate mode at temperature 0 and 1. Writes JSON.
+
+(Pairs come from ../shared/data: the first turn of HH-RLHF harmless-base `chosen` transcripts
+and Alpaca seed tasks with their reference outputs.)
+"""
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from qalign_jax import judge as judge_lib
+from qalign_jax import rubric as rubric_lib
+from qalign_jax import sharding
+from qalign_jax.models import load
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def read_pairs(n: int) -> list[tuple[str, str]]:
+    pairs = []
+    with open(os.path.join(DATA, "hh_rlhf", "harmless-base_test.jsonl")) as f:
+        for line in f:
+            chosen = json.loads(line)["chosen"]
+            parts = chosen.split("\n\nAssistant: ")
+            if len(parts) < 2:
+                continue
+            prompt = parts[0].replace("\n\nHuman: ", "").strip()
+            response = parts[1].split("\n\nHuman: ")[0].strip()
+            if 20 < len(response) < 600:
+                pairs.append((prompt, response))
+            if len(pairs) >= (n + 1) // 2:
+                break
+    with open(os.path.join(DATA, "alpaca", "alpaca_seed_tasks.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if len(pairs) >= n:
+                break
+            if 20 < len(row["output"]) < 600:
+                pairs.append((row["prompt"], row["output"]))
+    return pairs[:n]
+
+
+def timed(judge, pairs, rng=None):
+    judge_lib.score_pairs(judge, pairs[:1], rng)  # compile
+    t0 = time.perf_counter()
+    verdicts = judge_lib.score_pairs(judge, pairs, rng)
+    return verdicts, time.perf_counter() - t0
+
+
+def consistency(judge, pairs, repeats, seed=0):
+    """Mean over pairs of the coefficient of variation (std / |mean|) of each principle score."""
+    runs = []
+    for r in range(repeats):
+        verdicts = judge_lib.score_pairs(judge, pairs, jax.random.key(seed + r))
+        runs.append(
+            [[v.scores.principles[p.id] for p in judge.rubric.principles] for v in verdicts]
+        )
+    arr = np.array(runs, dtype=float)  # [repeats, pairs, principles]; N/A -> nan
+    std, mean = np.nanstd(arr, axis=0), np.nanmean(arr, axis=0)
+    cv = np.where(np.abs(mean) > 1e-9, std / np.maximum(np.abs(mean), 1e-9), std)
+    return {p.id: float(np.nanmean(cv[:, i])) for i, p in enumerate(judge.rubric.principles)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--rubric", default="default")
+    ap.add_argument("--num_responses", type=int, default=3)
+    ap.add_argument("--consistency_rubric", default="demo")
+    ap.add_argument("--consistency_pairs", type=int, default=2)
+    ap.add_argument("--consistency_repeats", type=int, default=10)
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "judge.json")
+    )
+    args = ap.parse_args()
+
+    model = load.load_model(args.model, mesh=sharding.make_mesh((1, -1, 1)))
+    rubric = rubric_lib.load_rubric(rubric_lib.builtin_rubric_path(args.rubric))
+    pairs = read_pairs(args.num_responses)
+    n_q = len(rubric.questions) * len(pairs)
+
+    fast = judge_lib.build_judge(model, rubric, judge_lib.JudgeConfig(batch_size=1))
+    ours, t_ours = timed(fast, pairs)
+    naive_judge = judge_lib.build_judge(
+        model, rubric, judge_lib.JudgeConfig(mode="generate", question_chunk=32)
+    )
+    naive, t_naive = timed(naive_judge, pairs, jax.random.key(0))
+    same = [
+        a.answers[q.id].argmax == b.answers[q.id].argmax
+        for a, b in zip(ours, naive)
+        for q in rubric.questions
+    ]
+    unparsed = sum(
+        np.allclose(a.probs, 1 / len(a.probs)) for v in naive for a in v.answers.values()
+    )
+    result = {
+        "model": args.model, "rubric": args.rubric, "responses": len(pairs), "questions": n_q,
+        "naive_s": t_naive, "ours_s": t_ours,
+        "naive_questions_per_s": n_q / t_naive, "ours_questions_per_s": n_q / t_ours,
+        "speedup": t_naive / t_ours, "agreement_on_parsed": float(np.mean(same)) if same else None,
+        "naive_unparsed_fraction": unparsed / n_q,
+        "ours_mean_option_mass": float(np.mean([a.option_mass for v in ours for a in v.answers.values()])),
+    }  # fmt: skip
+    print(
+        f"judge {args.model}, rubric {args.rubric} ({len(rubric.questions)} questions), {len(pairs)} responses"
+    )
+    print(
+        f"naive generate-then-parse: {result['naive_questions_per_s']:8.2f} questions/s ({t_naive:.1f}s)"
+    )
+    print(
+        f"ours (shared prefix):      {result['ours_questions_per_s']:8.2f} questions/s ({t_ours:.1f}s)"
+    )
+    print(f"speedup {result['speedup']:.1f}x; naive answer unparseable on "
+          f"{100 * result['naive_unparsed_fraction']:.1f}% of questions; where it parsed, the same "
+          f"answer on {100 * (result['agreement_on_parsed'] or 0):.1f}%")  # fmt: skip
+
+    if args.consistency_repeats > 0:
+        c_rubric = rubric_lib.load_rubric(rubric_lib.builtin_rubric_path(args.consistency_rubric))
+        c_pairs = read_pairs(args.consistency_pairs)
+        modes = {
+            "logits": judge_lib.JudgeConfig(),
+            "generate_t0": judge_lib.JudgeConfig(mode="generate", question_chunk=32),
+            "generate_t1": judge_lib.JudgeConfig(
+                mode="generate", question_chunk=32, generate_temperature=1.0
+            ),
+        }
+        result["consistency_cv"] = {}
+        for name, cfg in modes.items():
+            j = judge_lib.build_judge(model, c_rubric, cfg)
+            cv = consistency(j, c_pairs, args.consistency_repeats)
+            result["consistency_cv"][name] = cv
+            print(f"consistency ({args.consistency_repeats} repeats, {len(c_pairs)} pairs, "
+                  f"rubric {args.consistency_rubric}) {name:12s} CV " +
+                  " ".join(f"{k}={v:.3f}" for k, v in cv.items()))  # fmt: skip
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

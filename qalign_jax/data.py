@@ -1,0 +1,463 @@
+"""Data: SFT examples, prompt sets, disjoint splits, and fixed-shape batches.
+
+Owns reading and validating the JSONL files the loops train on, turning them into token ids
+with loss masks, and cutting them into batches whose order is a pure function of
+`(seed, epoch, batch index)`, so a resumed run continues from a saved position without
+replaying the data.
+
+SFT JSONL, one example per line (`read_sft_jsonl`):
+  {"id": str, "prompt": str, "segments": [{"text": str, "train": bool}, ...]}
+  {"id": str, "prompt": str, "completion": str}        (one trained segment)
+The prompt is rendered with the tokenizer's chat template (user turn, optional system prompt,
+the assistant header) and is never trained; each segment's text is encoded on its own and
+appended with its `train` flag; the end-of-turn id (`tokenizer.stop_ids[0]`, `<|im_end|>` for
+SmolLM2) closes the answer and is trained. Segments serve QA-LIGN's reflection format: the
+draft is trained, the inserted rubric critique is not, `<Think>` + revision is trained.
+
+Prompt sets (`read_prompt_set`): the shared schema `{"id", "prompt", "category", "label"}`
+(extra fields kept), split into disjoint named parts by `split_by_hash`.
+
+Batches (`SFTBatches`): rows of `seq_len` tokens, right-padded (position -1, loss mask 0).
+Packing several examples into one row is deliberately absent: the model masks attention by
+positions only (a key is visible when its position is <= the query's, within a row), so two
+examples in one row would attend to each other; packing needs a block-causal mask the model
+does not have. Padding costs compute, not correctness.
+
+Invariants: every error about a file names `path:line` and the field; an example that would
+train on nothing is an error, never silently skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+OVERFLOW_MODES = ("truncate", "error")
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT examples.
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTExample:
+    """One tokenized example.
+
+    Attributes:
+      id: the example's id from the file.
+      tokens: [L] int32 ids: chat-template prompt, segments, end of turn.
+      train: [L] bool, True where the token is a training target (predicted from the tokens
+        before it); False on the prompt and on untrained segments.
+      truncated: the tail was dropped to fit `seq_len`.
+    """
+
+    id: str
+    tokens: np.ndarray
+    train: np.ndarray
+    truncated: bool = False
+
+
+def _fail(where: str, message: str):
+    raise ValueError(f"{where}: {message}")
+
+
+def read_sft_jsonl(path: str) -> list[tuple[str, dict]]:
+    """Validated rows of an SFT file, each as (`path:line`, row with `segments`).
+
+    A `completion` row becomes one trained segment. Raises ValueError naming `path:line` and
+    the field for: a line that is not a JSON object, a missing or non-string `id`/`prompt`,
+    neither `segments` nor `completion`, a malformed segment, no non-empty trained text, or a
+    repeated id.
+    """
+    rows, seen = [], {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            where = f"{path}:{n}"
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                _fail(where, f"not valid JSON ({e.msg} at column {e.colno}).")
+            if not isinstance(row, dict):
+                _fail(where, f"expected a JSON object, got {type(row).__name__}.")
+            for field in ("id", "prompt"):
+                if field not in row:
+                    _fail(where, f"missing field {field!r} (each line needs 'id' and 'prompt').")
+                if not isinstance(row[field], str):
+                    _fail(where, f"field {field!r} must be a string, got {row[field]!r:.60}.")
+            if not row["prompt"].strip():
+                _fail(where, f"field 'prompt' of id {row['id']!r} is empty.")
+            if row["id"] in seen:
+                _fail(where, f"id {row['id']!r} repeats the id on line {seen[row['id']]}.")
+            seen[row["id"]] = n
+            if "segments" in row:
+                segments = row["segments"]
+                if not isinstance(segments, list) or not segments:
+                    _fail(where, "field 'segments' must be a non-empty list of {text, train}.")
+                for i, seg in enumerate(segments):
+                    ok = isinstance(seg, dict) and isinstance(seg.get("text"), str)
+                    if not ok or not isinstance(seg.get("train"), bool):
+                        _fail(
+                            where,
+                            f"segments[{i}] must be {{'text': str, 'train': bool}}, got "
+                            f"{seg!r:.80}.",
+                        )
+            elif "completion" in row:
+                if not isinstance(row["completion"], str):
+                    _fail(where, "field 'completion' must be a string.")
+                segments = [{"text": row["completion"], "train": True}]
+            else:
+                _fail(where, "missing field 'segments' (or 'completion'): nothing to train on.")
+            if not any(seg["train"] and seg["text"].strip() for seg in segments):
+                field = "segments" if "segments" in row else "completion"
+                _fail(
+                    where,
+                    f"empty response: field {field!r} of id {row['id']!r} has no non-empty "
+                    "trained text.",
+                )
+            rows.append((where, {"id": row["id"], "prompt": row["prompt"], "segments": segments}))
+    if not rows:
+        raise ValueError(f"{path} holds no examples.")
+    return rows
+
+
+def tokenize_sft(
+    row: dict,
+    tokenizer,
+    *,
+    seq_len: int,
+    on_overflow: str,
+    system_prompt: str = "",
+    where: str = "",
+) -> SFTExample:
+    """Token ids and train flags of one validated row (see the module docstring).
+
+    Args:
+      row: `{"id", "prompt", "segments"}` from `read_sft_jsonl`.
+      tokenizer: a `models.tokenizer.Tokenizer` (`apply_chat_template`, `encode`, `stop_ids`).
+      seq_len: the most tokens an example may have (a batch row's length).
+      on_overflow: 'truncate' drops the tail (the prompt is kept whole), 'error' raises.
+      system_prompt: '' = the chat template's default.
+      where: `path:line` for messages.
+
+    Returns:
+      An `SFTExample` of at most `seq_len` tokens with at least one trained target.
+    """
+    if on_overflow not in OVERFLOW_MODES:
+        raise ValueError(f"data.on_overflow={on_overflow!r}; use one of {OVERFLOW_MODES}.")
+    where = where or f"id {row['id']!r}"
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": row["prompt"]})
+    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    flags = [False] * len(ids)
+    prompt_len = len(ids)
+    for seg in row["segments"]:
+        seg_ids = tokenizer.encode(seg["text"])
+        ids += seg_ids
+        flags += [seg["train"]] * len(seg_ids)
+    ids.append(tokenizer.stop_ids[0])  # end of turn: the model must learn to stop
+    flags.append(True)
+    truncated = False
+    if len(ids) > seq_len:
+        if on_overflow == "error":
+            _fail(
+                where,
+                f"id {row['id']!r} has {len(ids)} tokens (prompt {prompt_len}), more than "
+                f"data.seq_len={seq_len}; raise data.seq_len, shorten the example, or set "
+                "data.on_overflow='truncate' to drop the tail.",
+            )
+        if prompt_len >= seq_len:
+            _fail(
+                where,
+                f"id {row['id']!r}: the prompt alone has {prompt_len} tokens, not fewer than "
+                f"data.seq_len={seq_len}, so truncation would leave nothing to train on; raise "
+                "data.seq_len or drop the example.",
+            )
+        ids, flags, truncated = ids[:seq_len], flags[:seq_len], True
+    if not any(flags):
+        _fail(where, f"id {row['id']!r} has no trained token left after truncation.")
+    return SFTExample(
+        id=row["id"],
+        tokens=np.asarray(ids, np.int32),
+        train=np.asarray(flags, bool),
+        truncated=truncated,
+    )
+
+
+def load_sft_examples(
+    path: str,
+    tokenizer,
+    *,
+    seq_len: int,
+    on_overflow: str,
+    system_prompt: str = "",
+    max_examples: int = 0,
+) -> list[SFTExample]:
+    """`read_sft_jsonl` then `tokenize_sft` on every row (the first `max_examples` if > 0)."""
+    rows = read_sft_jsonl(path)
+    if max_examples > 0:
+        rows = rows[:max_examples]
+    return [
+        tokenize_sft(
+            row,
+            tokenizer,
+            seq_len=seq_len,
+            on_overflow=on_overflow,
+            system_prompt=system_prompt,
+            where=where,
+        )
+        for where, row in rows
+    ]
+
+
+def fingerprint(examples: Sequence[SFTExample]) -> str:
+    """A short hash of the examples' ids and tokens: a resumed run checks it saw the same data."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(ex.id.encode())
+        h.update(ex.tokens.tobytes())
+        h.update(ex.train.tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt sets and splits.
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+    """One prompt of the shared schema; `extra` keeps the data set's own fields."""
+
+    id: str
+    prompt: str
+    category: str | None
+    label: str | None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def read_prompt_set(path: str) -> list[PromptRecord]:
+    """Rows of a prompt-set JSONL (`id, prompt, category, label`); errors name `path:line`."""
+    records, seen = [], {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            where = f"{path}:{n}"
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                _fail(where, f"not valid JSON ({e.msg} at column {e.colno}).")
+            if not isinstance(row, dict):
+                _fail(where, f"expected a JSON object, got {type(row).__name__}.")
+            for field in ("id", "prompt"):
+                if not isinstance(row.get(field), str) or not row[field].strip():
+                    _fail(where, f"field {field!r} must be a non-empty string.")
+            for field in ("category", "label"):
+                if row.get(field) is not None and not isinstance(row[field], str):
+                    _fail(where, f"field {field!r} must be a string or null.")
+            if row["id"] in seen:
+                _fail(where, f"id {row['id']!r} repeats the id on line {seen[row['id']]}.")
+            seen[row["id"]] = n
+            extra = {k: v for k, v in row.items() if k not in ("id", "prompt", "category", "label")}
+            records.append(
+                PromptRecord(row["id"], row["prompt"], row.get("category"), row.get("label"), extra)
+            )
+    if not records:
+        raise ValueError(f"{path} holds no prompts.")
+    return records
+
+
+def split_by_hash(
+    items: Sequence,
+    sizes: dict[str, int | float],
+    seed: int,
+    key: Callable[[Any], str] = lambda item: item.id,
+) -> dict[str, list]:
+    """Disjoint named parts of `items`, deterministic in `(seed, ids)`, not in file order.
+
+    Items are ordered by sha256 of `"{seed}:{id}"` and cut into consecutive parts in the order
+    of `sizes`; an item's part depends only on the ids present, so reordering the file changes
+    nothing. Within a part, the file order is kept.
+
+    Args:
+      items: records with unique ids.
+      sizes: part name -> a count (int >= 0), a fraction of `len(items)` (float in (0, 1]),
+        or -1 for everything left (at most one, and last).
+      seed: a different seed gives a different split.
+      key: the id of an item.
+
+    Returns:
+      {name: [items]} for every name in `sizes`.
+    """
+    ids = [key(item) for item in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"split_by_hash: id {dup!r} occurs more than once; ids must be unique.")
+    counts = {}
+    for name, size in sizes.items():
+        if size == -1:
+            counts[name] = -1
+        elif isinstance(size, float):
+            if not 0 < size <= 1:
+                raise ValueError(f"split {name!r}: fraction {size} must be in (0, 1].")
+            counts[name] = int(round(size * len(items)))
+        elif isinstance(size, int) and size >= 0:
+            counts[name] = size
+        else:
+            raise ValueError(
+                f"split {name!r}: size {size!r} must be an int >= 0, a fraction or -1."
+            )
+    rest = [name for name, c in counts.items() if c == -1]
+    if len(rest) > 1 or (rest and list(counts)[-1] != rest[0]):
+        raise ValueError(f"split sizes {sizes}: -1 ('the rest') may appear once, on the last part.")
+    fixed = sum(c for c in counts.values() if c != -1)
+    if fixed > len(items):
+        raise ValueError(f"split sizes {sizes} need {fixed} items but there are {len(items)}.")
+    order = sorted(
+        range(len(items)), key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode()).digest()
+    )
+    parts, start = {}, 0
+    for name, count in counts.items():
+        count = len(items) - start if count == -1 else count
+        chosen = sorted(order[start : start + count])
+        parts[name] = [items[i] for i in chosen]
+        start += count
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches.
+
+
+def make_rows(examples: Sequence[SFTExample], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded model rows of the examples, shifted for next-token prediction.
+
+    Returns arrays of shape [len(examples), seq_len]:
+      tokens: int32 input ids, `pad_id` on padding.
+      positions: int32 0.. over the example, -1 on padding (the model masks by position).
+      targets: int32 the next token (`tokens` shifted left by one), 0 where there is none.
+      loss_mask: float32 1 where the target is trained (the target's own train flag).
+    """
+    n = len(examples)
+    rows = {
+        "tokens": np.full((n, seq_len), pad_id, np.int32),
+        "positions": np.full((n, seq_len), -1, np.int32),
+        "targets": np.zeros((n, seq_len), np.int32),
+        "loss_mask": np.zeros((n, seq_len), np.float32),
+    }
+    for i, ex in enumerate(examples):
+        length = len(ex.tokens)
+        if length > seq_len:
+            raise ValueError(f"example {ex.id!r} has {length} tokens > seq_len={seq_len}.")
+        rows["tokens"][i, :length] = ex.tokens
+        rows["positions"][i, :length] = np.arange(length)
+        rows["targets"][i, : length - 1] = ex.tokens[1:]
+        rows["loss_mask"][i, : length - 1] = ex.train[1:]
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+    """Where the next batch starts: `index` counts batches within `epoch`."""
+
+    epoch: int = 0
+    index: int = 0
+
+    def to_json(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    @classmethod
+    def from_json(cls, d: dict) -> DataPosition:
+        return cls(int(d["epoch"]), int(d["index"]))
+
+
+class SFTBatches:
+    """Epochs of shuffled, fixed-shape SFT batches, addressable by `DataPosition`.
+
+    Every epoch visits every example once, in the order `permutation(seed, epoch)`; the last
+    batch of an epoch is filled up with empty rows (positions -1, loss mask 0) rather than
+    dropping examples, so an epoch is `ceil(n / global_batch_size)` steps. A batch holds
+    `grad_accum_steps` micro-batches: arrays [A, global_batch_size / A, seq_len].
+
+    `next()` returns the batch at `position` and advances it; `position` is saved with each
+    checkpoint and set directly on resume (nothing is replayed).
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[SFTExample],
+        *,
+        seq_len: int,
+        pad_id: int,
+        global_batch_size: int,
+        grad_accum_steps: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        if not examples:
+            raise ValueError("SFTBatches: no examples.")
+        if global_batch_size % grad_accum_steps:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is not divisible by "
+                f"grad_accum_steps={grad_accum_steps}; each step splits the batch into that "
+                "many equal micro-batches."
+            )
+        self.rows = make_rows(examples, seq_len, pad_id)
+        self.num_examples = len(examples)
+        self.global_batch_size = global_batch_size
+        self.grad_accum_steps = grad_accum_steps
+        self.seed = seed
+        self.shuffle = shuffle
+        self.steps_per_epoch = math.ceil(self.num_examples / global_batch_size)
+        self.position = DataPosition()
+        self._empty = {  # one padding row per array
+            "tokens": np.full((seq_len,), pad_id, np.int32),
+            "positions": np.full((seq_len,), -1, np.int32),
+            "targets": np.zeros((seq_len,), np.int32),
+            "loss_mask": np.zeros((seq_len,), np.float32),
+        }
+
+    def order(self, epoch: int) -> np.ndarray:
+        """[n] the example indices of `epoch`, in visiting order."""
+        if not self.shuffle:
+            return np.arange(self.num_examples)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+
+    def batch_at(self, position: DataPosition) -> dict[str, np.ndarray]:
+        """The batch at `position`: arrays [A, B / A, seq_len] (A = grad_accum_steps)."""
+        if not 0 <= position.index < self.steps_per_epoch:
+            raise ValueError(
+                f"data position {position} is outside an epoch of {self.steps_per_epoch} batches."
+            )
+        b = self.global_batch_size
+        chosen = self.order(position.epoch)[position.index * b : (position.index + 1) * b]
+        batch = {}
+        for name, rows in self.rows.items():
+            arr = np.broadcast_to(self._empty[name], (b, rows.shape[1])).copy()
+            arr[: len(chosen)] = rows[chosen]
+            batch[name] = arr.reshape(self.grad_accum_steps, b // self.grad_accum_steps, -1)
+        return batch
+
+    def next(self) -> dict[str, np.ndarray]:
+        batch = self.batch_at(self.position)
+        index = self.position.index + 1
+        if index == self.steps_per_epoch:
+            self.position = DataPosition(self.position.epoch + 1, 0)
+        else:
+            self.position = DataPosition(self.position.epoch, index)
+        return batch
+
+    def position_after(self, steps: int) -> DataPosition:
+        """The position after `steps` batches from the start (to check a restored position)."""
+        return DataPosition(steps // self.steps_per_epoch, steps % self.steps_per_epoch)
+
+    def all_batches(self) -> list[dict[str, np.ndarray]]:
+        """One pass over the examples in order (evaluation)."""
+        return [self.batch_at(DataPosition(0, i)) for i in range(self.steps_per_epoch)]

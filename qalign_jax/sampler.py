@@ -1,0 +1,926 @@
+"""The sampler: jitted prefill, one `jax.lax.while_loop` decode, per-token logprobs.
+
+Rollouts dominate GRPO's cost and QA-LIGN doubles them (draft, then `<Think>` + revision), so
+this file owns the fastest correct path from prompts to tokens:
+
+  prefill  (one jitted call)  left-padded prompts -> KV cache + next-token logits
+  decode   (one jitted call)  `while_loop` until every row is done or `max_new_tokens`
+  extend   (one jitted call)  append text (e.g. `<Think>` + a critique) to a finished state and
+                              prefill only the new tokens: the shared prefix is paid for once
+
+Invariants:
+- Prompts are left-padded, so every row writes cache slot `index` at the same step; position
+  -1 marks padding and is invisible (`llama.attention_mask`). Rows finish independently.
+- The cache holds the KV of every token the rows have seen, including every generated token
+  (the one that finished a row too). Slot `state.start + j` holds row b's generated token j.
+  So a continuation is exact: masking slots (position -1) drops tokens, appending extends.
+- `logprobs` are log-softmax of the raw model logits (temperature 1, no filtering) at the
+  sampled tokens: the old-policy log-probabilities GRPO needs, never recomputed.
+- Finish reasons: 'eos' (a token in `stop_ids`), 'stop_sequence' (the row's last generated
+  tokens equal one of `stop_sequences`), 'length' (`max_new_tokens`). Generated tokens include
+  the stop token/sequence.
+- Shapes are bucketed (batch, prompt length; the cache length follows), and every compiled
+  function lives in `_COMPILED`, keyed by its static config and argument shapes: the compile
+  count is logged and stays constant across calls within one bucket.
+
+Why decode has its own one-token forward (`_decode_forward`) instead of `llama.Llama`:
+measured on a 2-core CPU with SmolLM2-135M (bench/README.md), XLA:CPU runs a matmul with the
+weight as the row-major *left* operand, `W[out, in] @ x[in, B]`, 1.3-3x faster than
+`x[B, in] @ W[in, out]` (the tied head 2-3x), and it cannot get that form from the model's
+`[in, out]` kernels without a transpose per step. So decode keeps activations feature-major
+(`[D, B]`), transposes the weights once per call into `DecodeWeights` (q/k/v fused per kv head,
+gate/up fused), unrolls the layers over per-layer weight and cache buffers (no dynamic slices of
+stacked weights, cache updated in place), and reads keys as `[B, K, H, S]` so that attention
+needs no transpose either. Its numerics follow `llama._block_forward` op for op; the tests pin
+it to the full forward (greedy tokens equal, logprobs within 1e-5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from qalign_jax import sharding
+from qalign_jax.models import llama
+
+FINISH_REASONS = ("", "eos", "stop_sequence", "length")  # index = `SamplerState.finish` code
+_EOS, _STOP, _LENGTH = 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """How to sample. Hashable: it is a static argument of the jitted functions.
+
+    The method follows from the numbers (see `SamplerConfig.method`): temperature 0 is greedy;
+    top_k > 0 and/or top_p < 1 filter before sampling at `temperature`.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    stop_ids: tuple[int, ...] = ()  # a row ends when it samples one of these ('eos')
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # token-id tuples ('stop_sequence')
+    pad_id: int = 0  # fills padding and finished rows (never attended to)
+    prompt_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+    # Cache slots per row; 0 = prompt bucket + max_new_tokens. A two-pass rollout (draft, then
+    # `extend` + revision) sets it to cover both passes.
+    max_cache_len: int = 0
+    # A prompt that does not fit the context window (prompt + max_new_tokens >
+    # max_position_embeddings): 'error', or 'left' to drop its oldest tokens.
+    truncate: str = "error"
+
+    def __post_init__(self):
+        as_tuple = lambda xs: tuple(int(x) for x in xs)  # lists from configs -> hashable tuples
+        object.__setattr__(self, "stop_ids", as_tuple(self.stop_ids))
+        object.__setattr__(self, "stop_sequences", tuple(as_tuple(s) for s in self.stop_sequences))
+        object.__setattr__(self, "prompt_buckets", as_tuple(self.prompt_buckets))
+        object.__setattr__(self, "batch_buckets", as_tuple(self.batch_buckets))
+        if self.max_new_tokens < 1:
+            raise ValueError(
+                f"max_new_tokens={self.max_new_tokens}; it must be >= 1 (to score a text without "
+                "generating, run the model's forward instead)."
+            )
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}; use 0 (greedy) or a positive value.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}; use 0 (off) or a positive count.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}; it must be in (0, 1] (1 = off).")
+        for i, seq in enumerate(self.stop_sequences):
+            if not seq:
+                raise ValueError(
+                    f"stop_sequences[{i}] is empty: a stop string that tokenizes to nothing can "
+                    "never match; remove it (see `encode_stop_sequences`)."
+                )
+        for name in ("prompt_buckets", "batch_buckets"):
+            b = getattr(self, name)
+            if not b or any(x < 1 for x in b) or list(b) != sorted(b):
+                raise ValueError(f"{name}={b}; give increasing positive sizes.")
+        if self.truncate not in ("error", "left"):
+            raise ValueError(f"truncate={self.truncate!r}; use 'error' or 'left'.")
+
+    @property
+    def method(self) -> str:
+        """The key of `SAMPLERS` these numbers select."""
+        if self.temperature == 0:
+            return "greedy"
+        if self.top_k and self.top_p < 1:
+            return "top_k_top_p"
+        if self.top_k:
+            return "top_k"
+        if self.top_p < 1:
+            return "top_p"
+        return "temperature"
+
+
+class SamplerState(NamedTuple):
+    """Everything decode carries, as one pytree (donated to each jitted call).
+
+    B rows (the batch bucket), N = max_new_tokens, S cache slots, V vocab.
+    """
+
+    cache: llama.KVCache  # k, v [L, B, S, K, H]; positions [B, S]; index []
+    logits: jax.Array  # [B, V] float32 next-token logits of each row
+    positions: jax.Array  # [B] int32 position of each row's next token
+    tokens: jax.Array  # [B, N] int32 tokens generated by this decode (pad after the end)
+    logprobs: jax.Array  # [B, N] float32 log p(token) under the raw model (0 after the end)
+    lengths: jax.Array  # [B] int32 tokens generated by this decode
+    done: jax.Array  # [B] bool
+    finish: jax.Array  # [B] int32 code into FINISH_REASONS (0 while running, and padding rows)
+    start: jax.Array  # [] int32 cache slot of this decode's first generated token
+    step: jax.Array  # [] int32 decode steps taken
+    rng: jax.Array  # key; step s samples with fold_in(rng, s)
+
+
+def state_logical_axes() -> SamplerState:
+    """Logical axes of every state field (see `sharding.py`): rows over `batch`."""
+    return SamplerState(
+        cache=llama.CACHE_LOGICAL_AXES,
+        logits=("batch", "vocab"),
+        positions=("batch",),
+        tokens=("batch", None),
+        logprobs=("batch", None),
+        lengths=("batch",),
+        done=("batch",),
+        finish=("batch",),
+        start=(),
+        step=(),
+        rng=(),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: small pure functions (logits [B, V] float32, uniforms [B], cfg) -> tokens [B] int32.
+# One uniform per row and an inverse-CDF search: exact, and on CPU 5-10x cheaper per step than
+# Gumbel-max (`jax.random.categorical` draws B x V random numbers; 31 ms at B=32, V=49152).
+
+
+def _sample_categorical(logits, u):
+    """Inverse-CDF draw from softmax(logits) per row; -inf entries are never drawn.
+
+    Two levels (blocks of 128, then within the chosen block) keep it O(V) with tiny cumsums.
+    A zero-probability entry cannot be chosen: the search picks the first cumulative sum that
+    exceeds the target, and that step has a positive increment; rounding past the end is
+    clamped to the last entry with positive probability.
+    """
+    b, v = logits.shape
+    block = 128
+    nb = -(-v // block)
+    p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    p = jnp.pad(p, ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
+    block_mass = jnp.sum(p, axis=-1)  # [B, nb]
+    cum = jnp.cumsum(block_mass, axis=-1)
+    target = u * cum[:, -1]
+    last_block = nb - 1 - jnp.argmax((block_mass > 0)[:, ::-1], axis=-1)
+    bi = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), last_block)  # [B]
+    within = jnp.take_along_axis(p, bi[:, None, None], axis=1)[:, 0]  # [B, block]
+    before = jnp.take_along_axis(cum - block_mass, bi[:, None], axis=1)[:, 0]
+    wcum = jnp.cumsum(within, axis=-1)
+    last_in = block - 1 - jnp.argmax((within > 0)[:, ::-1], axis=-1)
+    j = jnp.minimum(jnp.sum(wcum <= (target - before)[:, None], axis=-1), last_in)
+    return (bi * block + j).astype(jnp.int32)
+
+
+def sample_greedy(logits, u, cfg):
+    del u, cfg
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def sample_temperature(logits, u, cfg):
+    return _sample_categorical(logits / cfg.temperature, u)
+
+
+def _top_k_candidates(logits, cfg):
+    """The k largest logits (descending) and their token ids, each [B, k]."""
+    k = min(cfg.top_k, logits.shape[-1])
+    return jax.lax.top_k(logits, k)
+
+
+def sample_top_k(logits, u, cfg):
+    values, ids = _top_k_candidates(logits, cfg)
+    j = _sample_categorical(values / cfg.temperature, u)
+    return jnp.take_along_axis(ids, j[:, None], axis=-1)[:, 0]
+
+
+def _nucleus_of_sorted(values, top_p):
+    """Mask of the smallest prefix of descending `values` whose probability reaches top_p."""
+    p = jax.nn.softmax(values, axis=-1)
+    mass_before = jnp.cumsum(p, axis=-1) - p
+    return mass_before < top_p
+
+
+def sample_top_k_top_p(logits, u, cfg):
+    values, ids = _top_k_candidates(logits, cfg)
+    values = values / cfg.temperature
+    values = jnp.where(_nucleus_of_sorted(values, cfg.top_p), values, -jnp.inf)
+    j = _sample_categorical(values, u)
+    return jnp.take_along_axis(ids, j[:, None], axis=-1)[:, 0]
+
+
+def top_p_mask(logits, top_p):
+    """[B, V] bool nucleus of softmax(logits) without sorting V (a sort of 49k costs ~4 ms/row).
+
+    Keeps {p >= t} for the largest threshold t whose kept mass still reaches top_p: the sorted
+    prefix up to and including the token that crosses top_p (ties at t are all kept). t is
+    found by bisection on the float bits (monotone for p >= 0): 31 masked sums over V.
+    """
+    p = jax.nn.softmax(logits, axis=-1)
+    bits = jax.lax.bitcast_convert_type(p, jnp.int32)
+    lo = jnp.zeros(p.shape[:-1], jnp.int32)  # mass(bits >= lo) >= top_p always holds
+    hi = jnp.full(p.shape[:-1], 0x7F800000, jnp.int32)  # +inf: mass 0 < top_p
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(jnp.where(bits >= mid[:, None], p, 0.0), axis=-1) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 31, body, (lo, hi))
+    return bits >= lo[:, None]
+
+
+def sample_top_p(logits, u, cfg):
+    logits = logits / cfg.temperature
+    return _sample_categorical(jnp.where(top_p_mask(logits, cfg.top_p), logits, -jnp.inf), u)
+
+
+SAMPLERS = {
+    "greedy": sample_greedy,
+    "temperature": sample_temperature,
+    "top_k": sample_top_k,
+    "top_p": sample_top_p,
+    "top_k_top_p": sample_top_k_top_p,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode weights and the one-token forward.
+
+
+class DecodeWeights(NamedTuple):
+    """The model's weights laid out for decode (see the module docstring), L-tuples per layer.
+
+    qkv [K, G+2, H, D] (G query heads, then k, then v, per kv head); o [D, N*H];
+    gate_up [2, F, D]; down [D, F]; norms [D]; embed [V, D]; head [V, D] (the embedding when
+    tied). All in the compute dtype except norms, which stay as stored.
+    """
+
+    input_norm: tuple
+    qkv: tuple
+    o: tuple
+    post_norm: tuple
+    gate_up: tuple
+    down: tuple
+    final_norm: jax.Array
+    embed: jax.Array
+    head: jax.Array
+
+
+def _is_axes(x) -> bool:
+    """A tuple of logical axis names (None = unsharded dim): a leaf of an axes tree."""
+    return (
+        isinstance(x, tuple)
+        and not hasattr(x, "_fields")
+        and all(isinstance(a, (str, type(None))) for a in x)
+    )
+
+
+def _decode_weight_axes(num_layers: int) -> DecodeWeights:
+    rep = lambda axes: (axes,) * num_layers
+    return DecodeWeights(
+        input_norm=rep(("norm",)),
+        qkv=rep(("kv_heads", None, "head_dim", "embed")),
+        o=rep(("embed", "heads")),
+        post_norm=rep(("norm",)),
+        gate_up=rep((None, "mlp", "embed")),
+        down=rep(("embed", "mlp")),
+        final_norm=("norm",),
+        embed=("vocab", "embed"),
+        head=("vocab", "embed"),
+    )
+
+
+def prepare_weights(graphdef, params) -> DecodeWeights:
+    """Transposes and fuses the parameters once for decode (pure; jit it).
+
+    Costs one pass over the weights (~0.3-0.6 s for 135M fp32 on 2 CPU cores, mostly first
+    touch of the new buffers) and a second copy of the weights while sampling; `generate`
+    returns them so a continuation reuses them.
+    """
+    model = nnx.merge(graphdef, params)
+    cfg = model.config
+    dt = cfg.dtype
+    d, kh, h = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
+    g = cfg.num_heads // kh
+    lay = model.layers
+    att, mlp = lay.self_attn, lay.mlp
+    qkv, o, gate_up, down = [], [], [], []
+    for i in range(cfg.num_layers):
+        q = att.q_proj.kernel[...][i].reshape(d, kh, g, h)
+        k = att.k_proj.kernel[...][i].reshape(d, kh, 1, h)
+        v = att.v_proj.kernel[...][i].reshape(d, kh, 1, h)
+        qkv.append(jnp.concatenate([q, k, v], axis=2).transpose(1, 2, 3, 0).astype(dt))
+        o.append(att.o_proj.kernel[...][i].reshape(cfg.num_heads * h, d).T.astype(dt))
+        gu = jnp.stack([mlp.gate_proj.kernel[...][i], mlp.up_proj.kernel[...][i]])
+        gate_up.append(gu.transpose(0, 2, 1).astype(dt))
+        down.append(mlp.down_proj.kernel[...][i].T.astype(dt))
+    embed = model.embed_tokens.embedding[...].astype(dt)
+    head = embed if cfg.tie_word_embeddings else model.lm_head.kernel[...].T.astype(dt)
+    weights = DecodeWeights(
+        input_norm=tuple(lay.input_layernorm.weight[...][i] for i in range(cfg.num_layers)),
+        qkv=tuple(qkv),
+        o=tuple(o),
+        post_norm=tuple(lay.post_attention_layernorm.weight[...][i] for i in range(cfg.num_layers)),
+        gate_up=tuple(gate_up),
+        down=tuple(down),
+        final_norm=model.norm.weight[...],
+        embed=embed,
+        head=head,
+    )
+    active = getattr(sharding._active, "value", None)
+    if active is not None:  # tensor-parallel layout, replicated over data/fsdp while sampling
+        mesh, rules = active
+        rules = tuple((name, None if name == "embed" else axes) for name, axes in rules)
+        weights = jax.tree.map(
+            lambda axes, w: jax.lax.with_sharding_constraint(
+                w, NamedSharding(mesh, sharding.logical_to_spec(axes, rules, mesh, w.shape))
+            ),
+            _decode_weight_axes(cfg.num_layers),
+            weights,
+            is_leaf=_is_axes,
+        )
+    return weights
+
+
+def _rms_norm_fm(x, weight, eps):
+    """`llama.RMSNorm` over the feature axis 0 of x [D, B]."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + eps)
+    return weight.astype(x.dtype)[:, None] * y.astype(x.dtype)
+
+
+def _rope_fm(x, cos, sin):
+    """Rotate-half RoPE on x [..., H, B] with cos/sin [H, B] (`llama.apply_rope`, transposed)."""
+    x1, x2 = jnp.split(x, 2, axis=-2)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-2) * sin
+
+
+def _decode_forward(
+    cfg: llama.LlamaConfig, w: DecodeWeights, tokens, positions, ks, vs, k_pos, index
+):
+    """One new token per row through all layers, feature-major.
+
+    Args:
+      tokens, positions: [B] int32 (position -1: a finished or padding row, attends to nothing).
+      ks: L-tuple of [B, K, H, S] keys; vs: L-tuple of [B, K, S, H] values; both updated in
+        place at slot `index`. k_pos: [B, S] positions of the slots, this token's included.
+
+    Returns:
+      (logits [B, V] float32, ks, vs).
+    """
+    dt = cfg.dtype
+    b = tokens.shape[0]
+    kh, h = cfg.num_kv_heads, cfg.head_dim
+    g = cfg.num_heads // kh
+    x = jnp.take(w.embed, tokens, axis=0).T  # [D, B]
+    freqs = jnp.asarray(llama.rope_inv_frequencies(cfg))[:, None] * positions.astype(jnp.float32)
+    cos = jnp.concatenate([jnp.cos(freqs)] * 2, axis=0).astype(dt)  # [H, B], shared by layers
+    sin = jnp.concatenate([jnp.sin(freqs)] * 2, axis=0).astype(dt)
+    mask = llama.attention_mask(positions[:, None], k_pos)[:, None, None, 0]  # [B, 1, 1, S]
+    scale = np.float32(1.0 / np.sqrt(h))
+    new_ks, new_vs = [], []
+    for i in range(cfg.num_layers):
+        hn = _rms_norm_fm(x, w.input_norm[i], cfg.rms_norm_eps)
+        qkv = jnp.einsum("KCHD,DB->KCHB", w.qkv[i], hn)  # [K, G+2, H, B]: one matmul
+        q = _rope_fm(qkv[:, :g], cos, sin).transpose(3, 0, 1, 2)  # [B, K, G, H]
+        k = _rope_fm(qkv[:, g], cos, sin).transpose(2, 0, 1)  # [B, K, H]
+        v = qkv[:, g + 1].transpose(2, 0, 1)  # [B, K, H]
+        kc = jax.lax.dynamic_update_slice(ks[i], k[..., None].astype(ks[i].dtype), (0, 0, 0, index))
+        vc = jax.lax.dynamic_update_slice(
+            vs[i], v[:, :, None].astype(vs[i].dtype), (0, 0, index, 0)
+        )
+        new_ks.append(kc)
+        new_vs.append(vc)
+        scores = jnp.einsum("BKGH,BKHS->BKGS", q, kc.astype(dt), preferred_element_type=jnp.float32)
+        scores = jnp.where(mask, scores * scale, llama._MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("BKGS,BKSH->BKGH", probs, vc.astype(dt))  # [B, K, G, H]
+        x = x + w.o[i] @ out.reshape(b, -1).T
+        hn = _rms_norm_fm(x, w.post_norm[i], cfg.rms_norm_eps)
+        gu = jnp.einsum("CFD,DB->CFB", w.gate_up[i], hn)  # [2, F, B]: one matmul
+        x = x + w.down[i] @ (jax.nn.silu(gu[0]) * gu[1])
+    x = _rms_norm_fm(x, w.final_norm, cfg.rms_norm_eps)
+    logits = jnp.einsum("VD,DB->VB", w.head, x, preferred_element_type=jnp.float32)
+    # The barrier keeps XLA from folding the transpose into the head matmul, which would turn
+    # it back into the slow `x @ head.T` form (measured 1.3-1.4x slower on CPU).
+    return jax.lax.optimization_barrier(logits).T, tuple(new_ks), tuple(new_vs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure jitted pieces.
+
+
+def _fresh_state(cache, logits, positions, active, rng, max_new_tokens, pad_id) -> SamplerState:
+    b = logits.shape[0]
+    return SamplerState(
+        cache=cache,
+        logits=logits,
+        positions=positions.astype(jnp.int32),
+        tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+        lengths=jnp.zeros((b,), jnp.int32),
+        done=~active,
+        finish=jnp.zeros((b,), jnp.int32),
+        start=cache.index,
+        step=jnp.zeros((), jnp.int32),
+        rng=rng,
+    )
+
+
+def _prefill_chunk(model, cache, tokens, positions):
+    """Writes a left-padded chunk into the cache; logits after each row's last chunk token."""
+    hidden, cache = model.hidden(tokens, positions, cache)
+    logits = model.logits(hidden[:, -1])  # left padding: the last column is a real token
+    next_positions = jnp.max(positions, axis=1) + 1
+    return logits, next_positions, cache
+
+
+def prefill(graphdef, params, tokens, positions, active, rng, *, cache_len, max_new_tokens, pad_id):
+    """Prompts -> a state ready to decode (for `max_new_tokens`; `pad_id` fills the outputs).
+
+    Args:
+      tokens, positions: [B, T] left-padded prompts; positions -1 on padding
+        (`llama.positions_from_mask`).
+      active: [B] bool, False for rows that only pad the batch to its bucket.
+      rng: the key decode samples with. cache_len: S >= T + max_new_tokens.
+    """
+    model = nnx.merge(graphdef, params)
+    cache = llama.init_cache(model.config, tokens.shape[0], cache_len)
+    logits, next_positions, cache = _prefill_chunk(model, cache, tokens, positions)
+    return _fresh_state(cache, logits, next_positions, active, rng, max_new_tokens, pad_id)
+
+
+def extend(
+    graphdef, params, state: SamplerState, tokens, positions, keep, active, rng, *,
+    max_new_tokens, pad_id,
+):  # fmt: skip
+    """Continues a decoded state: drop generated tokens past `keep`, append `tokens`.
+
+    Only the appended tokens are prefilled; the prompt and the kept draft stay in the cache.
+
+    Args:
+      tokens, positions: [B, T2] left-padded appended text; positions continue each row's kept
+        sequence (row b's first appended token has position prompt_b + keep_b).
+      keep: [B] int32 generated tokens of the previous decode to keep (<= its lengths); the
+        rest (e.g. a trailing EOS) are masked out of the cache (position -1).
+    """
+    model = nnx.merge(graphdef, params)
+    cache = state.cache
+    slot = jnp.arange(cache.positions.shape[1])[None]
+    dropped = (slot >= state.start + keep[:, None]) & (slot < state.start + state.lengths[:, None])
+    cache = cache._replace(positions=jnp.where(dropped, -1, cache.positions))
+    logits, next_positions, cache = _prefill_chunk(model, cache, tokens, positions)
+    return _fresh_state(cache, logits, next_positions, active, rng, max_new_tokens, pad_id)
+
+
+def decode(model_cfg: llama.LlamaConfig, weights: DecodeWeights, state: SamplerState, *, cfg):
+    """Samples until every row is done or `cfg.max_new_tokens` steps: one `while_loop`.
+
+    Each step samples from `state.logits`, records the token and its logprob, checks the stop
+    conditions, and feeds the token through `_decode_forward` (so the cache holds it). Nothing
+    leaves the device inside the loop.
+    """
+    n = cfg.max_new_tokens
+    num_layers = model_cfg.num_layers
+    cache = state.cache
+    # Per-layer buffers in the attention-friendly layouts, for the duration of the loop: each is
+    # updated in place (a stacked cache in the carry was copied whole per layer, measured).
+    ks = tuple(cache.k[i].transpose(0, 2, 3, 1) for i in range(num_layers))  # [B, K, H, S]
+    vs = tuple(cache.v[i].transpose(0, 2, 1, 3) for i in range(num_layers))  # [B, K, S, H]
+    stop_ids = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
+    sample = SAMPLERS[cfg.method]
+
+    def cond(carry):
+        s = carry[0]
+        return (s.step < n) & ~jnp.all(s.done)
+
+    def body(carry):
+        s, ks, vs, k_pos = carry
+        b = s.logits.shape[0]
+        u = jax.random.uniform(jax.random.fold_in(s.rng, s.step), (b,), jnp.float32)
+        token = sample(s.logits, u, cfg)
+        logprob = jnp.take_along_axis(s.logits, token[:, None], axis=-1)[:, 0]
+        logprob = logprob - jax.nn.logsumexp(s.logits, axis=-1)
+        running = ~s.done
+        token = jnp.where(running, token, cfg.pad_id)
+        tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
+        logprobs = jax.lax.dynamic_update_slice(
+            s.logprobs, jnp.where(running, logprob, 0.0)[:, None], (0, s.step)
+        )
+        eos = running & jnp.any(token[:, None] == stop_ids[None], axis=-1)
+        stop = jnp.zeros_like(eos)
+        for seq in cfg.stop_sequences:  # the last len(seq) tokens of running rows
+            m = len(seq)
+            tail = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(s.step + 1 - m, 0), m, axis=1)
+            hit = jnp.all(tail == jnp.asarray(seq, jnp.int32)[None], axis=-1)
+            stop = stop | (running & hit & (s.step + 1 >= m))
+        at_length = running & (s.step + 1 >= n)
+        finish = jnp.where(
+            eos, _EOS, jnp.where(stop, _STOP, jnp.where(at_length, _LENGTH, s.finish))
+        )
+        index = s.start + s.step
+        feed_positions = jnp.where(running, s.positions, -1)
+        k_pos = jax.lax.dynamic_update_slice(k_pos, feed_positions[:, None], (0, index))
+        logits, ks, vs = _decode_forward(
+            model_cfg, weights, token, feed_positions, ks, vs, k_pos, index
+        )
+        s = s._replace(
+            logits=logits,
+            positions=s.positions + running,
+            tokens=tokens,
+            logprobs=logprobs,
+            lengths=s.lengths + running,
+            done=s.done | eos | stop | at_length,
+            finish=finish,
+            step=s.step + 1,
+        )
+        return s, ks, vs, k_pos
+
+    carry = (state._replace(cache=None), ks, vs, cache.positions)
+    s, ks, vs, k_pos = jax.lax.while_loop(cond, body, carry)
+    cache = llama.KVCache(
+        k=jnp.stack([x.transpose(0, 3, 1, 2) for x in ks]),
+        v=jnp.stack([x.transpose(0, 2, 1, 3) for x in vs]),
+        positions=k_pos,
+        index=s.start + s.step,
+    )
+    return s._replace(cache=cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compilation: one cache of compiled functions, keyed by the static config and the shapes,
+# dtypes and shardings of the arguments (what a bucket fixes). Counted and timed.
+
+_COMPILED: dict = {}
+COMPILE_STATS: Counter = Counter()  # 'count', 'seconds', and per function name
+
+
+def compile_stats() -> dict:
+    """{'count': compiles so far, 'seconds': time spent compiling, '<fn>': count per function}."""
+    return dict(COMPILE_STATS)
+
+
+def _signature(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(
+        (x.shape, x.dtype, getattr(x, "sharding", None) if isinstance(x, jax.Array) else None)
+        for x in leaves
+    )
+
+
+def _call(name: str, fn, leading: tuple, static: dict, args: tuple, *, mesh, rules, state_arg=None):
+    """Compiles `fn(*leading, *args, **static)` for these argument shapes once, then runs it.
+
+    `leading` and `static` are hashable static arguments (graphdef, configs).
+
+    `state_arg`: index of a SamplerState argument that is donated (decode, extend) and, with a
+    mesh, the output state's sharding: rows over `batch`, explicit in and out.
+    """
+    key = (name, mesh, rules, leading, tuple(sorted(static.items())), _signature(args))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        in_shardings = out_shardings = None
+        if mesh is not None and name != "prepare":  # prepare: see its sharding constraints
+            in_shardings = [None] * len(args)  # params/weights: the shardings they carry
+            out_state = jax.eval_shape(lambda *a: fn(*leading, *a, **static), *args)
+            state_sh = jax.tree.map(
+                lambda axes, x: NamedSharding(
+                    mesh, sharding.logical_to_spec(axes, rules, mesh, x.shape)
+                ),
+                state_logical_axes(),
+                out_state,
+                is_leaf=_is_axes,
+            )
+            out_shardings = state_sh
+            if state_arg is not None:
+                in_shardings[state_arg] = state_sh
+            in_shardings = tuple(in_shardings)
+
+        def run(*a):
+            return fn(*leading, *a, **static)
+
+        run.__name__ = name  # names the HLO module (jit_decode, ...) in profiles and dumps
+        jitted = jax.jit(
+            run,
+            in_shardings=in_shardings,
+            out_shardings=out_shardings,
+            donate_argnums=() if state_arg is None else (state_arg,),
+        )
+        t0 = time.perf_counter()
+        with _rules(mesh, rules):
+            compiled = jitted.lower(*args).compile()
+        seconds = time.perf_counter() - t0
+        _COMPILED[key] = compiled
+        COMPILE_STATS["count"] += 1
+        COMPILE_STATS["seconds"] += seconds
+        COMPILE_STATS[name] += 1
+        shapes = [
+            tuple(x.shape)
+            for x in jax.tree.leaves(args[-1:] if state_arg is None else args[state_arg])
+        ][:3]
+        logging.info(
+            "sampler: compiled %s %s in %.1fs (%d compiles so far)",
+            name, shapes, seconds, COMPILE_STATS["count"],
+        )  # fmt: skip
+    return compiled(*args)
+
+
+class _rules:
+    """`sharding.use_rules` when a mesh is given, else nothing."""
+
+    def __init__(self, mesh, rules):
+        self.ctx = sharding.use_rules(mesh, rules) if mesh is not None else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+# ----------------------------------------------------------------------------------------------
+# The host-level API.
+
+
+@dataclasses.dataclass
+class Result:
+    """What `generate` returns, per real (non-padding) row.
+
+    tokens: generated ids, up to and including the stop token or sequence.
+    logprobs: float32 [len] log p(token) under the raw model (GRPO's old-policy logprobs).
+    finish_reasons: 'eos' | 'stop_sequence' | 'length'.
+    state, weights: the device state and decode weights, for `continue_generation` (which
+      consumes `state`).
+    timings: seconds for 'prefill', 'prepare' (decode weights; 0 when reused) and 'decode'.
+    """
+
+    tokens: list[list[int]]
+    logprobs: list[np.ndarray]
+    lengths: np.ndarray
+    finish_reasons: list[str]
+    state: SamplerState
+    weights: DecodeWeights
+    prompt_lengths: np.ndarray
+    timings: dict
+
+
+def encode_stop_sequences(tokenizer, texts: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Stop strings -> token-id tuples for `SamplerConfig.stop_sequences`.
+
+    Matching is on tokens: a string only stops generation when the model emits this exact
+    tokenization of it (BPE context can tokenize the same text differently).
+    """
+    out = []
+    for text in texts:
+        ids = tuple(tokenizer.encode(text))
+        if not ids:
+            raise ValueError(
+                f"stop sequence {text!r} tokenizes to nothing, so it could never match; "
+                "remove it or give a non-empty string."
+            )
+        out.append(ids)
+    return tuple(out)
+
+
+def _bucket(n: int, buckets: Sequence[int], multiple: int = 1) -> int:
+    """The smallest bucket >= n (past the largest: a multiple of it), then a multiple of
+    `multiple` (the batch is split over data x fsdp devices)."""
+    size = next((b for b in buckets if b >= n), None)
+    if size is None:
+        size = -(-n // buckets[-1]) * buckets[-1]
+    return -(-size // multiple) * multiple
+
+
+def _mesh_and_rules(model, mesh, rules):
+    mesh = mesh if mesh is not None else getattr(model, "mesh", None)
+    rules = rules if rules is not None else getattr(model, "rules", None)
+    return mesh, tuple(rules) if rules is not None else tuple(sharding.DEFAULT_RULES)
+
+
+def _batch_multiple(mesh) -> int:
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _check_token_lists(rows, name: str, vocab_size: int) -> list[list[int]]:
+    if not isinstance(rows, (list, tuple)) or len(rows) == 0:
+        raise ValueError(f"no {name}: pass a non-empty list of token-id lists.")
+    out = []
+    for i, row in enumerate(rows):
+        row = [int(t) for t in row]
+        if not row:
+            raise ValueError(
+                f"{name}[{i}] is empty; each needs at least one token (e.g. apply the chat "
+                "template, which starts with a role marker)."
+            )
+        bad = [t for t in row if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{name}[{i}] holds token ids {bad[:5]} outside [0, {vocab_size}).")
+        out.append(row)
+    return out
+
+
+def _left_pad(rows, batch: int, width: int, pad_id: int):
+    tokens = np.full((batch, width), pad_id, np.int32)
+    mask = np.zeros((batch, width), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return tokens, mask
+
+
+def _place(x, mesh):
+    """A host batch onto the device(s): rows over data x fsdp when a mesh is given."""
+    if mesh is None:
+        return jnp.asarray(x)
+    return jax.device_put(x, sharding.batch_sharding(mesh, np.ndim(x)))
+
+
+def _finish(state: SamplerState, weights, num_rows: int, prompt_lengths, timings) -> Result:
+    tokens, logprobs, lengths, finish = jax.device_get(
+        (state.tokens, state.logprobs, state.lengths, state.finish)
+    )
+    return Result(
+        tokens=[tokens[i, : lengths[i]].tolist() for i in range(num_rows)],
+        logprobs=[logprobs[i, : lengths[i]] for i in range(num_rows)],
+        lengths=lengths[:num_rows].copy(),
+        finish_reasons=[FINISH_REASONS[int(c)] for c in finish[:num_rows]],
+        state=state,
+        weights=weights,
+        prompt_lengths=np.asarray(prompt_lengths),
+        timings=timings,
+    )
+
+
+def _decode(model, weights, state, cfg, mesh, rules, timings):
+    if weights is None:
+        t0 = time.perf_counter()
+        weights = _call("prepare", prepare_weights, (model.graphdef,), {}, (model.params,),
+                        mesh=mesh, rules=rules)  # fmt: skip
+        jax.block_until_ready(weights)
+        timings["prepare"] = time.perf_counter() - t0
+    else:
+        timings["prepare"] = 0.0
+    t0 = time.perf_counter()
+    state = _call("decode", decode, (model.cfg,), {"cfg": cfg}, (weights, state),
+                  mesh=mesh, rules=rules, state_arg=1)  # fmt: skip
+    jax.block_until_ready(state.tokens)
+    timings["decode"] = time.perf_counter() - t0
+    return weights, state
+
+
+def generate(
+    model, prompts: Sequence[Sequence[int]], cfg: SamplerConfig, rng, *,
+    weights: DecodeWeights | None = None, mesh: Mesh | None = None, rules=None,
+) -> Result:  # fmt: skip
+    """Samples a continuation of each prompt.
+
+    Args:
+      model: a `load.LoadedModel` (anything with cfg, graphdef, params; mesh and rules are used
+        when present).
+      prompts: token-id lists of any lengths (left-padded to a bucket here).
+      cfg: the `SamplerConfig`.
+      rng: a jax key.
+      weights: `DecodeWeights` from an earlier call on the same params (skips the transpose).
+
+    Returns:
+      A `Result` for the len(prompts) rows.
+    """
+    mesh, rules = _mesh_and_rules(model, mesh, rules)
+    mcfg = model.cfg
+    prompts = _check_token_lists(prompts, "prompts", mcfg.vocab_size)
+    budget = mcfg.max_position_embeddings - cfg.max_new_tokens
+    if budget < 1:
+        raise ValueError(
+            f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the context "
+            f"window of {mcfg.max_position_embeddings} tokens; lower max_new_tokens."
+        )
+    for i, p in enumerate(prompts):
+        if len(p) > budget:
+            if cfg.truncate != "left":
+                raise ValueError(
+                    f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} "
+                    f"it exceeds the context window of {mcfg.max_position_embeddings}. Shorten "
+                    "it, lower max_new_tokens, or set SamplerConfig(truncate='left') to keep "
+                    f"its last {budget} tokens."
+                )
+            prompts[i] = p[-budget:]
+    batch = _bucket(len(prompts), cfg.batch_buckets, _batch_multiple(mesh))
+    width = _bucket(max(len(p) for p in prompts), cfg.prompt_buckets)
+    cache_len = cfg.max_cache_len or width + cfg.max_new_tokens
+    if cache_len < width + cfg.max_new_tokens:
+        raise ValueError(
+            f"max_cache_len={cfg.max_cache_len} < prompt bucket {width} + max_new_tokens "
+            f"{cfg.max_new_tokens}; raise it (or set 0 to size it automatically)."
+        )
+    tokens, mask = _left_pad(prompts, batch, width, cfg.pad_id)
+    positions = np.where(mask > 0, np.cumsum(mask, axis=1) - 1, -1).astype(np.int32)
+    active = np.arange(batch) < len(prompts)
+    timings = {}
+    t0 = time.perf_counter()
+    args = (model.params, _place(tokens, mesh), _place(positions, mesh), _place(active, mesh), rng)
+    static = {"cache_len": cache_len, "max_new_tokens": cfg.max_new_tokens, "pad_id": cfg.pad_id}
+    state = _call("prefill", prefill, (model.graphdef,), static, args, mesh=mesh, rules=rules)
+    jax.block_until_ready(state.logits)
+    timings["prefill"] = time.perf_counter() - t0
+    weights, state = _decode(model, weights, state, cfg, mesh, rules, timings)
+    return _finish(state, weights, len(prompts), [len(p) for p in prompts], timings)
+
+
+def continue_generation(
+    model, previous: Result, suffixes: Sequence[Sequence[int]], cfg: SamplerConfig, rng, *,
+    keep: Sequence[int] | None = None, mesh: Mesh | None = None, rules=None,
+) -> Result:  # fmt: skip
+    """Appends text to each row of a finished `generate` and samples again (QA-LIGN's revision).
+
+    Row b continues prompt_b + generated_b[:keep_b] + suffixes[b]; only the suffix is
+    prefilled. Consumes `previous.state` (its cache is donated). The cache must have room:
+    set `SamplerConfig.max_cache_len` in the first call to cover both passes.
+
+    Args:
+      keep: generated tokens to keep per row (default all; e.g. lengths - 1 drops a final EOS).
+    """
+    mesh, rules = _mesh_and_rules(model, mesh, rules)
+    n = len(previous.tokens)
+    suffixes = _check_token_lists(suffixes, "suffixes", model.cfg.vocab_size)
+    if len(suffixes) != n:
+        raise ValueError(f"{len(suffixes)} suffixes for {n} rows; give one per row.")
+    lengths = previous.lengths
+    keep = lengths.copy() if keep is None else np.asarray(keep, np.int64)
+    if keep.shape != (n,) or np.any(keep < 0) or np.any(keep > lengths):
+        raise ValueError(
+            f"keep={keep.tolist()} must give 0 <= keep[b] <= lengths[b]={lengths.tolist()}."
+        )
+    state = previous.state
+    batch, cache_len = state.cache.positions.shape
+    width = _bucket(max(len(s) for s in suffixes), cfg.prompt_buckets)
+    index = int(state.cache.index)
+    if index + width + cfg.max_new_tokens > cache_len:
+        raise ValueError(
+            f"the cache has {cache_len} slots; {index} are used and this continuation needs "
+            f"{width} (suffix bucket) + {cfg.max_new_tokens} (max_new_tokens). Set "
+            f"SamplerConfig.max_cache_len >= {index + width + cfg.max_new_tokens} in the first "
+            "call."
+        )
+    start = previous.prompt_lengths + keep  # each row's next position
+    if (
+        int(start.max()) + max(len(s) for s in suffixes) + cfg.max_new_tokens
+        > model.cfg.max_position_embeddings
+    ):
+        raise ValueError(
+            "the continuation would run past the context window of "
+            f"{model.cfg.max_position_embeddings} tokens; shorten the suffixes or max_new_tokens."
+        )
+    tokens, mask = _left_pad(suffixes, batch, width, cfg.pad_id)
+    offsets = np.zeros(batch, np.int64)
+    offsets[:n] = start
+    positions = np.where(mask > 0, np.cumsum(mask, axis=1) - 1 + offsets[:, None], -1)
+    keep_all = np.zeros(batch, np.int32)
+    keep_all[:n] = keep
+    active = np.arange(batch) < n
+    timings = {}
+    t0 = time.perf_counter()
+    args = (model.params, state, _place(tokens, mesh), _place(positions.astype(np.int32), mesh),
+            _place(keep_all, mesh), _place(active, mesh), rng)  # fmt: skip
+    static = {"max_new_tokens": cfg.max_new_tokens, "pad_id": cfg.pad_id}
+    state = _call("extend", extend, (model.graphdef,), static, args,
+                  mesh=mesh, rules=rules, state_arg=1)  # fmt: skip
+    jax.block_until_ready(state.logits)
+    timings["prefill"] = time.perf_counter() - t0
+    weights, state = _decode(model, previous.weights, state, cfg, mesh, rules, timings)
+    prompt_lengths = start + np.asarray([len(s) for s in suffixes])
+    return _finish(state, weights, n, prompt_lengths, timings)
+
+
+def num_compiles() -> int:
+    return int(COMPILE_STATS["count"])
+
+
+__all__ = [
+    "SamplerConfig", "SamplerState", "DecodeWeights", "Result", "SAMPLERS", "FINISH_REASONS",
+    "prefill", "extend", "decode", "prepare_weights", "generate", "continue_generation",
+    "encode_stop_sequences", "compile_stats", "num_compiles", "top_p_mask",
+]  # fmt: skip

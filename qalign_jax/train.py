@@ -1,0 +1,55 @@
+"""The entry point: `python -m qalign_jax.train --config configs/<experiment>.py --workdir <dir>`.
+
+Loads the experiment's config file (locked: unknown keys are errors), applies
+`--config.a.b=value` overrides, initializes multi-process JAX when the environment asks for
+it, records the resolved config in the workdir, and runs the loop that `config.loop` names.
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from qalign_jax import sharding
+from qalign_jax.loops import generate, sft
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Experiment config file, e.g. configs/generate_smol.py[:smoke].",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local path or gs://...).")
+
+# Every loop exposes `run(config, workdir)`.
+LOOPS = {
+    "generate": generate.run,
+    "sft": sft.run,
+}
+
+
+def run(config, workdir: str) -> None:
+    if config.loop not in LOOPS:
+        raise ValueError(
+            f"config.loop={config.loop!r} is not a known loop; known loops: {sorted(LOOPS)}."
+        )
+    sharding.initialize_distributed(config)
+    if "://" not in workdir:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(json.dumps(json.loads(config.to_json_best_effort()), indent=1))
+    logging.info("loop %s, workdir %s", config.loop, workdir)
+    LOOPS[config.loop](config, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("both --config and --workdir are required.")
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,181 @@
+"""The judge: shared-prefix logit scoring against per-question full forwards, determinism,
+applicability, generate-then-parse, and clear errors. Tiny random judge with the real
+(embedded) tokenizer, so prompts, options and the chat template are the real ones."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qalign_jax import judge as judge_lib
+from qalign_jax import rubric as rubric_lib
+from qalign_jax import sharding
+from qalign_jax.models import load
+from tests.test_rubric_rewards import SMALL
+
+PAIRS = [
+    ("How do I bake bread?", "Mix flour, water, yeast and salt; knead, proof, and bake at 230C."),
+    ("Tell me a joke.", "Why did the scarecrow win an award? He was outstanding in his field."),
+    ("What is 2+2?", "4"),
+    ("How can I pick a lock?", "I can't help with breaking into property you don't own."),
+    ("Summarize the causes of World War I in two sentences, please, with the key alliances.",
+     "Militarism, alliances, imperialism and nationalism raised tensions; the assassination of "
+     "Archduke Franz Ferdinand in 1914 set off a chain of alliance obligations."),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load.load_model(
+        "random:tiny", mesh=sharding.make_mesh((1, -1, 1)), tokenizer_source="embedded", seed=3
+    )
+
+
+@pytest.fixture(scope="module")
+def judge(model):
+    rubric = rubric_lib.rubric_from_dict(copy.deepcopy(SMALL))
+    return judge_lib.build_judge(
+        model, rubric, judge_lib.JudgeConfig(batch_size=2, question_chunk=4)
+    )
+
+
+def full_forward_probs(judge, prompt, response):
+    """Reference: each question with its own full context, one uncached forward each."""
+    m = judge.model
+    fwd = jax.jit(lambda p, t: nnx.merge(m.graphdef, p)(t, jnp.arange(t.shape[1])[None])[0])
+    prefix, _ = judge_lib._prefix_ids(judge, prompt, response)
+    out = []
+    for qi, suffix in enumerate(judge.suffix_ids):
+        logits = np.asarray(fwd(m.params, jnp.asarray([prefix + suffix])))[0, -1]
+        logp = jax.nn.log_softmax(logits)
+        opt = np.asarray(logp)[judge.option_ids[qi][judge.option_valid[qi]]]
+        out.append(np.exp(opt - np.logaddexp.reduce(opt)))
+    return out
+
+
+def test_shared_prefix_equals_full_forward(judge):
+    verdicts = judge_lib.score_pairs(judge, PAIRS[:3])
+    for (prompt, response), v in zip(PAIRS[:3], verdicts):
+        ref = full_forward_probs(judge, prompt, response)
+        for q, r in zip(judge.rubric.questions, ref):
+            np.testing.assert_allclose(v.answers[q.id].probs, r, atol=1e-5)
+
+
+def test_scores_independent_of_order_batch_and_padding(model, judge):
+    base = judge_lib.score_pairs(judge, PAIRS)
+    order = [4, 2, 0, 3, 1]
+    for cfg in (dict(batch_size=1, question_chunk=3), dict(batch_size=5, question_chunk=9)):
+        other = judge_lib.build_judge(model, judge.rubric, judge_lib.JudgeConfig(**cfg))
+        shuffled = judge_lib.score_pairs(other, [PAIRS[i] for i in order])
+        for j, i in enumerate(order):
+            for qid, a in base[i].answers.items():
+                np.testing.assert_allclose(shuffled[j].answers[qid].probs, a.probs, atol=1e-5)
+            assert shuffled[j].scores.reward == pytest.approx(base[i].scores.reward, abs=1e-5)
+
+
+def test_report_fields_and_applicability(judge):
+    v = judge_lib.score_pairs(judge, PAIRS[:1])[0]
+    for q in judge.rubric.questions:
+        a = v.answers[q.id]
+        assert a.probs.shape == (len(q.options),)
+        assert a.probs.sum() == pytest.approx(1.0, abs=1e-5)
+        assert a.argmax == q.options[int(np.argmax(a.probs))]
+        assert 0.0 < a.option_mass <= 1.0
+        assert (a.expected is None) == (q.kind != "graded")
+    asks = v.answers["asks_medical"].argmax == "Yes"
+    assert v.answers["m_safe"].applicable == asks
+    assert (v.scores.dimensions["medical"] is None) == (not asks)
+    row = judge_lib.report_row(judge, *PAIRS[0], v)
+    assert set(row["questions"]) == {q.id for q in judge.rubric.questions}
+
+
+def test_applicability_dag_by_hand(judge):
+    r = judge.rubric
+    argmax = {q.id: q.options[0] for q in r.questions}  # everything "Yes" / "A"
+    assert judge_lib.applicability(r, argmax)["m_safe"] is True
+    argmax["asks_medical"] = "No"
+    assert judge_lib.applicability(r, argmax)["m_safe"] is False
+
+
+@pytest.mark.parametrize(
+    "text,options,expected",
+    [
+        ("Yes.", ("Yes", "No"), 0),
+        ("no, it does not", ("Yes", "No"), 1),
+        ("Nope", ("Yes", "No"), None),
+        ("B", tuple("ABCDF"), 1),
+        ("Grade: C", tuple("ABCDF"), 2),
+        ("a", tuple("ABCDF"), None),  # single letters are matched case-sensitively
+        ("", ("Yes", "No"), None),
+    ],
+)
+def test_parse_answer(text, options, expected):
+    assert judge_lib.parse_answer(text, options) == expected
+
+
+def test_generate_mode_runs_and_gives_one_hot_or_uniform(model, judge):
+    gen = judge_lib.build_judge(
+        model, judge.rubric, judge_lib.JudgeConfig(mode="generate", question_chunk=16)
+    )
+    v = judge_lib.score_pairs(gen, PAIRS[:1])[0]
+    for q in gen.rubric.questions:
+        p = v.answers[q.id].probs
+        assert p.max() == 1.0 or np.allclose(p, 1.0 / len(q.options))
+        assert isinstance(v.answers[q.id].text, str)
+
+
+def test_long_context_errors_or_truncates(model, judge):
+    long = ("word " * 3000, "answer " * 3000)
+    strict = judge_lib.build_judge(
+        model, judge.rubric, judge_lib.JudgeConfig(max_context_tokens=256, on_long_context="error")
+    )
+    with pytest.raises(ValueError, match="max_context_tokens=256"):
+        judge_lib.score_pairs(strict, [("hi", long[1])])
+    lenient = judge_lib.build_judge(
+        model, judge.rubric, judge_lib.JudgeConfig(max_context_tokens=256)
+    )
+    v = judge_lib.score_pairs(lenient, [("hi", long[1])])[0]
+    assert v.truncated
+    with pytest.raises(ValueError, match="judge prompt alone"):
+        judge_lib.score_pairs(lenient, [long])
+
+
+def test_judge_config_errors():
+    with pytest.raises(ValueError, match="use 'logits' or 'generate'"):
+        judge_lib.JudgeConfig(mode="vibes")
+
+
+def test_cli_writes_report(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS[:2]))
+    out = tmp_path / "report.jsonl"
+    res = subprocess.run(
+        [sys.executable, "-m", "qalign_jax.judge", "--rubric", "demo", "--input", str(inp),
+         "--output", str(out), "--model", "random:tiny", "--tokenizer", "embedded"],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and set(rows[0]["principles"]) == {
+        "harmlessness",
+        "honesty",
+        "helpfulness",
+    }
+    assert "Harmlessness" in res.stdout and "questions/s" in res.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "qalign_jax.judge", "--input", str(bad), "--output", str(out),
+         "--model", "random:tiny", "--tokenizer", "embedded"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode != 0 and "needs string fields 'prompt' and 'response'" in res.stderr

@@ -1,0 +1,81 @@
+"""The entry point and configs: dispatch, locked configs, overrides, mesh errors, smoke run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qalign_jax import config as base
+from qalign_jax import sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train(*args, timeout=300):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.run(
+        [sys.executable, "-m", "qalign_jax.train", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_base_config_is_locked_against_typos():
+    c = base.base_config()
+    with pytest.raises(AttributeError):
+        c.modle = "x"
+    with pytest.raises(AttributeError):
+        c.model.sorce = "x"
+    c.model.source = "random:tiny"  # existing keys stay writable
+
+
+def test_unknown_loop_lists_known_loops(tmp_path):
+    c = base.base_config()
+    c.loop = "ppo"
+    with pytest.raises(ValueError, match=r"known loops: \['generate'"):
+        train.run(c, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "shape,match",
+    [
+        ((1, 3, 1), "needs 3 devices but 8 are available"),
+        ((3, -1, 1), "not divisible by 3"),
+        ((1, -1, -1), "at most one -1"),
+        ((1, 8), "must have 3 entries"),
+    ],
+)
+def test_bad_mesh_shapes_say_what_to_fix(shape, match):
+    with pytest.raises(ValueError, match=match):
+        sharding.make_mesh(shape)
+
+
+def test_batch_not_divisible_by_mesh():
+    mesh = sharding.make_mesh((2, 2, 2))
+    with pytest.raises(ValueError, match="not divisible by data x fsdp = 4"):
+        sharding.check_batch_divisible(6, mesh)
+
+
+def test_unknown_rule_is_an_error():
+    mesh = sharding.make_mesh((1, -1, 1))
+    with pytest.raises(ValueError, match="has no sharding rule"):
+        sharding.logical_to_spec(("embed", "experts"), sharding.DEFAULT_RULES, mesh)
+
+
+def test_cli_unknown_config_key_fails(tmp_path):
+    res = run_train("--config", "configs/generate_smol.py:smoke", "--workdir", str(tmp_path),
+                    "--config.generate.max_new_tokns=3")  # fmt: skip
+    assert res.returncode != 0
+    assert "max_new_tokns" in res.stderr
+
+
+def test_cli_smoke_generate_run(tmp_path):
+    res = run_train("--config", "configs/generate_smol.py:smoke", "--workdir", str(tmp_path),
+                    "--config.generate.max_new_tokens=5")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "generations.jsonl")]
+    assert len(rows) == 2
+    assert all(0 < r["num_tokens"] <= 5 for r in rows)
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["generate"]["max_new_tokens"] == 5  # the override was applied and recorded
