@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Generation (the `generate` loop and the chat CLI).
     c.generate = ml_collections.ConfigDict()
     c.generate.prompts = ("What is the capital of France?",)
-    c.generate.prompts_file = ""  # JSONL with a `prompt` field; overrides `prompts` if set
+    c.generate.prompts_file = ""  # JSONL (id, prompt, ...); overrides `prompts` if set
     c.generate.system_prompt = ""  # '' = the chat template's own default
     c.generate.batch_size = 8
     c.generate.max_new_tokens = 64

@@ -67,15 +67,8 @@ def _fail(where: str, message: str):
     raise ValueError(f"{where}: {message}")
 
 
-def read_sft_jsonl(path: str) -> list[tuple[str, dict]]:
-    """Validated rows of an SFT file, each as (`path:line`, row with `segments`).
-
-    A `completion` row becomes one trained segment. Raises ValueError naming `path:line` and
-    the field for: a line that is not a JSON object, a missing or non-string `id`/`prompt`,
-    neither `segments` nor `completion`, a malformed segment, no non-empty trained text, or a
-    repeated id.
-    """
-    rows, seen = [], {}
+def read_json_objects(path: str):
+    """Yields (`path:line`, object) per non-blank line of a JSONL file; errors name the line."""
     with open(path) as f:
         for n, line in enumerate(f, 1):
             where = f"{path}:{n}"
@@ -87,42 +80,54 @@ def read_sft_jsonl(path: str) -> list[tuple[str, dict]]:
                 _fail(where, f"not valid JSON ({e.msg} at column {e.colno}).")
             if not isinstance(row, dict):
                 _fail(where, f"expected a JSON object, got {type(row).__name__}.")
-            for field in ("id", "prompt"):
-                if field not in row:
-                    _fail(where, f"missing field {field!r} (each line needs 'id' and 'prompt').")
-                if not isinstance(row[field], str):
-                    _fail(where, f"field {field!r} must be a string, got {row[field]!r:.60}.")
-            if not row["prompt"].strip():
-                _fail(where, f"field 'prompt' of id {row['id']!r} is empty.")
-            if row["id"] in seen:
-                _fail(where, f"id {row['id']!r} repeats the id on line {seen[row['id']]}.")
-            seen[row["id"]] = n
-            if "segments" in row:
-                segments = row["segments"]
-                if not isinstance(segments, list) or not segments:
-                    _fail(where, "field 'segments' must be a non-empty list of {text, train}.")
-                for i, seg in enumerate(segments):
-                    ok = isinstance(seg, dict) and isinstance(seg.get("text"), str)
-                    if not ok or not isinstance(seg.get("train"), bool):
-                        _fail(
-                            where,
-                            f"segments[{i}] must be {{'text': str, 'train': bool}}, got "
-                            f"{seg!r:.80}.",
-                        )
-            elif "completion" in row:
-                if not isinstance(row["completion"], str):
-                    _fail(where, "field 'completion' must be a string.")
-                segments = [{"text": row["completion"], "train": True}]
-            else:
-                _fail(where, "missing field 'segments' (or 'completion'): nothing to train on.")
-            if not any(seg["train"] and seg["text"].strip() for seg in segments):
-                field = "segments" if "segments" in row else "completion"
-                _fail(
-                    where,
-                    f"empty response: field {field!r} of id {row['id']!r} has no non-empty "
-                    "trained text.",
-                )
-            rows.append((where, {"id": row["id"], "prompt": row["prompt"], "segments": segments}))
+            yield where, row
+
+
+def read_sft_jsonl(path: str) -> list[tuple[str, dict]]:
+    """Validated rows of an SFT file, each as (`path:line`, row with `segments`).
+
+    A `completion` row becomes one trained segment. Raises ValueError naming `path:line` and
+    the field for: a line that is not a JSON object, a missing or non-string `id`/`prompt`,
+    neither `segments` nor `completion`, a malformed segment, no non-empty trained text, or a
+    repeated id.
+    """
+    rows, seen = [], {}
+    for where, row in read_json_objects(path):
+        for field in ("id", "prompt"):
+            if field not in row:
+                _fail(where, f"missing field {field!r} (each line needs 'id' and 'prompt').")
+            if not isinstance(row[field], str):
+                _fail(where, f"field {field!r} must be a string, got {row[field]!r:.60}.")
+        if not row["prompt"].strip():
+            _fail(where, f"field 'prompt' of id {row['id']!r} is empty.")
+        if row["id"] in seen:
+            _fail(where, f"id {row['id']!r} repeats the id on line {seen[row['id']]}.")
+        seen[row["id"]] = where.rsplit(":", 1)[1]
+        if "segments" in row:
+            segments = row["segments"]
+            if not isinstance(segments, list) or not segments:
+                _fail(where, "field 'segments' must be a non-empty list of {text, train}.")
+            for i, seg in enumerate(segments):
+                ok = isinstance(seg, dict) and isinstance(seg.get("text"), str)
+                if not ok or not isinstance(seg.get("train"), bool):
+                    _fail(
+                        where,
+                        f"segments[{i}] must be {{'text': str, 'train': bool}}, got {seg!r:.80}.",
+                    )
+        elif "completion" in row:
+            if not isinstance(row["completion"], str):
+                _fail(where, "field 'completion' must be a string.")
+            segments = [{"text": row["completion"], "train": True}]
+        else:
+            _fail(where, "missing field 'segments' (or 'completion'): nothing to train on.")
+        if not any(seg["train"] and seg["text"].strip() for seg in segments):
+            field = "segments" if "segments" in row else "completion"
+            _fail(
+                where,
+                f"empty response: field {field!r} of id {row['id']!r} has no non-empty "
+                "trained text.",
+            )
+        rows.append((where, {"id": row["id"], "prompt": row["prompt"], "segments": segments}))
     if not rows:
         raise ValueError(f"{path} holds no examples.")
     return rows
@@ -245,30 +250,20 @@ class PromptRecord:
 def read_prompt_set(path: str) -> list[PromptRecord]:
     """Rows of a prompt-set JSONL (`id, prompt, category, label`); errors name `path:line`."""
     records, seen = [], {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            where = f"{path}:{n}"
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                _fail(where, f"not valid JSON ({e.msg} at column {e.colno}).")
-            if not isinstance(row, dict):
-                _fail(where, f"expected a JSON object, got {type(row).__name__}.")
-            for field in ("id", "prompt"):
-                if not isinstance(row.get(field), str) or not row[field].strip():
-                    _fail(where, f"field {field!r} must be a non-empty string.")
-            for field in ("category", "label"):
-                if row.get(field) is not None and not isinstance(row[field], str):
-                    _fail(where, f"field {field!r} must be a string or null.")
-            if row["id"] in seen:
-                _fail(where, f"id {row['id']!r} repeats the id on line {seen[row['id']]}.")
-            seen[row["id"]] = n
-            extra = {k: v for k, v in row.items() if k not in ("id", "prompt", "category", "label")}
-            records.append(
-                PromptRecord(row["id"], row["prompt"], row.get("category"), row.get("label"), extra)
-            )
+    for where, row in read_json_objects(path):
+        for field in ("id", "prompt"):
+            if not isinstance(row.get(field), str) or not row[field].strip():
+                _fail(where, f"field {field!r} must be a non-empty string.")
+        for field in ("category", "label"):
+            if row.get(field) is not None and not isinstance(row[field], str):
+                _fail(where, f"field {field!r} must be a string or null.")
+        if row["id"] in seen:
+            _fail(where, f"id {row['id']!r} repeats the id on line {seen[row['id']]}.")
+        seen[row["id"]] = where.rsplit(":", 1)[1]
+        extra = {k: v for k, v in row.items() if k not in ("id", "prompt", "category", "label")}
+        records.append(
+            PromptRecord(row["id"], row["prompt"], row.get("category"), row.get("label"), extra)
+        )
     if not records:
         raise ValueError(f"{path} holds no prompts.")
     return records

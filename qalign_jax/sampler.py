@@ -718,7 +718,10 @@ def _bucket(n: int, buckets: Sequence[int], multiple: int = 1) -> int:
 def _mesh_and_rules(model, mesh, rules):
     mesh = mesh if mesh is not None else getattr(model, "mesh", None)
     rules = rules if rules is not None else getattr(model, "rules", None)
-    return mesh, tuple(rules) if rules is not None else tuple(sharding.DEFAULT_RULES)
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    # Hashable (it keys the compile cache): config files may give lists.
+    as_axes = lambda a: tuple(a) if isinstance(a, (list, tuple)) else a
+    return mesh, tuple((name, as_axes(axes)) for name, axes in rules)
 
 
 def _batch_multiple(mesh) -> int:

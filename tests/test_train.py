@@ -79,3 +79,16 @@ def test_cli_smoke_generate_run(tmp_path):
     assert all(0 < r["num_tokens"] <= 5 for r in rows)
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["generate"]["max_new_tokens"] == 5  # the override was applied and recorded
+
+
+def test_prompts_file_is_read_in_the_shared_schema(tmp_path):
+    from qalign_jax.loops import generate
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prompt": "Hi"}\n\n{"id": "b", "prompt": "Bye"}\n')
+    c = base.base_config()
+    c.generate.prompts_file = str(path)
+    assert generate.read_prompts(c) == ["Hi", "Bye"]
+    path.write_text('{"id": "a"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:1: field 'prompt'"):
+        generate.read_prompts(c)

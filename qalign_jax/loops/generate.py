@@ -14,24 +14,16 @@ import time
 import jax
 from absl import logging
 
-from qalign_jax import sampler, sharding
+from qalign_jax import data, sampler, sharding
 from qalign_jax.models import load
 
 
 def read_prompts(config) -> list[str]:
-    """`config.generate.prompts_file` (JSONL with a `prompt` field) or `config.generate.prompts`."""
+    """`config.generate.prompts_file` (JSONL in the shared schema) or `config.generate.prompts`."""
     path = config.generate.prompts_file
     if not path:
         return list(config.generate.prompts)
-    prompts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}:{n}: each line needs a string field 'prompt'.")
-            prompts.append(row["prompt"])
+    prompts = [r.prompt for r in data.read_prompt_set(path)]
     if not prompts:
         raise ValueError(f"{path} holds no prompts.")
     return prompts
