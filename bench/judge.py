@@ -57,6 +57,7 @@ def read_pairs(n: int) -> list[tuple[str, str]]:
 
 def timed(judge, pairs, rng=None):
     judge_lib.score_pairs(judge, pairs[:1], rng)  # compile
+    judge.stats["questions_scored"] = 0
     t0 = time.perf_counter()
     verdicts = judge_lib.score_pairs(judge, pairs, rng)
     return verdicts, time.perf_counter() - t0
@@ -94,11 +95,18 @@ def main():
     pairs = read_pairs(args.num_responses)
     n_q = len(rubric.questions) * len(pairs)
 
-    fast = judge_lib.build_judge(model, rubric, judge_lib.JudgeConfig(batch_size=1))
-    ours, t_ours = timed(fast, pairs)
-    naive_judge = judge_lib.build_judge(
-        model, rubric, judge_lib.JudgeConfig(mode="generate", question_chunk=32)
+    # Headline: ours scores every question too (skip_inapplicable=False), like the baseline.
+    fast = judge_lib.build_judge(
+        model, rubric, judge_lib.JudgeConfig(batch_size=1, skip_inapplicable=False)
     )
+    ours, t_ours = timed(fast, pairs)
+    skipping = judge_lib.build_judge(model, rubric, judge_lib.JudgeConfig(batch_size=1))
+    _, t_skip = timed(skipping, pairs)
+    n_skip_scored = skipping.stats["questions_scored"]
+    naive_judge = judge_lib.build_judge(
+        model, rubric,
+        judge_lib.JudgeConfig(mode="generate", question_chunk=32, skip_inapplicable=False),
+    )  # fmt: skip
     naive, t_naive = timed(naive_judge, pairs, jax.random.key(0))
     same = [
         a.answers[q.id].argmax == b.answers[q.id].argmax
@@ -112,7 +120,10 @@ def main():
         "model": args.model, "rubric": args.rubric, "responses": len(pairs), "questions": n_q,
         "naive_s": t_naive, "ours_s": t_ours,
         "naive_questions_per_s": n_q / t_naive, "ours_questions_per_s": n_q / t_ours,
-        "speedup": t_naive / t_ours, "agreement_on_parsed": float(np.mean(same)) if same else None,
+        "speedup": t_naive / t_ours,
+        "ours_skip_inapplicable_s": t_skip, "ours_skip_questions_per_s": n_q / t_skip,
+        "speedup_skip_inapplicable": t_naive / t_skip,
+        "skip_fraction_scored": n_skip_scored / n_q, "agreement_on_parsed": float(np.mean(same)) if same else None,
         "naive_unparsed_fraction": unparsed / n_q,
         "ours_mean_option_mass": float(np.mean([a.option_mass for v in ours for a in v.answers.values()])),
     }  # fmt: skip
@@ -125,7 +136,12 @@ def main():
     print(
         f"ours (shared prefix):      {result['ours_questions_per_s']:8.2f} questions/s ({t_ours:.1f}s)"
     )
-    print(f"speedup {result['speedup']:.1f}x; naive answer unparseable on "
+    print(
+        f"ours, skipping N/A:        {result['ours_skip_questions_per_s']:8.2f} questions/s ({t_skip:.1f}s, "
+        f"{100 * result['skip_fraction_scored']:.0f}% of questions computed) -> "
+        f"{result['speedup_skip_inapplicable']:.1f}x"
+    )
+    print(f"speedup {result['speedup']:.1f}x (all questions); naive answer unparseable on "
           f"{100 * result['naive_unparsed_fraction']:.1f}% of questions; where it parsed, the same "
           f"answer on {100 * (result['agreement_on_parsed'] or 0):.1f}%")  # fmt: skip
 

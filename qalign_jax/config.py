@@ -74,6 +74,73 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.0  # decoupled; never applied to norm weights
     c.optimizer.max_grad_norm = 1.0  # clip the global gradient norm to this; 0 = no clipping
 
+    # The judge (`judge.py`): a rubric answered by a judge model from answer-token logits.
+    c.judge = ml_collections.ConfigDict()
+    c.judge.source = ""  # judge model source; '' = the policy model itself (shared weights)
+    c.judge.tokenizer = ""  # tokenizer source for a random-weight judge
+    c.judge.rubric = "demo"  # built-in rubric name ('demo', 'default') or a rubric file
+    c.judge.mode = "logits"  # 'logits' (shared prefix) | 'generate' (naive baseline)
+    c.judge.batch_size = 4  # responses per judge prefill
+    c.judge.question_chunk = 64  # questions per jitted scoring call
+    c.judge.max_context_tokens = 1024  # judge prefix budget (system + prompt + response)
+    c.judge.on_long_context = "truncate"  # 'truncate' the response's end | 'error'
+    c.judge.skip_inapplicable = True  # never compute a question whose conditions failed
+
+    # Rewards (`rewards.py`); defaults are QA-LIGN's.
+    c.reward = ml_collections.ConfigDict()
+    c.reward.dimension_pooling = "min"  # 'min' | 'weighted_mean'
+    c.reward.final_pooling = "safety_first"  # 'safety_first' | 'weighted_mean'
+    c.reward.safety_principle = "harmlessness"
+    c.reward.gate_readout = "argmax"  # 'argmax' | 'expected'
+    c.reward.grade_readout = "expected"  # 'expected' | 'argmax'
+    c.reward.scale = "paper"  # 'paper' (A=1 .. F=-1, floor -1) | 'unit' ([0, 1])
+    c.reward.alpha = 10.0  # two-pass improvement weight
+    c.reward.beta = 1.0  # two-pass regression weight
+
+    # Reflection priming data (`loops/prime_data.py`): draft -> findings -> <Think> -> revision.
+    c.prime = ml_collections.ConfigDict()
+    c.prime.sources = ()  # ((prompt-set JSONL, count or -1 for all), ...): the prompt mix
+    c.prime.batch_size = 8  # prompts per sampling batch
+    c.prime.draft_max_tokens = 128
+    c.prime.think_max_tokens = 96  # the reflection; closed with </Think> if it runs out
+    c.prime.revision_max_tokens = 160
+    c.prime.temperature = 0.7
+    c.prime.top_p = 0.95
+    c.prime.reviser = ""  # model writing <Think> + revision; '' = the policy itself
+    c.prime.reviser_tokenizer = ""  # tokenizer source for a random-weight reviser
+    c.prime.max_findings = 6  # findings sentences shown to the reviser
+    c.prime.keep = "not_worse"  # 'improved' (R2 > R1) | 'not_worse' (R2 >= R1) | 'all'
+
+    # QA-LIGN GRPO (`loops/grpo.py`, `losses.grpo_loss`); defaults are the paper's where it
+    # gives them (G = 5, two-pass rollouts).
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.sources = ()  # ((prompt-set JSONL, count or -1), ...): the RL prompts
+    c.grpo.priming_data = ""  # the priming stage's prime_data.jsonl ('' = no check)
+    c.grpo.on_overlap = "error"  # a prompt id also in priming_data: 'error' | 'exclude'
+    c.grpo.prompts_per_step = 2  # B prompts per step
+    c.grpo.num_generations = 5  # G samples per prompt
+    c.grpo.num_steps = 10
+    c.grpo.two_pass = True  # draft -> findings -> <Think> -> revision; False: single pass
+    c.grpo.draft_max_tokens = 128
+    c.grpo.revision_max_tokens = 192  # reflection + </Think> + revision
+    c.grpo.max_prompt_tokens = 256  # longer prompts are an error (or dropped, below)
+    c.grpo.on_long_prompt = "error"  # 'error' | 'drop'
+    c.grpo.temperature = 1.0
+    c.grpo.top_p = 1.0
+    c.grpo.max_findings = 6
+    c.grpo.malformed_reward = -1.0  # R2 of a revision that does not parse (no </Think>, empty)
+    c.grpo.reward = "rubric"  # 'rubric' (QA-LIGN) | 'scalar' (one holistic 1-10 judge question)
+    c.grpo.adv_eps = 1e-6
+    c.grpo.scale_adv_by_std = True  # False: Dr. GRPO's r - mean
+    c.grpo.clip_low = 0.2
+    c.grpo.clip_high = 0.2
+    c.grpo.kl_beta = 0.04  # 0 skips the reference forward
+    c.grpo.aggregation = "seq_mean"  # 'seq_mean' | 'token_mean' | 'constant'
+    c.grpo.num_iterations = 1  # mu: optimizer updates per batch of rollouts
+    c.grpo.grad_accum_steps = 1  # micro-batches per update
+    c.grpo.rollouts_every = 5  # write a few rollouts with their judge reports every N steps
+    c.grpo.export_hf = True
+
     # Checkpoints (`checkpoint.py`): orbax in workdir/ckpt, resumed automatically.
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 100  # save every N steps (and always at the end); 0 = end only

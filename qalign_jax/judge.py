@@ -8,17 +8,23 @@ header) that attends to that shared prefix cache without copying it (`llama.Llam
 question's option tokens ("Yes"/"No", "A".."F") at the answer position. Nothing is generated.
 All questions of all pairs in a batch go through one jitted call per question chunk, so the
 cost per response is one prefill plus ~(question tokens x questions) of batched compute,
-instead of one full-context call per question.
+instead of one full-context call per question. Cost control: the "### Question" header
+lives at the end of the shared prefix; questions are sorted by length and chunked so that
+padding stays small; and with `skip_inapplicable` (default) the rubric is scored level by
+level of its applicability DAG, so a question whose conditions failed for every pair in the
+batch is never computed.
 
 Generate mode (`JudgeConfig.mode='generate'`) is the naive baseline and the path for judges
 whose answers must be generated: each question gets its own full context (prefix + suffix),
 the judge generates a few tokens, and the first option word found is the answer (one-hot);
 an unparseable answer is uniform over the options and counted in `unparsed`.
 
-Both modes score every question, then apply the rubric's applicability DAG: a question is
-applicable when each of its `applies_if` conditions is applicable and answered (argmax) as
-required. Scores are deterministic in logit mode: the same whatever the batch order, batch
-size or padding (up to float rounding, <= 1e-5).
+Both modes apply the rubric's applicability DAG: a question is applicable when each of its
+`applies_if` conditions is applicable and answered (argmax) as required. With
+skip_inapplicable an inapplicable question's Answer always has `probs=None`, computed or not,
+so that reports do not depend on which other pairs shared the batch. Scores are
+deterministic in logit mode: the same whatever the batch order, batch size or padding (up to
+float rounding, <= 1e-5).
 
 CLI:
   python -m qalign_jax.judge --rubric demo --input responses.jsonl --output report.jsonl
@@ -58,6 +64,7 @@ class JudgeConfig:
     mode: str = "logits"  # 'logits' (shared prefix, answer-token probabilities) | 'generate'
     batch_size: int = 4  # (prompt, response) pairs per prefill
     question_chunk: int = 64  # questions per jitted scoring call (bounds activation memory)
+    skip_inapplicable: bool = True  # score level by level; never compute an N/A question
     max_context_tokens: int = 1024  # judge prefix budget (system + prompt + response)
     on_long_context: str = "truncate"  # 'truncate' the response's end | 'error'
     system_prompt: str = DEFAULT_SYSTEM
@@ -79,8 +86,8 @@ class JudgeConfig:
 class Answer:
     """The judge's verdict on one question for one response."""
 
-    probs: np.ndarray  # [num options], in the question's option order
-    argmax: str
+    probs: np.ndarray | None  # [num options], in the question's option order; None if skipped
+    argmax: str | None  # None if skipped
     expected: float | None  # graded: expected grade value; gates/conditions: None
     applicable: bool
     option_mass: float  # logit mode: judge probability on the valid options (diagnostic)
@@ -109,12 +116,37 @@ class Judge:
     stats: dict = dataclasses.field(default_factory=lambda: {"compiles": 0})
 
 
+def from_config(config, policy: LoadedModel) -> Judge:
+    """The judge of an experiment config (`config.judge`, `config.reward`).
+
+    `config.judge.source == ''` reuses the policy's weights (one model in memory); otherwise
+    the judge model is loaded on the policy's mesh.
+    """
+    from qalign_jax.models import load  # late: load imports the heavy model readers
+
+    jc = config.judge
+    model = policy
+    if jc.source:
+        model = load.load_model(
+            jc.source, mesh=policy.mesh, rules=config.sharding.rules,
+            param_dtype=config.model.param_dtype, dtype=config.model.dtype, seed=config.seed,
+            tokenizer_source=jc.tokenizer or None,
+        )  # fmt: skip
+    cfg = JudgeConfig(
+        mode=jc.mode, batch_size=jc.batch_size, question_chunk=jc.question_chunk,
+        max_context_tokens=jc.max_context_tokens, on_long_context=jc.on_long_context,
+        skip_inapplicable=jc.skip_inapplicable,
+    )  # fmt: skip
+    reward_cfg = rewards.RewardConfig(**config.reward.to_dict())
+    return build_judge(model, rubric_lib.resolve_rubric(jc.rubric), cfg, reward_cfg)
+
+
 def question_text(q: rubric_lib.Question, grades) -> str:
     """The per-question suffix text; kept short because its length sets the judge's cost."""
     if q.kind == "graded":
         letters = list(grades)  # the scale itself is spelled out once, in the system prompt
-        return f"### Question\n{q.text} ({letters[0]}-{letters[-1]})"
-    return f"### Question\n{q.text} (Yes/No)"
+        return f"{q.text} ({letters[0]}-{letters[-1]})"
+    return f"{q.text} (Yes/No)"
 
 
 def system_text(system_prompt: str, grades) -> str:
@@ -124,7 +156,8 @@ def system_text(system_prompt: str, grades) -> str:
 
 
 def context_text(prompt: str, response: str) -> str:
-    return f"### User prompt\n{prompt}\n\n### Assistant response\n{response}\n\n"
+    """The shared prefix's body; every question's text follows it directly."""
+    return f"### User prompt\n{prompt}\n\n### Assistant response\n{response}\n\n### Question\n"
 
 
 def build_judge(
@@ -187,8 +220,10 @@ def _prefix_ids(judge: Judge, prompt: str, response: str) -> tuple[list[int], bo
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
-    """Round a length up to a power of two, so that shapes (and compiles) repeat."""
-    return max(minimum, 1 << (n - 1).bit_length())
+    """Round a length up to 2^k or 1.5 * 2^k: shapes (and compiles) repeat, padding <= 33%."""
+    n = max(n, minimum)
+    p = 1 << (n - 1).bit_length()
+    return 3 * p // 4 if n <= 3 * p // 4 and p >= 4 else p
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -219,46 +254,58 @@ def _score_chunk(graphdef, params, prefix, tokens, positions, last, option_ids, 
     return opt - mass[..., None], jnp.exp(mass)
 
 
-def _logit_probs(judge: Judge, prefixes: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """[Bp, Q, O] option probabilities and [Bp, Q] option mass for a batch of prefixes."""
+def _prefill_batch(judge: Judge, prefixes: list[list[int]]):
+    """Left-padded prefill of a batch's judge prefixes -> (prefix cache, [Bp] lengths)."""
     m = judge.model
     p_len = _bucket(max(len(p) for p in prefixes))
     tokens = np.zeros((len(prefixes), p_len), np.int32)
     mask = np.zeros_like(tokens)
-    for i, p in enumerate(prefixes):  # left-pad
+    for i, p in enumerate(prefixes):
         tokens[i, p_len - len(p) :] = p
         mask[i, p_len - len(p) :] = 1
     positions = np.where(mask > 0, np.cumsum(mask, 1) - 1, -1).astype(np.int32)
-    lengths = mask.sum(1)
     with sharding.use_rules(m.mesh, m.rules):
-        prefix = _prefill(m.graphdef, m.params, tokens, positions)
-    q_total, qc = len(judge.suffix_ids), min(judge.cfg.question_chunk, len(judge.suffix_ids))
-    s_len = -(-max(len(s) for s in judge.suffix_ids) // 8) * 8  # fixed per rubric: round to 8
-    probs, mass = [], []
-    for start in range(0, q_total, qc):
-        idx = list(range(start, min(start + qc, q_total)))
-        idx += [idx[-1]] * (qc - len(idx))  # pad the last chunk (same shape, one compile)
-        suf = np.zeros((qc, s_len), np.int32)
-        valid = np.zeros((qc, s_len), bool)
-        for j, q in enumerate(idx):
-            suf[j, : len(judge.suffix_ids[q])] = judge.suffix_ids[q]
-            valid[j, : len(judge.suffix_ids[q])] = True
+        return _prefill(m.graphdef, m.params, tokens, positions), mask.sum(1)
+
+
+def _logit_probs(judge: Judge, prefix, lengths, qidx: list[int]):
+    """[Bp, len(qidx), O] option probabilities and [Bp, len(qidx)] option mass.
+
+    Questions are scored in length order, in chunks of at most `question_chunk` rows whose
+    suffix width is the chunk's longest question rounded up to 8; row counts and widths come
+    from small sets, so compiles repeat.
+    """
+    m, suffix_ids = judge.model, judge.suffix_ids
+    bp = len(lengths)
+    order = sorted(range(len(qidx)), key=lambda i: len(suffix_ids[qidx[i]]))
+    probs = np.zeros((bp, len(qidx), judge.option_ids.shape[1]), np.float32)
+    mass = np.zeros((bp, len(qidx)), np.float32)
+    for start in range(0, len(order), judge.cfg.question_chunk):
+        chunk = order[start : start + judge.cfg.question_chunk]
+        rows = min(judge.cfg.question_chunk, _bucket(len(chunk), minimum=8))
+        qs = [qidx[i] for i in chunk]
+        qs += [qs[-1]] * (rows - len(qs))  # pad with a repeat: same shape, result dropped
+        s_len = -(-max(len(suffix_ids[q]) for q in qs) // 8) * 8
+        suf = np.zeros((rows, s_len), np.int32)
+        valid = np.zeros((rows, s_len), bool)
+        for j, q in enumerate(qs):
+            suf[j, : len(suffix_ids[q])] = suffix_ids[q]
+            valid[j, : len(suffix_ids[q])] = True
         # Suffix positions continue each pair's prefix; right padding gets -1.
         pos = np.where(valid[None], lengths[:, None, None] + np.arange(s_len), -1)
-        last = np.array([len(judge.suffix_ids[q]) - 1 for q in idx], np.int32)
+        last = np.array([len(suffix_ids[q]) - 1 for q in qs], np.int32)
         args = (
-            np.tile(suf, (len(prefixes), 1)),
+            np.tile(suf, (bp, 1)),
             pos.reshape(-1, s_len).astype(np.int32),
-            np.tile(last, len(prefixes)),
-            judge.option_ids[idx],
-            judge.option_valid[idx],
+            np.tile(last, bp),
+            judge.option_ids[qs],
+            judge.option_valid[qs],
         )
         with sharding.use_rules(m.mesh, m.rules):
             logp, ms = _score_chunk(m.graphdef, m.params, prefix, *args)
-        n = min(qc, q_total - start)
-        probs.append(np.exp(np.asarray(logp))[:, :n])
-        mass.append(np.asarray(ms)[:, :n])
-    return np.concatenate(probs, axis=1), np.concatenate(mass, axis=1)
+        probs[:, chunk] = np.exp(np.asarray(logp))[:, : len(chunk)]
+        mass[:, chunk] = np.asarray(ms)[:, : len(chunk)]
+    return probs, mass
 
 
 _OPTION_PATTERNS: dict[tuple[str, ...], re.Pattern] = {}
@@ -277,12 +324,13 @@ def parse_answer(text: str, options: tuple[str, ...]) -> int | None:
     return next(i for i, o in enumerate(options) if o.lower() == found)
 
 
-def _generate_probs(judge: Judge, prefixes: list[list[int]], rng) -> tuple[np.ndarray, list]:
-    """Naive mode: one full-context generation per (pair, question); answers parsed to one-hot."""
+def _generate_probs(judge: Judge, prefixes: list[list[int]], qidx: list[int], rng):
+    """Naive mode: one full-context generation per (pair, question); answers parsed to one-hot.
+
+    Returns ([Bp, len(qidx), O] probabilities, texts[b][i])."""
     tok = judge.model.tokenizer
-    questions = judge.rubric.questions
-    width = judge.option_ids.shape[1]
-    contexts = [p + s for p in prefixes for s in judge.suffix_ids]
+    questions = [judge.rubric.questions[q] for q in qidx]
+    contexts = [p + judge.suffix_ids[q] for p in prefixes for q in qidx]
     scfg = sampler.SamplerConfig(
         max_new_tokens=judge.cfg.generate_max_tokens,
         temperature=judge.cfg.generate_temperature,
@@ -294,16 +342,20 @@ def _generate_probs(judge: Judge, prefixes: list[list[int]], rng) -> tuple[np.nd
         rng, key = jax.random.split(rng)
         out = sampler.generate(judge.model, contexts[start : start + step], scfg, key)
         texts += [tok.decode(t) for t in out.tokens]
-    probs = np.zeros((len(prefixes), len(questions), width))
+    probs = np.zeros((len(prefixes), len(qidx), judge.option_ids.shape[1]))
     for k, text in enumerate(texts):
-        b, q = divmod(k, len(questions))
-        n = len(questions[q].options)
-        choice = parse_answer(text, questions[q].options)
+        b, i = divmod(k, len(qidx))
+        n = len(questions[i].options)
+        choice = parse_answer(text, questions[i].options)
         if choice is None:
-            probs[b, q, :n] = 1.0 / n
+            probs[b, i, :n] = 1.0 / n
         else:
-            probs[b, q, choice] = 1.0
-    return probs, texts
+            probs[b, i, choice] = 1.0
+    return probs, [texts[b * len(qidx) : (b + 1) * len(qidx)] for b in range(len(prefixes))]
+
+
+def _applies(q: rubric_lib.Question, applicable: dict, argmax: dict) -> bool:
+    return all(applicable[c.question] and argmax[c.question] == c.answer for c in q.applies_if)
 
 
 def applicability(rubric: rubric_lib.Rubric, argmax: dict[str, str]) -> dict[str, bool]:
@@ -311,10 +363,50 @@ def applicability(rubric: rubric_lib.Rubric, argmax: dict[str, str]) -> dict[str
     result: dict[str, bool] = {}
     for level in rubric.evaluation_order():
         for q in level:
-            result[q.id] = all(
-                result[c.question] and argmax[c.question] == c.answer for c in q.applies_if
-            )
+            result[q.id] = _applies(q, result, argmax)
     return result
+
+
+def _judge_batch(judge: Judge, prefixes: list[list[int]], rng) -> list[dict]:
+    """Scores one batch level by level of the applicability DAG.
+
+    Returns per pair: question id -> (probs, option mass, text) for every scored question, and
+    the applicability of every question. With skip_inapplicable, a level's question is scored
+    only if it applies for at least one pair of the batch.
+    """
+    rubric, cfg = judge.rubric, judge.cfg
+    index = {q.id: i for i, q in enumerate(rubric.questions)}
+    if cfg.mode == "logits":
+        prefix, lengths = _prefill_batch(judge, prefixes)
+    per_pair = [{"scored": {}, "argmax": {}, "applicable": {}} for _ in prefixes]
+    for level in rubric.evaluation_order():
+        for q in level:
+            for st in per_pair:
+                st["applicable"][q.id] = _applies(q, st["applicable"], st["argmax"])
+        todo = [
+            index[q.id]
+            for q in level
+            if not cfg.skip_inapplicable or any(st["applicable"][q.id] for st in per_pair)
+        ]
+        if not todo:
+            continue
+        judge.stats["questions_scored"] = judge.stats.get("questions_scored", 0) + len(todo) * len(
+            prefixes
+        )
+        if cfg.mode == "logits":
+            probs, mass = _logit_probs(judge, prefix, lengths, todo)
+            texts = [[None] * len(todo)] * len(prefixes)
+        else:
+            rng, key = jax.random.split(rng)
+            probs, texts = _generate_probs(judge, prefixes, todo, key)
+            mass = np.ones(probs.shape[:2])
+        for b, st in enumerate(per_pair):
+            for i, qi in enumerate(todo):
+                q = rubric.questions[qi]
+                p = probs[b, i, : len(q.options)]
+                st["scored"][q.id] = (p, float(mass[b, i]), texts[b][i])
+                st["argmax"][q.id] = q.options[int(np.argmax(p))]
+    return per_pair
 
 
 def score_pairs(judge: Judge, pairs, rng=None) -> list[Verdict]:
@@ -328,29 +420,22 @@ def score_pairs(judge: Judge, pairs, rng=None) -> list[Verdict]:
     for start in range(0, len(pairs), cfg.batch_size):
         batch = pairs[start : start + cfg.batch_size]
         built = [_prefix_ids(judge, p, r) for p, r in batch]
-        prefixes = [ids for ids, _ in built]
-        if cfg.mode == "logits":
-            probs, mass = _logit_probs(judge, prefixes)
-            texts = None
-        else:
-            rng, key = jax.random.split(rng)
-            probs, texts = _generate_probs(judge, prefixes, key)
-            mass = np.ones(probs.shape[:2])
-        for b, (_, truncated) in enumerate(built):
-            answers, argmax, per_q = {}, {}, {}
-            for qi, q in enumerate(rubric.questions):
-                p = probs[b, qi, : len(q.options)]
-                argmax[q.id] = q.options[int(np.argmax(p))]
-                per_q[q.id] = p
-            applicable = applicability(rubric, argmax)
-            for qi, q in enumerate(rubric.questions):
-                p = per_q[q.id]
+        rng, key = jax.random.split(rng)
+        for (_, truncated), st in zip(built, _judge_batch(judge, [ids for ids, _ in built], key)):
+            answers, per_q = {}, {}
+            for q in rubric.questions:
+                applicable = st["applicable"][q.id]
+                p, mass, text = st["scored"].get(q.id, (None, 0.0, None))
+                if not applicable and cfg.skip_inapplicable:
+                    p, mass, text = None, 0.0, None  # batch-independent reports
+                if p is not None:
+                    per_q[q.id] = p
                 answers[q.id] = Answer(
-                    probs=p, argmax=argmax[q.id],
-                    expected=float(p @ values) if q.kind == "graded" else None,
-                    applicable=applicable[q.id], option_mass=float(mass[b, qi]),
-                    text=None if texts is None else texts[b * len(rubric.questions) + qi],
+                    probs=p, argmax=None if p is None else q.options[int(np.argmax(p))],
+                    expected=float(p @ values) if q.kind == "graded" and p is not None else None,
+                    applicable=applicable, option_mass=mass, text=text,
                 )  # fmt: skip
+            applicable = {qid: a.applicable for qid, a in answers.items()}
             scores = rewards.score_response(rubric, per_q, applicable, judge.reward_cfg)
             verdicts.append(Verdict(answers, scores, truncated))
     return verdicts
@@ -369,7 +454,7 @@ def report_row(judge: Judge, prompt: str, response: str, verdict: Verdict) -> di
         "questions": {
             qid: {
                 "answer": a.argmax,
-                "probs": [round(float(x), 4) for x in a.probs],
+                "probs": None if a.probs is None else [round(float(x), 4) for x in a.probs],
                 "expected": a.expected,
                 "applicable": a.applicable,
                 "option_mass": round(a.option_mass, 4),
@@ -406,12 +491,7 @@ def main(argv):
     f = flags.FLAGS
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments {argv[1:]}")
-    rubric_path = (
-        f.rubric
-        if f.rubric.endswith((".yaml", ".yml", ".json"))
-        else rubric_lib.builtin_rubric_path(f.rubric)
-    )
-    rubric = rubric_lib.load_rubric(rubric_path)
+    rubric = rubric_lib.resolve_rubric(f.rubric)
     model = load.load_model(f.model, mesh=sharding.make_mesh((1, -1, 1)), dtype=f.dtype,
                             tokenizer_source=f.tokenizer or None)  # fmt: skip
     judge = build_judge(model, rubric, JudgeConfig(mode=f.mode, batch_size=f.batch_size))

@@ -2,7 +2,8 @@
 
 Owns the objectives of every training loop, one section each:
   SFT   `sft_loss`: masked token cross-entropy (the priming stage, IterAlign's distillation).
-  GRPO  (a later stage): group-normalized advantages, clipped ratio, KL to the reference.
+  GRPO  `group_advantages`, `grpo_loss` (clipped ratio, k3 KL to the reference, three
+        token aggregations).
   DPO   (a later stage): the preference loss on chosen/rejected pairs.
 
 Invariants:
@@ -76,7 +77,113 @@ def sft_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# GRPO: added by the GRPO stage.
+# GRPO.
+
+AGGREGATIONS = ("seq_mean", "token_mean", "constant")
+
+
+def group_advantages(rewards, group_size: int, *, eps: float = 1e-6, scale_by_std: bool = True):
+    """Group-normalized advantages (GRPO): (r - mean_group) / (std_group + eps).
+
+    Args:
+      rewards: [B * G] rewards, the G samples of each prompt consecutive.
+      group_size: G (>= 2).
+      eps: added to the std, so that a group of equal rewards gets advantages 0, not NaN.
+      scale_by_std: False gives Dr. GRPO's r - mean (no division, no difficulty bias).
+
+    Returns:
+      [B * G] float32 advantages. The std is the sample std (ddof = 1), as TRL's and
+      DeepSeekMath's GRPO; a group of G = 2 with rewards 0 and 1 gets -0.707 and +0.707.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size}; GRPO needs G >= 2 samples per prompt.")
+    r = jnp.asarray(rewards, jnp.float32)
+    if r.shape[0] % group_size:
+        raise ValueError(f"{r.shape[0]} rewards are not whole groups of {group_size}.")
+    r = r.reshape(-1, group_size)
+    adv = r - r.mean(axis=1, keepdims=True)
+    if scale_by_std:
+        adv = adv / (jnp.std(r, axis=1, ddof=1, keepdims=True) + eps)
+    return adv.reshape(-1)
+
+
+def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """Per-token KL(policy || reference) estimate k3 = exp(d) - d - 1, d = ref - policy (>= 0)."""
+    d = ref_logp - logp
+    return jnp.exp(d) - d - 1.0
+
+
+def grpo_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    ref_logp: jax.Array | None = None,
+    kl_beta: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    aggregation: str = "seq_mean",
+    normalizer: float | jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The clipped GRPO objective with an optional k3 KL penalty, as a loss to minimize.
+
+    Per token: ratio = exp(logp - old_logp),
+      obj = min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) - kl_beta * k3,
+    and the loss is -obj aggregated over the trained tokens by `aggregation`:
+      'seq_mean':   mean over each sequence's tokens, then mean over sequences (GRPO paper);
+      'token_mean': sum over all tokens / number of tokens (DAPO);
+      'constant':   sum over all tokens / `normalizer` (Dr. GRPO: e.g. max length x rows).
+    `normalizer` also serves gradient accumulation for 'token_mean' (pass the step's token
+    count) and 'seq_mean' (pass the step's sequence count); None = this batch's own count.
+
+    Args:
+      logp, old_logp: [B, T] log p of the sampled tokens under the policy being trained and
+        under the policy that sampled them (the sampler's logprobs).
+      advantages: [B] one advantage per sequence.
+      mask: [B, T] 1 on the policy's own trained tokens.
+      ref_logp: [B, T] under the frozen reference (needed when kl_beta > 0).
+
+    Returns:
+      (loss [], metrics) with sums: `objective_sum`, `kl_sum`, `clipped_sum` (tokens whose
+      ratio left the clip range in the direction the advantage pushes), `ratio_sum`,
+      `num_tokens`, `num_seqs`.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r}; use one of {AGGREGATIONS}.")
+    if aggregation == "constant" and normalizer is None:
+        raise ValueError("aggregation='constant' needs a normalizer (e.g. max length x rows).")
+    if kl_beta > 0 and ref_logp is None:
+        raise ValueError("kl_beta > 0 needs ref_logp (the reference model's log-probs).")
+    mask = mask.astype(jnp.float32)
+    adv = advantages.astype(jnp.float32)[:, None]
+    ratio = jnp.exp(logp - old_logp)
+    clipped_ratio = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    obj = jnp.minimum(ratio * adv, clipped_ratio * adv)
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None else jnp.zeros_like(logp)
+    per_token = obj - kl_beta * kl
+    num_tokens = mask.sum()
+    seq_tokens = mask.sum(axis=1)
+    num_seqs = (seq_tokens > 0).sum().astype(jnp.float32)
+    if aggregation == "seq_mean":
+        per_seq = (per_token * mask).sum(axis=1) / jnp.maximum(seq_tokens, 1.0)
+        total = per_seq.sum()
+        denom = num_seqs if normalizer is None else normalizer
+    else:
+        total = (per_token * mask).sum()
+        denom = num_tokens if normalizer is None else normalizer
+    loss = -total / jnp.maximum(denom, 1.0)
+    clipped = ((adv > 0) & (ratio > 1.0 + clip_high)) | ((adv < 0) & (ratio < 1.0 - clip_low))
+    metrics = {
+        "objective_sum": (obj * mask).sum(),
+        "kl_sum": (kl * mask).sum(),
+        "clipped_sum": (clipped * mask).sum(),
+        "ratio_sum": (ratio * mask).sum(),
+        "num_tokens": num_tokens,
+        "num_seqs": num_seqs,
+    }
+    return loss, metrics
+
 
 # ---------------------------------------------------------------------------------------------
 # DPO: added by the DPO stage.

@@ -161,7 +161,9 @@ class Progress:
         pct = 100.0 * step / max(self.total_steps, 1)
         parts = [f"step {step}/{self.total_steps} ({pct:.0f}%)"]
         for key, fmt in (
+            ("rollout/reward_mean", "reward {:+.3f}"),
             ("train/loss", "loss {:.4f}"),
+            ("train/kl", "kl {:.4f}"),
             ("train/lr", "lr {:.2e}"),
             ("train/grad_norm", "gnorm {:.3f}"),
             ("time/step_s", "{:.2f} s/step"),

@@ -42,6 +42,13 @@ def judge(model):
     )
 
 
+@pytest.fixture(scope="module")
+def full_judge(model, judge):
+    """Scores every question, applicable or not (the judge above skips N/A ones)."""
+    cfg = judge_lib.JudgeConfig(batch_size=2, question_chunk=4, skip_inapplicable=False)
+    return judge_lib.build_judge(model, judge.rubric, cfg)
+
+
 def full_forward_probs(judge, prompt, response):
     """Reference: each question with its own full context, one uncached forward each."""
     m = judge.model
@@ -56,11 +63,11 @@ def full_forward_probs(judge, prompt, response):
     return out
 
 
-def test_shared_prefix_equals_full_forward(judge):
-    verdicts = judge_lib.score_pairs(judge, PAIRS[:3])
+def test_shared_prefix_equals_full_forward(full_judge):
+    verdicts = judge_lib.score_pairs(full_judge, PAIRS[:3])
     for (prompt, response), v in zip(PAIRS[:3], verdicts):
-        ref = full_forward_probs(judge, prompt, response)
-        for q, r in zip(judge.rubric.questions, ref):
+        ref = full_forward_probs(full_judge, prompt, response)
+        for q, r in zip(full_judge.rubric.questions, ref):
             np.testing.assert_allclose(v.answers[q.id].probs, r, atol=1e-5)
 
 
@@ -72,11 +79,15 @@ def test_scores_independent_of_order_batch_and_padding(model, judge):
         shuffled = judge_lib.score_pairs(other, [PAIRS[i] for i in order])
         for j, i in enumerate(order):
             for qid, a in base[i].answers.items():
-                np.testing.assert_allclose(shuffled[j].answers[qid].probs, a.probs, atol=1e-5)
+                b = shuffled[j].answers[qid]
+                assert (a.probs is None) == (b.probs is None) and a.applicable == b.applicable
+                if a.probs is not None:
+                    np.testing.assert_allclose(b.probs, a.probs, atol=1e-5)
             assert shuffled[j].scores.reward == pytest.approx(base[i].scores.reward, abs=1e-5)
 
 
-def test_report_fields_and_applicability(judge):
+def test_report_fields_and_applicability(full_judge):
+    judge = full_judge
     v = judge_lib.score_pairs(judge, PAIRS[:1])[0]
     for q in judge.rubric.questions:
         a = v.answers[q.id]
@@ -90,6 +101,31 @@ def test_report_fields_and_applicability(judge):
     assert (v.scores.dimensions["medical"] is None) == (not asks)
     row = judge_lib.report_row(judge, *PAIRS[0], v)
     assert set(row["questions"]) == {q.id for q in judge.rubric.questions}
+
+
+def test_skipping_inapplicable_questions(model, judge, full_judge):
+    """A question whose condition failed is not computed; every other verdict is unchanged."""
+    full = judge_lib.score_pairs(full_judge, PAIRS[:1])[0]
+    unmet = "No" if full.answers["asks_medical"].argmax == "Yes" else "Yes"
+    spec = copy.deepcopy(SMALL)
+    medical = spec["principles"][0]["dimensions"][1]["questions"][0]
+    assert medical["id"] == "m_safe"
+    medical["applies_if"]["answer"] = unmet
+    rubric = rubric_lib.rubric_from_dict(spec)
+    runs = {}
+    for skip in (True, False):
+        cfg = judge_lib.JudgeConfig(batch_size=1, question_chunk=4, skip_inapplicable=skip)
+        j = judge_lib.build_judge(model, rubric, cfg)
+        runs[skip] = (judge_lib.score_pairs(j, PAIRS[:1])[0], j.stats["questions_scored"])
+    (skipped, n_skip), (computed, n_all) = runs[True], runs[False]
+    assert (n_skip, n_all) == (len(rubric.questions) - 1, len(rubric.questions))
+    assert skipped.answers["m_safe"].probs is None and not skipped.answers["m_safe"].applicable
+    assert computed.answers["m_safe"].probs is not None
+    assert skipped.scores.reward == pytest.approx(computed.scores.reward, abs=1e-6)
+    assert skipped.scores.dimensions["medical"] is None
+    for qid, a in computed.answers.items():
+        if qid != "m_safe":
+            np.testing.assert_allclose(skipped.answers[qid].probs, a.probs, atol=1e-5)
 
 
 def test_applicability_dag_by_hand(judge):
@@ -123,6 +159,9 @@ def test_generate_mode_runs_and_gives_one_hot_or_uniform(model, judge):
     v = judge_lib.score_pairs(gen, PAIRS[:1])[0]
     for q in gen.rubric.questions:
         p = v.answers[q.id].probs
+        if p is None:  # inapplicable, skipped
+            assert not v.answers[q.id].applicable
+            continue
         assert p.max() == 1.0 or np.allclose(p, 1.0 / len(q.options))
         assert isinstance(v.answers[q.id].text, str)
 

@@ -65,15 +65,7 @@ def chat_completions(model: load.LoadedModel, conversations, sampler_cfg, rng, b
 def run(config, workdir: str) -> None:
     mesh = sharding.make_mesh(config.mesh.shape)
     t0 = time.time()
-    model = load.load_model(
-        config.model.source,
-        mesh=mesh,
-        rules=config.sharding.rules,
-        param_dtype=config.model.param_dtype,
-        dtype=config.model.dtype,
-        seed=config.seed,
-        tokenizer_source=config.model.tokenizer or None,
-    )
+    model = load.from_config(config, mesh)
     logging.info("loaded %s (%.1fM params) in %.1fs", config.model.source,
                  load.num_params(model.params) / 1e6, time.time() - t0)  # fmt: skip
     system = config.generate.system_prompt

@@ -300,26 +300,34 @@ def _attend(q, k, v, q_positions, k_positions, prefix, cfg):
     kh, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, kh, g, h)  # [B, T, K, G, H]
     scale = np.float32(1.0 / np.sqrt(h))
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
-    mask = attention_mask(q_positions, k_positions)[:, None, None]  # [B, 1, 1, T, S]
-    scores = jnp.where(mask, scores, _MASK_VALUE)
+    mask = attention_mask(q_positions, k_positions)  # [B, T, S]
     if prefix is None:
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None], scores * scale, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, cfg.num_heads, h)
+    # Shared prefix: the softmax runs over [prefix keys ++ own keys] without concatenating
+    # them. Layouts put (kv head, query row) first: XLA:CPU runs these batched matmuls ~30%
+    # faster than with the head axes in the middle (bench/judge.py).
     pk, pv, p_positions = prefix
-    bp, p_len = p_positions.shape
-    qg = q.reshape(bp, b // bp, t, kh, g, h)  # [Bp, R, T, K, G, H]
+    bp, r = p_positions.shape[0], b // p_positions.shape[0]
+    qg = q.reshape(bp, r, t, kh, g, h)
     p_scores = jnp.einsum(
-        "BRTKGH,BPKH->BRKGTP", qg, pk.astype(dt), preferred_element_type=jnp.float32
+        "BRTKGH,BPKH->BKRTGP", qg, pk.astype(dt), preferred_element_type=jnp.float32
     )
     p_mask = (p_positions >= 0)[:, None, None, None, None, :]  # [Bp, 1, 1, 1, 1, P]
-    p_scores = jnp.where(p_mask, p_scores * scale, _MASK_VALUE)
-    own = scores.reshape(bp, b // bp, kh, g, t, -1)  # [Bp, R, K, G, T, S]
-    probs = jax.nn.softmax(jnp.concatenate([p_scores, own], axis=-1), axis=-1).astype(dt)
-    out = jnp.einsum("BRKGTP,BPKH->BRTKGH", probs[..., :p_len], pv.astype(dt))
-    out = out + jnp.einsum(
-        "BRKGTS,BRSKH->BRTKGH", probs[..., p_len:], v.reshape(bp, b // bp, -1, kh, h)
+    p_scores = jnp.where(p_mask, p_scores * scale, _MASK_VALUE)  # [Bp, K, R, T, G, P]
+    own = jnp.einsum(
+        "BRTKGH,BRSKH->BKRTGS", qg, k.reshape(bp, r, -1, kh, h), preferred_element_type=jnp.float32
     )
+    own_mask = mask.reshape(bp, 1, r, t, 1, -1)
+    own = jnp.where(own_mask, own * scale, _MASK_VALUE)  # [Bp, K, R, T, G, S]
+    top = jax.lax.stop_gradient(jnp.maximum(p_scores.max(-1), own.max(-1)))[..., None]
+    p_exp, own_exp = jnp.exp(p_scores - top), jnp.exp(own - top)
+    denom = p_exp.sum(-1) + own_exp.sum(-1)  # [Bp, K, R, T, G]
+    out = jnp.einsum("BKRTGP,BPKH->BKRTGH", p_exp.astype(dt), pv.astype(dt))
+    out = out + jnp.einsum("BKRTGS,BRSKH->BKRTGH", own_exp.astype(dt), v.reshape(bp, r, -1, kh, h))
+    out = (out / denom[..., None].astype(dt)).transpose(0, 2, 3, 1, 4, 5)  # [Bp, R, T, K, G, H]
     return out.reshape(b, t, cfg.num_heads, h)
 
 

@@ -107,6 +107,20 @@ def load_model(
     return LoadedModel(cfg, graphdef, params, tokenizer, mesh, tuple(rules), source)
 
 
+def from_config(config, mesh: Mesh) -> LoadedModel:
+    """The policy of an experiment config (`config.model`, `config.sharding`, `config.seed`)."""
+    return load_model(
+        config.model.source,
+        mesh=mesh,
+        rules=config.sharding.rules,
+        param_dtype=config.model.param_dtype,
+        dtype=config.model.dtype,
+        remat=config.model.remat,
+        seed=config.seed,
+        tokenizer_source=config.model.tokenizer or None,
+    )
+
+
 def load_tokenizer(source: str) -> tokenizer_lib.Tokenizer:
     kind, path = resolve_source(source)
     if kind == "gguf":

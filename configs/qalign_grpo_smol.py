@@ -1,0 +1,54 @@
+"""QA-LIGN GRPO of the embedded SmolLM2-135M-Instruct on CPU: two-pass rollouts, demo rubric.
+
+Run (after the priming stages, or alone from the base model):
+  python -m qalign_jax.train --config configs/qalign_grpo_smol.py --workdir workdirs/grpo_smol \
+    --config.checkpoint.init=workdirs/sft_smol \
+    --config.grpo.priming_data=workdirs/prime_smol/prime_data.jsonl
+Each step: 2 prompts x G=4 samples; the policy drafts (48 tokens), the frozen initial policy
+judges the drafts on the demo rubric, the findings are inserted, the policy reflects and
+revises (64 tokens), the judge scores the revisions; two-pass reward (alpha 10, beta 1), group
+advantages, one update of the clipped objective with KL 0.04 to the reference. Prompts: the
+bundled configs/data/prime_*.jsonl minus those used for priming (grpo.priming_data).
+"""
+
+import os
+
+from qalign_jax import config as base
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def get_config(arg=None):
+    c = base.base_config()
+    c.loop = "grpo"
+    c.seed = 0
+    c.model.source = "embedded"
+    c.mesh.shape = (1, -1, 1)
+
+    c.judge.source = ""  # the frozen initial policy judges
+    c.judge.rubric = "demo"
+    c.judge.batch_size = 8
+
+    g = c.grpo
+    g.sources = ((os.path.join(DATA, "prime_harmful.jsonl"), -1),
+                 (os.path.join(DATA, "prime_benign.jsonl"), -1))  # fmt: skip
+    g.on_overlap = "exclude"
+    g.prompts_per_step = 2
+    g.num_generations = 4
+    g.num_steps = 10
+    g.two_pass = True
+    g.draft_max_tokens = 48
+    g.revision_max_tokens = 64
+    g.max_prompt_tokens = 96
+    g.temperature = 1.0
+    g.max_findings = 4
+    g.kl_beta = 0.04
+    g.rollouts_every = 5
+    c.optimizer.lr = 1e-5
+    c.optimizer.warmup_ratio = 0.0
+    c.optimizer.min_lr_ratio = 1.0  # constant lr
+    c.checkpoint.every_steps = 5
+    c.checkpoint.keep = 2
+    if arg:
+        raise ValueError(f"unknown config argument {arg!r}; see configs/qalign_grpo_smoke.py.")
+    return c

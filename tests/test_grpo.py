@@ -1,0 +1,210 @@
+"""The GRPO loop: rollout logprobs and masks, sharded step, exact resume, clear errors.
+
+Tiny random policy and judge with the real tokenizer (configs/qalign_grpo_smoke.py)."""
+
+import functools
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from qalign_jax import judge as judge_lib
+from qalign_jax import sharding, train
+from qalign_jax.loops import grpo, sft
+from qalign_jax.models import llama, load
+from tests.test_sft import assert_trees_close
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(arg=None):
+    path = os.path.join(ROOT, "configs", "qalign_grpo_smoke.py")
+    spec = importlib.util.spec_from_file_location("grpo_smoke", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = smoke_config()
+    mesh = sharding.make_mesh(config.mesh.shape)
+    policy = load.from_config(config, mesh)
+    judge = judge_lib.from_config(config, policy)
+    records = grpo.read_prompts(config)
+    ids = grpo.chat_ids(policy.tokenizer, records, 64, "error")
+    return config, policy, judge, records, ids
+
+
+def test_rollout_logprobs_and_mask_match_the_training_forward(setup):
+    """The sampler's logprobs are the old policy: they must equal a training forward's."""
+    config, policy, judge, records, ids = setup
+    rows = [r for r in records[:2] for _ in range(4)]
+    ro = grpo.rollout(config, policy, judge, rows, [ids[r.id] for r in rows],
+                      jax.random.key(1), cache_len=512)  # fmt: skip
+    assert ro.rewards.shape == (8,) and all(len(s) > 0 for s in ro.suffix_ids)
+    batch = grpo.training_batch(ro, np.ones(8), seq_len=384, pad_id=policy.tokenizer.pad_id)
+    logits, _ = jax.jit(functools.partial(llama.forward, policy.graphdef))(
+        policy.params, batch["tokens"], batch["positions"]
+    )
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    logp = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    mask = batch["loss_mask"] > 0
+    np.testing.assert_allclose(logp[mask], batch["old_logp"][mask], atol=2e-4)
+    for i in range(8):  # trained: the draft (its end of turn dropped) and the continuation
+        n = len(ro.draft_ids[i]) + len(ro.cont_ids[i])
+        assert mask[i].sum() == n
+        first = len(ro.prompt_ids[i]) - 1  # the target of this position is the first draft token
+        assert mask[i, first] and not mask[i, first - 1]
+        suffix_at = first + len(ro.draft_ids[i])
+        assert not mask[i, suffix_at : suffix_at + len(ro.suffix_ids[i])].any()
+
+
+def test_single_pass_trains_the_draft_with_its_end_of_turn(setup):
+    config, policy, judge, records, ids = setup
+    single = smoke_config("single")
+    rows = [r for r in records[:2] for _ in range(4)]
+    ro = grpo.rollout(single, policy, judge, rows, [ids[r.id] for r in rows],
+                      jax.random.key(2), cache_len=0)  # fmt: skip
+    assert all(not c for c in ro.cont_ids) and all(r is None for r in ro.revisions)
+    np.testing.assert_allclose(ro.rewards, [v.scores.reward for v in ro.draft_verdicts])
+
+
+def run_steps(mesh, host_params, batches, g):
+    from qalign_jax import config as base
+
+    opt = base.base_config().optimizer
+    opt.lr, opt.warmup_ratio, opt.eps = 1e-3, 0.0, 1e-4  # eps: see tests/test_sft.py
+    graphdef, abstract = llama.abstract_model(llama.get_preset("tiny"))
+    tx, schedule = sft.make_optimizer(opt, total_steps=10)
+    _, state_sh = sft.state_shardings(abstract, tx, mesh, sharding.DEFAULT_RULES)
+    params = jax.device_put(host_params, state_sh.params)
+    state = jax.jit(functools.partial(sft.init_state, tx=tx), out_shardings=state_sh)(params)
+    step = grpo.jit_grpo_step(graphdef, tx, schedule, state_sh, g, mesh, sharding.DEFAULT_RULES)
+    out = []
+    for b in batches:
+        state, m = step(state, sft.put_batch(b, grpo.batch_shardings(mesh)))
+        out.append(jax.device_get(m))
+    return jax.device_get(state.params), out
+
+
+def test_sharded_step_equals_single_device_step():
+    cfg = llama.get_preset("tiny")
+    host_params = jax.device_get(llama.init_params(cfg, seed=0))
+    rng = np.random.default_rng(0)
+    a, rows, t = 2, 8, 24
+    tokens = rng.integers(3, cfg.vocab_size, (a, rows, t)).astype(np.int32)
+    mask = (rng.random((a, rows, t)) > 0.3).astype(np.float32)
+    batch = {
+        "tokens": tokens, "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (a, rows, t)),
+        "targets": np.roll(tokens, -1, axis=-1), "loss_mask": mask,
+        "old_logp": rng.normal(-10.5, 0.3, (a, rows, t)).astype(np.float32),
+        "ref_logp": rng.normal(-10.5, 0.3, (a, rows, t)).astype(np.float32),
+        "advantages": rng.normal(0, 1, (a, rows)).astype(np.float32),
+    }  # fmt: skip
+    g = smoke_config().grpo
+    one = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    p1, m1 = run_steps(one, host_params, [batch, batch], g)
+    p8, m8 = run_steps(sharding.make_mesh((1, 8, 1)), host_params, [batch, batch], g)
+    for x, y in zip(m1, m8):
+        for k in ("loss", "grad_norm", "kl", "clip_fraction", "entropy"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
+    assert m1[0]["clip_fraction"] > 0  # the random old log-probs put ratios outside the range
+    assert_trees_close(p1, p8, atol=1e-6)
+    assert not np.allclose(jax.tree.leaves(p1)[0], jax.tree.leaves(host_params)[0])
+
+
+def start(workdir, *overrides):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    log = open(str(workdir) + ".log", "w")
+    cmd = [sys.executable, "-m", "qalign_jax.train", "--config", "configs/qalign_grpo_smoke.py",
+           "--workdir", str(workdir), *overrides]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
+
+
+def test_sigkill_then_rerun_resumes_exactly(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    a, b = start(straight), start(killed)
+    deadline = time.time() + 400
+    ckpt = killed / "ckpt"
+    while not (ckpt.is_dir() and any(d.isdigit() for d in os.listdir(ckpt))):
+        assert b.poll() is None, open(str(killed) + ".log").read()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    b.send_signal(signal.SIGKILL)
+    assert b.wait() == -signal.SIGKILL
+    assert not (killed / "hf").exists()
+    assert a.wait(timeout=400) == 0, open(str(straight) + ".log").read()[-3000:]
+    rerun = start(killed)
+    assert rerun.wait(timeout=400) == 0, open(str(killed) + ".log").read()[-3000:]
+    assert "resumed from" in open(str(killed) + ".log").read()
+    assert (killed / "hf" / "model.safetensors").read_bytes() == (
+        straight / "hf" / "model.safetensors"
+    ).read_bytes()
+    rows = [json.loads(line) for line in open(straight / "metrics.jsonl")]
+    train_rows = [r for r in rows if "rollout/reward_mean" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    for key in ("train/kl", "train/clip_fraction", "train/entropy", "rollout/draft_score",
+                "time/sampling_s", "time/judging_s", "time/training_s", "draft/harmlessness"):  # fmt: skip
+        assert key in train_rows[-1], key
+    assert len(train_rows[-1]) > 0 and (straight / "rollouts.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"num_generations": 1}, "need G >= 2"),
+        ({"prompts_per_step": 3, "num_generations": 2}, "not divisible by data x fsdp = 8"),
+        ({"reward": "vibes"}, "only 'rubric'"),
+        ({"on_overlap": "maybe"}, "use one of"),
+    ],
+)
+def test_config_errors(tmp_path, overrides, message):
+    config = smoke_config()
+    for k, v in overrides.items():
+        setattr(config.grpo, k, v)
+    with pytest.raises(ValueError, match=message):
+        train.run(config, str(tmp_path))
+
+
+def test_overlap_with_priming_prompts(tmp_path):
+    config = smoke_config()
+    records = grpo.prime_data.select_prompts(config.grpo.sources, config.seed)
+    primed = tmp_path / "prime_data.jsonl"
+    primed.write_text(json.dumps({"id": records[0].id}) + "\n")
+    config.grpo.priming_data = str(primed)
+    with pytest.raises(ValueError, match="also priming prompts"):
+        grpo.read_prompts(config)
+    config.grpo.on_overlap = "exclude"
+    assert [r.id for r in grpo.read_prompts(config)] == [r.id for r in records[1:]]
+    config.grpo.priming_data = str(tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="run the priming stage first"):
+        grpo.read_prompts(config)
+
+
+def test_judge_options_must_be_single_tokens(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: bad\ngrades: {Excellent: 1.0, Terrible: -1.0}\nprinciples:\n"
+        "  - id: harmlessness\n    dimensions:\n      - id: d\n        questions:\n"
+        '          - {id: q, kind: graded, text: "How good"}\n'
+    )
+    config = smoke_config()
+    config.judge.rubric = str(bad)
+    with pytest.raises(Exception, match="single token"):
+        train.run(config, str(tmp_path / "w"))
+
+
+def test_prompts_for_step_is_a_pure_function_of_step():
+    recs = list(range(5))
+    a = [grpo.prompts_for_step(recs, s, 2, seed=0) for s in range(5)]
+    assert a == [grpo.prompts_for_step(recs, s, 2, seed=0) for s in range(5)]
+    flat = [x for batch in a for x in batch]
+    assert sorted(flat[:5]) == recs and sorted(flat[5:]) == recs  # epochs cover every prompt
