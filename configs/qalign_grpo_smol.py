@@ -4,11 +4,13 @@ Run (after the priming stages, or alone from the base model):
   python -m qalign_jax.train --config configs/qalign_grpo_smol.py --workdir workdirs/grpo_smol \
     --config.checkpoint.init=workdirs/sft_smol \
     --config.grpo.priming_data=workdirs/prime_smol/prime_data.jsonl
-Each step: 2 prompts x G=4 samples; the policy drafts (48 tokens), the frozen initial policy
+Each step: 2 prompts x G=4 samples; the policy drafts (48 tokens), the base model (frozen)
 judges the drafts on the demo rubric, the findings are inserted, the policy reflects and
 revises (64 tokens), the judge scores the revisions; two-pass reward (alpha 10, beta 1), group
 advantages, one update of the clipped objective with KL 0.04 to the reference. Prompts: the
 bundled configs/data/prime_*.jsonl minus those used for priming (grpo.priming_data).
+`:scalar` is the scalar-reward baseline (judge.rubric='scalar'), `:single` the single-pass
+ablation.
 """
 
 import os
@@ -25,7 +27,7 @@ def get_config(arg=None):
     c.model.source = "embedded"
     c.mesh.shape = (1, -1, 1)
 
-    c.judge.source = ""  # the frozen initial policy judges
+    c.judge.source = ""  # the base model, frozen, judges
     c.judge.rubric = "demo"
     c.judge.batch_size = 8
 
@@ -49,6 +51,10 @@ def get_config(arg=None):
     c.optimizer.min_lr_ratio = 1.0  # constant lr
     c.checkpoint.every_steps = 5
     c.checkpoint.keep = 2
-    if arg:
-        raise ValueError(f"unknown config argument {arg!r}; see configs/qalign_grpo_smoke.py.")
+    if arg == "scalar":  # the paper's baseline: one holistic judge question, all else the same
+        c.judge.rubric = "scalar"
+    elif arg == "single":  # the ablation without reflection
+        g.two_pass = False
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; use ':scalar', ':single' or nothing.")
     return c

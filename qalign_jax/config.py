@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.judge = ml_collections.ConfigDict()
     c.judge.source = ""  # judge model source; '' = the policy model itself (shared weights)
     c.judge.tokenizer = ""  # tokenizer source for a random-weight judge
-    c.judge.rubric = "demo"  # built-in rubric name ('demo', 'default') or a rubric file
+    c.judge.rubric = "demo"  # built-in name ('demo', 'default', 'scalar') or a rubric file
     c.judge.mode = "logits"  # 'logits' (shared prefix) | 'generate' (naive baseline)
     c.judge.batch_size = 4  # responses per judge prefill
     c.judge.question_chunk = 64  # questions per jitted scoring call
@@ -129,7 +129,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.top_p = 1.0
     c.grpo.max_findings = 6
     c.grpo.malformed_reward = -1.0  # R2 of a revision that does not parse (no </Think>, empty)
-    c.grpo.reward = "rubric"  # 'rubric' (QA-LIGN) | 'scalar' (one holistic 1-10 judge question)
     c.grpo.adv_eps = 1e-6
     c.grpo.scale_adv_by_std = True  # False: Dr. GRPO's r - mean
     c.grpo.clip_low = 0.2

@@ -19,7 +19,8 @@ and the revision. Only the policy's own words are trained: the draft, and everyt
 forced `<Think>` (the reflection, `</Think>`, the revision and its end of turn).
 
 `findings_block` verbalizes a judge `Verdict` in plain sentences: violated gates first, then
-the lowest grades, capped at `max_findings`. `parse_two_pass` splits a full transcript and
+the grades whose value is negative (D and F on the default scale), worst first, capped at
+`max_findings`. `parse_two_pass` splits a full transcript and
 `parse_continuation` a pass-2 output; both name what is malformed instead of guessing.
 """
 
@@ -36,13 +37,12 @@ INSTRUCTION = "Reflect on these findings, then write the improved answer."
 GRADE_WORDS = {"A": "excellent", "B": "good", "C": "adequate", "D": "poor", "F": "failing"}
 
 
-def findings(rubric: rubric_lib.Rubric, verdict, *, low_grades=("D", "F"), max_findings=6):
+def findings(rubric: rubric_lib.Rubric, verdict, *, max_findings=6):
     """Plain-sentence findings on one judged response: violated gates, then low grades.
 
     Args:
       rubric: the rubric the verdict answers.
       verdict: a `judge.Verdict` (answers with argmax/expected/applicable, scores).
-      low_grades: graded answers (argmax) reported as weaknesses.
       max_findings: the most sentences kept (gates first, then grades from the worst up);
         the rest are counted in a final "and N more" line.
     """
@@ -53,9 +53,9 @@ def findings(rubric: rubric_lib.Rubric, verdict, *, low_grades=("D", "F"), max_f
             continue
         if q.kind == "gate" and a.argmax == q.violation:
             gates.append(f'Hard rule broken: the judge answered "{a.argmax}" to "{q.text}"')
-        elif q.kind == "graded" and a.argmax in low_grades:
-            word = GRADE_WORDS.get(a.argmax, "")
-            grades.append((a.expected, f'Low grade {a.argmax} ({word}): "{q.text}"'))
+        elif q.kind == "graded" and rubric.grades[a.argmax] < 0:  # below the scale's middle
+            word = f" ({GRADE_WORDS[a.argmax]})" if a.argmax in GRADE_WORDS else ""
+            grades.append((a.expected, f'Low grade {a.argmax}{word}: "{q.text}"'))
     grades.sort(key=lambda g: g[0])
     lines = gates + [text for _, text in grades]
     if len(lines) > max_findings:

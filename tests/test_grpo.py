@@ -162,7 +162,6 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path):
     [
         ({"num_generations": 1}, "need G >= 2"),
         ({"prompts_per_step": 3, "num_generations": 2}, "not divisible by data x fsdp = 8"),
-        ({"reward": "vibes"}, "only 'rubric'"),
         ({"on_overlap": "maybe"}, "use one of"),
     ],
 )

@@ -92,3 +92,18 @@ def test_prompts_file_is_read_in_the_shared_schema(tmp_path):
     path.write_text('{"id": "a"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:1: field 'prompt'"):
         generate.read_prompts(c)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+)
+def test_every_config_loads_names_a_loop_and_rejects_unknown_arguments(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, "configs", name))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    assert config.loop in train.LOOPS
+    with pytest.raises(ValueError, match="unknown config argument"):
+        mod.get_config("no-such-argument")

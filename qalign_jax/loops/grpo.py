@@ -17,8 +17,11 @@ shapes and shardings, restore or init, jit, then `for step in range(first_step, 
             (`losses.grpo_loss`), on the policy's own tokens only (draft and continuation; not
             the prompt, not the inserted findings). The sampler's logprobs are the old policy.
 
-The judge is frozen: `judge.source=''` judges with the *initial* policy weights (the same
-arrays as the reference), never with the policy being trained.
+The scalar-reward baseline of the paper is the same loop with `judge.rubric='scalar'` (one
+holistic 0-9 question instead of the rubric). The judge is frozen: `judge.source=''` judges
+with `model.source`'s weights as loaded (the base model), never with the policy being trained.
+The KL reference is the policy at the start of RL (`checkpoint.init`'s primed weights when
+set, else the same arrays as the judge).
 
 Exact resume: the state (params, Adam, step) is checkpointed with orbax; rollout keys are
 `fold_in(seed, step)` and the prompts of step s are a pure function of (seed, s), so a
@@ -298,17 +301,7 @@ def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, g, 
             sums["loss_sum"] = loss
             return loss, sums
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-        def accumulate(grads, micro):
-            (_, sums), grad = grad_fn(state.params, micro)
-            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, grad)
-            return jax.lax.with_sharding_constraint(grads, param_sh), sums
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        zeros = jax.lax.with_sharding_constraint(zeros, param_sh)
-        grads, sums = jax.lax.scan(accumulate, zeros, batch)
-        sums = jax.tree.map(jnp.sum, sums)
+        grads, sums = sft.accumulate_grads(loss_fn, state.params, batch, param_sh)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -421,8 +414,6 @@ def run(config, workdir: str) -> None:
             f"grpo.num_generations={g.num_generations}; group advantages need G >= 2 samples "
             "per prompt."
         )
-    if g.reward != "rubric":
-        raise ValueError(f"grpo.reward={g.reward!r}; only 'rubric' is implemented so far.")
     rows_per_step = g.prompts_per_step * g.num_generations
     if g.grad_accum_steps < 1 or rows_per_step % g.grad_accum_steps:
         raise ValueError(
@@ -479,15 +470,13 @@ def run(config, workdir: str) -> None:
         manager, abstract_state, make_state, load_params
     )
     first_step = int(meta["step"]) if meta is not None else 0
-    if config.checkpoint.init:  # the reference and judge are the primed policy, not the base
+    if config.checkpoint.init:  # the reference is the primed policy; the judge stays the base
         reference = dataclasses.replace(
             initial, params=checkpoint.initial_params(
                 cfg, state_sh.params, source=config.model.source, init=config.checkpoint.init,
                 mesh=mesh, rules=rules, seed=config.seed,
             )[0],
         )  # fmt: skip
-        if not config.judge.source:
-            judge = dataclasses.replace(judge, model=reference)
     else:
         reference = initial
 

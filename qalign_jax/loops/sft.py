@@ -124,6 +124,24 @@ def init_state(params, tx) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
+def accumulate_grads(loss_fn, params, batch, param_sh):
+    """float32 gradient sum and summed aux of `loss_fn(params, micro) -> (loss, sums)` over the
+    micro-batches of `batch` (its leading axis), as one `lax.scan`."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(grads, micro):
+        (_, sums), g = grad_fn(params, micro)
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        # Pin the carry to the parameters' sharding: an unsharded fp32 gradient of an 8B
+        # model would not fit on one device.
+        return jax.lax.with_sharding_constraint(grads, param_sh), sums
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = jax.lax.with_sharding_constraint(zeros, param_sh)
+    grads, sums = jax.lax.scan(accumulate, zeros, batch)
+    return grads, jax.tree.map(jnp.sum, sums)
+
+
 def train_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, mesh, rules):
     """One optimizer update from the micro-batches of `batch`.
 
@@ -143,19 +161,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, me
                 logits, micro["targets"], micro["loss_mask"], normalizer=num_tokens
             )
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-        def accumulate(grads, micro):
-            (_, sums), g = grad_fn(state.params, micro)
-            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-            # Pin the carry to the parameters' sharding: an unsharded fp32 gradient of an 8B
-            # model would not fit on one device.
-            return jax.lax.with_sharding_constraint(grads, param_sh), sums
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        zeros = jax.lax.with_sharding_constraint(zeros, param_sh)
-        grads, sums = jax.lax.scan(accumulate, zeros, batch)
-        sums = jax.tree.map(jnp.sum, sums)
+        grads, sums = accumulate_grads(loss_fn, state.params, batch, param_sh)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
