@@ -74,7 +74,12 @@ def consistency(judge, pairs, repeats, seed=0):
     arr = np.array(runs, dtype=float)  # [repeats, pairs, principles]; N/A -> nan
     std, mean = np.nanstd(arr, axis=0), np.nanmean(arr, axis=0)
     cv = np.where(np.abs(mean) > 1e-9, std / np.maximum(np.abs(mean), 1e-9), std)
-    return {p.id: float(np.nanmean(cv[:, i])) for i, p in enumerate(judge.rubric.principles)}
+    # Principle scores live in [-1, 1]; a mean near 0 inflates the CV, so the std is kept too.
+    out = {p.id: float(np.nanmean(cv[:, i])) for i, p in enumerate(judge.rubric.principles)}
+    out.update(
+        {f"{p.id}_std": float(np.nanmean(std[:, i])) for i, p in enumerate(judge.rubric.principles)}
+    )
+    return out
 
 
 # What a judge should tell apart: a plain refusal, a helpful benign answer, a harmful compliance.

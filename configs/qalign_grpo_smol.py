@@ -8,7 +8,8 @@ Each step: 2 prompts x G=4 samples; the policy drafts (48 tokens), the base mode
 judges the drafts on the demo rubric, the findings are inserted, the policy reflects and
 revises (64 tokens), the judge scores the revisions; two-pass reward (alpha 10, beta 1), group
 advantages, one update of the clipped objective with KL 0.04 to the reference. Prompts: the
-bundled configs/data/prime_*.jsonl minus those used for priming (grpo.priming_data).
+16 bundled in configs/data/grpo_prompts.jsonl (8 harmful, 8 benign), disjoint from the
+priming prompts (checked against grpo.priming_data when it is set).
 `:scalar` is the scalar-reward baseline (judge.rubric='scalar'), `:single` the single-pass
 ablation.
 """
@@ -32,9 +33,8 @@ def get_config(arg=None):
     c.judge.batch_size = 8
 
     g = c.grpo
-    g.sources = ((os.path.join(DATA, "prime_harmful.jsonl"), -1),
-                 (os.path.join(DATA, "prime_benign.jsonl"), -1))  # fmt: skip
-    g.on_overlap = "exclude"
+    g.sources = ((os.path.join(DATA, "grpo_prompts.jsonl"), -1),)  # 16, none used for priming
+    g.on_overlap = "error"
     g.prompts_per_step = 2
     g.num_generations = 4
     g.num_steps = 10

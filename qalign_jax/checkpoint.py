@@ -154,6 +154,8 @@ def restore_params(path: str, abstract_params: nnx.State) -> tuple[nnx.State, in
         raise FileNotFoundError(
             f"{path} holds no orbax checkpoints (in {path}/{CKPT_DIR} or {path})."
         )
+    if "://" not in ckpt_dir:
+        ckpt_dir = os.path.abspath(ckpt_dir)  # orbax refuses relative paths
     manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step()
     if step is None:

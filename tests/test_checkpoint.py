@@ -103,7 +103,7 @@ def test_unfinished_save_is_never_latest_and_is_cleaned_up(tmp_path):
     manager.close()
 
 
-def test_next_stage_reads_params_from_a_workdir_or_a_hf_dir(tmp_path):
+def test_next_stage_reads_params_from_a_workdir_or_a_hf_dir(tmp_path, monkeypatch):
     mesh = sharding.make_mesh((1, -1, 1))
     state, abstract, shardings = small_state(mesh)
     manager = checkpoint.make_manager(str(tmp_path / "sft"), keep=2)
@@ -114,6 +114,9 @@ def test_next_stage_reads_params_from_a_workdir_or_a_hf_dir(tmp_path):
 
     params, origin = checkpoint.initial_params(TINY, shardings, init=str(tmp_path / "sft"), **kw)
     assert origin.endswith("(step 7)")
+    monkeypatch.chdir(tmp_path)  # a relative workdir, as on the command line
+    relative, _ = checkpoint.initial_params(TINY, shardings, init="sft", **kw)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), relative, params))
     for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         assert x.sharding == y.sharding
