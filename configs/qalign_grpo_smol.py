@@ -6,7 +6,7 @@ Run (after the priming stages, or alone from the base model):
     --config.grpo.priming_data=workdirs/prime_smol/prime_data.jsonl
 Each step: 2 prompts x G=4 samples; the policy drafts (48 tokens), the base model (frozen)
 judges the drafts on the demo rubric, the findings are inserted, the policy reflects and
-revises (64 tokens), the judge scores the revisions; two-pass reward (alpha 10, beta 1), group
+revises (160 tokens), the judge scores the revisions; two-pass reward (alpha 10, beta 1), group
 advantages, one update of the clipped objective with KL 0.04 to the reference. Prompts: the
 16 bundled in configs/data/grpo_prompts.jsonl (8 harmful, 8 benign), disjoint from the
 priming prompts (checked against grpo.priming_data when it is set).
@@ -31,6 +31,9 @@ def get_config(arg=None):
     c.judge.source = ""  # the base model, frozen, judges
     c.judge.rubric = "demo"
     c.judge.batch_size = 8
+    # Soft gates: the 135M judge answers "Yes" to some gate of nearly every response, so with
+    # argmax gates (the paper's) every reward hits the floor and the group advantages are all 0.
+    c.reward.gate_readout = "expected"
 
     g = c.grpo
     g.sources = ((os.path.join(DATA, "grpo_prompts.jsonl"), -1),)  # 16, none used for priming
@@ -40,7 +43,7 @@ def get_config(arg=None):
     g.num_steps = 10
     g.two_pass = True
     g.draft_max_tokens = 48
-    g.revision_max_tokens = 64
+    g.revision_max_tokens = 160  # the primed policy reflects at length before </Think>
     g.max_prompt_tokens = 96
     g.temperature = 1.0
     g.max_findings = 4

@@ -128,7 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.temperature = 1.0
     c.grpo.top_p = 1.0
     c.grpo.max_findings = 6
-    c.grpo.malformed_reward = -1.0  # R2 of a revision that does not parse (no </Think>, empty)
+    # A revision that does not parse (no </Think>, empty) counts as no revision (R2 = R1) and
+    # pays this penalty: the draft still gets its signal and the format is still pushed.
+    c.grpo.malformed_penalty = 1.0
     c.grpo.adv_eps = 1e-6
     c.grpo.scale_adv_by_std = True  # False: Dr. GRPO's r - mean
     c.grpo.clip_low = 0.2

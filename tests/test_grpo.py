@@ -207,3 +207,15 @@ def test_prompts_for_step_is_a_pure_function_of_step():
     assert a == [grpo.prompts_for_step(recs, s, 2, seed=0) for s in range(5)]
     flat = [x for batch in a for x in batch]
     assert sorted(flat[:5]) == recs and sorted(flat[5:]) == recs  # epochs cover every prompt
+
+
+def test_malformed_revision_counts_as_unchanged_minus_the_penalty(setup, monkeypatch):
+    config, policy, judge, records, ids = setup
+    rows = [r for r in records[:2] for _ in range(4)]
+    ro = grpo.rollout(config, policy, judge, rows, [ids[r.id] for r in rows],
+                      jax.random.key(1), cache_len=512)  # fmt: skip
+    r1 = np.array([v.scores.reward for v in ro.draft_verdicts])
+    for i in range(8):
+        if ro.revision_verdicts[i] is None:  # random text never closes </Think>
+            assert ro.errors[i] and ro.rewards[i] == pytest.approx(2 * r1[i] - 1.0)
+    assert any(e is not None for e in ro.errors)

@@ -11,7 +11,9 @@ shapes and shardings, restore or init, jit, then `for step in range(first_step, 
             and the policy continues from the draft's KV cache with its reflection, </Think>
             and revision (`sampler.continue_generation`). The judge scores the revisions (R2).
   rewards   `rewards.two_pass_reward(R1, R2, alpha, beta)` (single pass: R1); a revision that
-            does not parse gets R2 = grpo.malformed_reward.
+            does not parse counts as R2 = R1 minus grpo.malformed_penalty. (With the paper's
+            beta = 1 the reward is 2 * R2 whenever R2 <= R1, so a fixed floor for malformed
+            revisions would give every malformed rollout the same reward and no signal.)
   update    group-normalized advantages (`losses.group_advantages`), then `num_iterations`
             optimizer updates of the clipped objective with the k3 KL to the frozen reference
             (`losses.grpo_loss`), on the policy's own tokens only (draft and continuation; not
@@ -214,10 +216,12 @@ def rollout(config, policy, judge, records, prompt_ids, rng, cache_len) -> Rollo
     scored = judge_lib.score_pairs(judge, [(records[i].prompt, revisions[i]) for i in ok])
     timings["judging"] += time.perf_counter() - t0
     v2 = [None] * n
-    r2 = np.full(n, g.malformed_reward, np.float64)
+    r2 = r1.copy()  # a malformed revision counts as no change ...
     for i, v in zip(ok, scored):
         v2[i], r2[i] = v, v.scores.reward
     reward = np.asarray(rewards.two_pass_reward(r1, r2, rcfg.alpha, rcfg.beta), np.float64)
+    malformed = np.array([v is None for v in v2])
+    reward = reward - g.malformed_penalty * malformed  # ... and pays the penalty
     return Rollouts(
         records, prompt_ids, draft_ids, draft_logp, suffix_ids, cont_ids, cont_logp, drafts,
         revisions, errors, v1, v2, reward, timings,
