@@ -52,15 +52,31 @@ def findings(rubric: rubric_lib.Rubric, verdict, *, max_findings=6):
         if not a.applicable or a.argmax is None:
             continue
         if q.kind == "gate" and a.argmax == q.violation:
-            gates.append(f'Hard rule broken: the judge answered "{a.argmax}" to "{q.text}"')
+            gates.append(_gate_line(q))
         elif q.kind == "graded" and rubric.grades[a.argmax] < 0:  # below the scale's middle
-            word = f" ({GRADE_WORDS[a.argmax]})" if a.argmax in GRADE_WORDS else ""
-            grades.append((a.expected, f'Low grade {a.argmax}{word}: "{q.text}"'))
+            grades.append((a.expected, _grade_line(q, a.argmax)))
     grades.sort(key=lambda g: g[0])
     lines = gates + [text for _, text in grades]
     if len(lines) > max_findings:
         lines = lines[:max_findings] + [f"(and {len(lines) - max_findings} more)"]
     return lines
+
+
+def _gate_line(q) -> str:
+    return f'Hard rule broken: the judge answered "{q.violation}" to "{q.text}"'
+
+
+def _grade_line(q, letter: str) -> str:
+    word = f" ({GRADE_WORDS[letter]})" if letter in GRADE_WORDS else ""
+    return f'Low grade {letter}{word}: "{q.text}"'
+
+
+def _block(scores: str, lines: list[str]) -> str:
+    bullet = "\n".join(f"- {line}" for line in lines)
+    return (
+        f"\n\n{FINDINGS_HEADER}\nScores: {scores} (higher is better).\n{bullet}\n"
+        f"{INSTRUCTION}\n\n{THINK_OPEN}"
+    )
 
 
 def findings_block(rubric: rubric_lib.Rubric, verdict, *, max_findings: int = 6) -> str:
@@ -73,11 +89,18 @@ def findings_block(rubric: rubric_lib.Rubric, verdict, *, max_findings: int = 6)
     lines = findings(rubric, verdict, max_findings=max_findings) or [
         "No hard rule broken and no low grade."
     ]
-    bullet = "\n".join(f"- {line}" for line in lines)
-    return (
-        f"\n\n{FINDINGS_HEADER}\nScores: {scores} (higher is better).\n{bullet}\n"
-        f"{INSTRUCTION}\n\n{THINK_OPEN}"
-    )
+    return _block(scores, lines)
+
+
+def findings_block_max_tokens(rubric: rubric_lib.Rubric, encode, max_findings: int = 6) -> int:
+    """An upper bound on the tokens of any `findings_block` of this rubric (sizes caches)."""
+    worst = min(rubric.grades, key=rubric.grades.get)
+    lines = [_gate_line(q) if q.kind == "gate" else _grade_line(q, worst)
+             for q in rubric.questions if q.kind in ("gate", "graded")]  # fmt: skip
+    lines = sorted(lines, key=lambda t: len(encode(t)), reverse=True)[:max_findings]
+    lines.append(f"(and {len(rubric.questions)} more)")
+    scores = ", ".join(f"{p.name} -1.00" for p in rubric.principles)
+    return len(encode(_block(scores, lines))) + 8  # + BPE merges across line boundaries
 
 
 def segments(draft: str, block: str, think: str, revision: str) -> list[dict]:

@@ -89,11 +89,12 @@ def read_prompts(config) -> list[data.PromptRecord]:
 
 def prompts_for_step(records, step: int, per_step: int, seed: int):
     """The prompts of `step`: epochs of a (seed, epoch)-seeded permutation, a pure function."""
-    out = []
+    out, orders = [], {}
     for k in range(step * per_step, (step + 1) * per_step):
         epoch, index = divmod(k, len(records))
-        order = np.random.default_rng([seed, epoch]).permutation(len(records))
-        out.append(records[order[index]])
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(len(records))
+        out.append(records[orders[epoch][index]])
     return out
 
 
@@ -146,26 +147,6 @@ def _sampler_cfg(config, tok, max_new_tokens: int, cache_len: int = 0) -> sample
         stop_ids=tuple(tok.stop_ids),
         max_cache_len=cache_len,
     )
-
-
-def findings_budget(rubric, tok, max_findings: int) -> int:
-    """An upper bound on the tokens of any findings block of this rubric."""
-    names = {p.id: p.name for p in rubric.principles}
-    lines = []
-    for q in rubric.questions:
-        if q.kind == "gate":
-            lines.append(f'Hard rule broken: the judge answered "{q.violation}" to "{q.text}"')
-        elif q.kind == "graded":
-            lines.append(f'Low grade F (failing): "{q.text}"')
-    lines = sorted(lines, key=lambda t: len(tok.encode(t)), reverse=True)[:max_findings]
-    lines.append(f"(and {len(rubric.questions)} more)")
-    scores = ", ".join(f"{n} -1.00" for n in names.values())
-    text = (
-        f"\n\n{reflection.FINDINGS_HEADER}\nScores: {scores} (higher is better).\n"
-        + "\n".join(f"- {line}" for line in lines)
-        + f"\n{reflection.INSTRUCTION}\n\n{reflection.THINK_OPEN}"
-    )
-    return len(tok.encode(text)) + 8
 
 
 def rollout(config, policy, judge, records, prompt_ids, rng, cache_len) -> Rollouts:
@@ -440,7 +421,11 @@ def run(config, workdir: str) -> None:
     records = read_prompts(config)
     prompt_ids = chat_ids(tok, records, g.max_prompt_tokens, g.on_long_prompt)
     records = [r for r in records if r.id in prompt_ids]
-    block = findings_budget(judge.rubric, tok, g.max_findings) if g.two_pass else 0
+    block = (
+        reflection.findings_block_max_tokens(judge.rubric, tok.encode, g.max_findings)
+        if g.two_pass
+        else 0
+    )
     longest_prompt = max(len(ids) for ids in prompt_ids.values())
     prompt_bucket = sampler._bucket(longest_prompt, sampler.SamplerConfig.prompt_buckets)
     cache_len = prompt_bucket + g.draft_max_tokens
@@ -461,28 +446,20 @@ def run(config, workdir: str) -> None:
         functools.partial(sft.init_state, tx=tx), out_shardings=state_sh, donate_argnums=(0,)
     )
 
-    def load_params():
-        if config.checkpoint.init:
-            return checkpoint.initial_params(
-                cfg, state_sh.params, source=config.model.source, init=config.checkpoint.init,
-                mesh=mesh, rules=rules, seed=config.seed,
-            )  # fmt: skip
-        # A copy: the train state is donated, the reference must survive.
-        return jax.tree.map(jnp.copy, initial.params), f"the policy {config.model.source}"
-
-    state, meta, origin = checkpoint.restore_or_init(
-        manager, abstract_state, make_state, load_params
-    )
-    first_step = int(meta["step"]) if meta is not None else 0
-    if config.checkpoint.init:  # the reference is the primed policy; the judge stays the base
-        reference = dataclasses.replace(
-            initial, params=checkpoint.initial_params(
-                cfg, state_sh.params, source=config.model.source, init=config.checkpoint.init,
-                mesh=mesh, rules=rules, seed=config.seed,
-            )[0],
+    # The KL reference is the policy at the start of RL; the judge stays the base model.
+    reference, start = initial, f"the policy {config.model.source}"
+    if config.checkpoint.init:
+        params, start = checkpoint.initial_params(
+            cfg, state_sh.params, source=config.model.source, init=config.checkpoint.init,
+            mesh=mesh, rules=rules, seed=config.seed,
         )  # fmt: skip
-    else:
-        reference = initial
+        reference = dataclasses.replace(initial, params=params)
+    state, meta, origin = checkpoint.restore_or_init(
+        manager, abstract_state, make_state,
+        # A copy: the train state is donated, the reference must survive.
+        lambda: (jax.tree.map(jnp.copy, reference.params), start),
+    )  # fmt: skip
+    first_step = int(meta["step"]) if meta is not None else 0
 
     # Jit once.
     batch_sh = batch_shardings(mesh)

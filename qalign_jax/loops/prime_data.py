@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from qalign_jax import data, reflection, sampler, sharding
+from qalign_jax import data, reflection, rewards, sampler, sharding
 from qalign_jax import judge as judge_lib
 from qalign_jax.metrics import format_duration
 from qalign_jax.models import load
@@ -173,10 +173,8 @@ def process_batch(config, policy, reviser, judge, records, rng) -> list[dict]:
                 revision_reward=r2,
                 revision_principles=rev_v[i].scores.principles,
                 revision_violated_gates=list(rev_v[i].scores.violated_gates),
-                two_pass_reward=float(
-                    judge_lib.rewards.two_pass_reward(
-                        r1, r2, judge.reward_cfg.alpha, judge.reward_cfg.beta
-                    )
+                two_pass_reward=rewards.two_pass_reward(
+                    r1, r2, judge.reward_cfg.alpha, judge.reward_cfg.beta
                 ),
                 kept=keep_example(config.prime.keep, r1, r2),
                 segments=reflection.segments(drafts[i], blocks[i], think, revision),
