@@ -157,3 +157,23 @@ def test_restore_puts_every_array_on_its_sharding(tmp_path):
     assert leaf.sharding.spec == jax.tree.leaves(abstract_params)[0].sharding.spec
     assert json.loads(json.dumps(got_meta)) == meta
     assert isinstance(manager, ocp.CheckpointManager)
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    writer = metrics.MetricsWriter(str(tmp_path), resume_step=0, tensorboard=True)
+    writer.write(1, {"train/loss": 2.5, "note": "text is JSONL only"})
+    writer.write(2, {"train/loss": 1.5})
+    writer.close()
+    assert [r["train/loss"] for r in metrics.read_metrics(str(tmp_path))] == [2.5, 1.5]
+    (events,) = os.listdir(tmp_path / "tb")
+    data, scalars = (tmp_path / "tb" / events).read_bytes(), []
+    while data:  # TFRecord: length, its crc, the event, its crc
+        (n,) = struct.unpack("<Q", data[:8])
+        event = event_pb2.Event.FromString(data[12 : 12 + n])
+        scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+        data = data[16 + n :]
+    assert scalars == [(1, "train/loss", 2.5), (2, "train/loss", 1.5)]
