@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 WORKDIR ?= workdirs/demo
-CONFIG ?= configs/generate_smol.py
+CONFIG ?= configs/qalign_pipeline_smol.py
 
 .PHONY: setup setup-test demo test lint format bench-sampler
 

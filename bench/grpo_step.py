@@ -21,6 +21,7 @@ import tempfile
 
 import numpy as np
 
+from qalign_jax import config as config_lib
 from qalign_jax import train
 from qalign_jax.metrics import read_metrics
 
@@ -28,13 +29,8 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PAPER_ROLLOUTS = 100 * 16 * 5
 
 
-def load_config(name, arg=None):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs", name))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+def load_config(name):
+    return config_lib.load_file(os.path.join(ROOT, "configs", name))
 
 
 def gpu_8b_config(rows: int):

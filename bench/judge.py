@@ -2,11 +2,15 @@
 
   .venv/bin/python bench/judge.py                       # embedded SmolLM2, default 167-question rubric
   .venv/bin/python bench/judge.py --num_responses 2 --rubric demo --consistency_repeats 3
+  python bench/judge.py --gpu-8b --batch 16             # GPU: responses/s, llama3_1_8b shapes
 
 (a) naive: every question gets its own full context (judge prompt + user prompt + response +
     question), the judge generates a few tokens greedily, the first option word is the answer.
 (b) ours: one prefill per response, then all questions as suffixes over the shared prefix
     cache, answers read from the option-token logits.
+Both are timed after a warm-up on the first pair; XLA compile seconds inside the timed runs
+(a later pair whose lengths fall into a new shape bucket compiles) are recorded, and the
+speedup is given with and without them.
 Prints questions/s for both, the speedup, and how often both pick the same answer; then the
 judge-consistency check (the same pairs scored repeatedly; coefficient of variation of each
 principle score) for logit mode and generate mode at temperature 0 and 1. Writes JSON.
@@ -55,12 +59,25 @@ def read_pairs(n: int) -> list[tuple[str, str]]:
     return pairs[:n]
 
 
+_COMPILE_S = [0.0]  # XLA compile seconds so far, from jax's own compile-duration events
+
+
+def _on_event(event: str, duration_s: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILE_S[0] += duration_s
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
 def timed(judge, pairs, rng=None):
+    """Wall time of scoring `pairs` after a warm-up on the first pair, and the XLA compile
+    seconds inside it (a later pair whose lengths fall in a new bucket compiles new shapes)."""
     judge_lib.score_pairs(judge, pairs[:1], rng)  # compile
     judge.stats["questions_scored"] = 0
-    t0 = time.perf_counter()
+    c0, t0 = _COMPILE_S[0], time.perf_counter()
     verdicts = judge_lib.score_pairs(judge, pairs, rng)
-    return verdicts, time.perf_counter() - t0
+    return verdicts, time.perf_counter() - t0, _COMPILE_S[0] - c0
 
 
 def consistency(judge, pairs, repeats, seed=0):
@@ -129,6 +146,42 @@ def showcase(model, rubric_name):
     return out
 
 
+def gpu_8b(num_responses: int, batch: int) -> dict:
+    """Responses/s with every default-rubric question for `llama3_1_8b` shapes on one GPU.
+
+    Random bf16 weights with the embedded tokenizer (option tokens are single tokens there),
+    responses from ../shared/data when present, else synthetic ones of about 250 tokens; every
+    question is computed (no skipping), `batch` responses per prefill.
+    """
+    model = load.load_model(
+        "random:llama3_1_8b", mesh=sharding.make_mesh((1, -1, 1)), param_dtype="bfloat16",
+        dtype="bfloat16", tokenizer_source="embedded",
+    )  # fmt: skip
+    rubric = rubric_lib.load_rubric(rubric_lib.builtin_rubric_path("default"))
+    if os.path.isdir(DATA):
+        pairs = read_pairs(num_responses)
+    else:
+        filler = "The answer depends on several things that are worth checking carefully. "
+        pairs = [
+            (f"Question {i}: how do I do this safely?", filler * 20) for i in range(num_responses)
+        ]
+    cfg = judge_lib.JudgeConfig(batch_size=batch, skip_inapplicable=False)
+    judge = judge_lib.build_judge(model, rubric, cfg)
+    judge_lib.score_pairs(judge, pairs[:batch])  # compile
+    c0, t0 = _COMPILE_S[0], time.perf_counter()
+    judge_lib.score_pairs(judge, pairs)
+    seconds = time.perf_counter() - t0
+    result = {
+        "mode": "gpu_8b", "device": str(jax.devices()[0]), "responses": len(pairs),
+        "batch": batch, "questions": len(rubric.questions), "seconds": seconds,
+        "compile_s_in_timed": _COMPILE_S[0] - c0, "responses_per_s": len(pairs) / seconds,
+        "questions_per_s": len(pairs) * len(rubric.questions) / seconds,
+    }  # fmt: skip
+    print(f"llama3_1_8b shapes on {result['device']}: {result['responses_per_s']:.2f} "
+          f"responses/s ({result['questions_per_s']:.0f} questions/s), batch {batch}")  # fmt: skip
+    return result
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="embedded")
@@ -143,7 +196,16 @@ def main():
     ap.add_argument(
         "--showcase", action="store_true", help="only the refusal/helpful/harmful table"
     )
+    ap.add_argument("--gpu-8b", action="store_true", help="llama3_1_8b shapes, random weights")
+    ap.add_argument("--batch", type=int, default=16, help="--gpu-8b: responses per prefill")
     args = ap.parse_args()
+    if args.gpu_8b:
+        result = gpu_8b(max(args.num_responses, 4 * args.batch), args.batch)
+        out = os.path.join(os.path.dirname(args.out), "judge_gpu_8b.json")
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print("wrote", out)
+        return
 
     model = load.load_model(args.model, mesh=sharding.make_mesh((1, -1, 1)))
     if args.showcase:
@@ -161,15 +223,15 @@ def main():
     fast = judge_lib.build_judge(
         model, rubric, judge_lib.JudgeConfig(batch_size=1, skip_inapplicable=False)
     )
-    ours, t_ours = timed(fast, pairs)
+    ours, t_ours, c_ours = timed(fast, pairs)
     skipping = judge_lib.build_judge(model, rubric, judge_lib.JudgeConfig(batch_size=1))
-    _, t_skip = timed(skipping, pairs)
+    _, t_skip, c_skip = timed(skipping, pairs)
     n_skip_scored = skipping.stats["questions_scored"]
     naive_judge = judge_lib.build_judge(
         model, rubric,
         judge_lib.JudgeConfig(mode="generate", question_chunk=32, skip_inapplicable=False),
     )  # fmt: skip
-    naive, t_naive = timed(naive_judge, pairs, jax.random.key(0))
+    naive, t_naive, c_naive = timed(naive_judge, pairs, jax.random.key(0))
     same = [
         a.answers[q.id].argmax == b.answers[q.id].argmax
         for a, b in zip(ours, naive)
@@ -183,6 +245,8 @@ def main():
         "naive_s": t_naive, "ours_s": t_ours,
         "naive_questions_per_s": n_q / t_naive, "ours_questions_per_s": n_q / t_ours,
         "speedup": t_naive / t_ours,
+        "naive_compile_s": c_naive, "ours_compile_s": c_ours, "ours_skip_compile_s": c_skip,
+        "speedup_excluding_compile": (t_naive - c_naive) / (t_ours - c_ours),
         "ours_skip_inapplicable_s": t_skip, "ours_skip_questions_per_s": n_q / t_skip,
         "speedup_skip_inapplicable": t_naive / t_skip,
         "skip_fraction_scored": n_skip_scored / n_q, "agreement_on_parsed": float(np.mean(same)) if same else None,
@@ -206,6 +270,8 @@ def main():
     print(f"speedup {result['speedup']:.1f}x (all questions); naive answer unparseable on "
           f"{100 * result['naive_unparsed_fraction']:.1f}% of questions; where it parsed, the same "
           f"answer on {100 * (result['agreement_on_parsed'] or 0):.1f}%")  # fmt: skip
+    print(f"XLA compile inside the timed runs: naive {c_naive:.1f}s, ours {c_ours:.1f}s; "
+          f"speedup excluding compile {result['speedup_excluding_compile']:.1f}x")  # fmt: skip
 
     if args.consistency_repeats > 0:
         c_rubric = rubric_lib.load_rubric(rubric_lib.builtin_rubric_path(args.consistency_rubric))

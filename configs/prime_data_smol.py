@@ -10,6 +10,7 @@ prime_sft.jsonl (the SFT set for configs/sft_prime_smol.py via
 --config.data.train_path=workdirs/prime_smol/prime_sft.jsonl), summary.json.
 Killing the run and rerunning the same command skips the prompts already done.
 
+`:demo`: 16 prompts and shorter generations, the first stage of `make demo`.
 `:smoke` (tests): a tiny random policy and judge with the real tokenizer, 4 prompts, short
 generations.
 """
@@ -56,6 +57,16 @@ def get_config(arg=None):
         c.prime.think_max_tokens = 8
         c.prime.revision_max_tokens = 12
         c.prime.keep = "all"
+    elif (
+        arg == "demo"
+    ):  # the size of `make demo`'s pipeline stage (configs/qalign_pipeline_smol.py)
+        c.prime.sources = (
+            (os.path.join(DATA, "prime_harmful.jsonl"), 8),
+            (os.path.join(DATA, "prime_benign.jsonl"), 8),
+        )
+        c.prime.draft_max_tokens = 64
+        c.prime.think_max_tokens = 48
+        c.prime.revision_max_tokens = 64
     elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use ':smoke' or nothing.")
+        raise ValueError(f"unknown config argument {arg!r}; use ':smoke', ':demo' or nothing.")
     return c

@@ -25,8 +25,7 @@ def get_config(arg=None):
     c.reward.gate_readout = "expected"  # soft gates: a random judge still gives varied rewards
 
     g = c.grpo
-    g.sources = ((os.path.join(DATA, "prime_harmful.jsonl"), 4),
-                 (os.path.join(DATA, "prime_benign.jsonl"), 4))  # fmt: skip
+    g.sources = ((os.path.join(DATA, "grpo_prompts.jsonl"), 8),)  # none are priming prompts
     g.prompts_per_step = 2
     g.num_generations = 4
     g.num_steps = 3

@@ -10,6 +10,7 @@ revises (160 tokens), the judge scores the revisions; two-pass reward (alpha 10,
 advantages, one update of the clipped objective with KL 0.04 to the reference. Prompts: the
 16 bundled in configs/data/grpo_prompts.jsonl (8 harmful, 8 benign), disjoint from the
 priming prompts (checked against grpo.priming_data when it is set).
+`:demo` (4 steps, revision 96 tokens) is the GRPO stage of `make demo`.
 `:scalar` is the scalar-reward baseline (judge.rubric='scalar'), `:single` the single-pass
 ablation.
 """
@@ -58,6 +59,14 @@ def get_config(arg=None):
         c.judge.rubric = "scalar"
     elif arg == "single":  # the ablation without reflection
         g.two_pass = False
+    elif arg == "demo":  # `make demo`'s GRPO stage (configs/qalign_pipeline_smol.py)
+        g.num_steps = 4
+        g.revision_max_tokens = 96
+        g.rollouts_every = 2
+        c.checkpoint.every_steps = 2
+        c.checkpoint.keep = 1
     elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use ':scalar', ':single' or nothing.")
+        raise ValueError(
+            f"unknown config argument {arg!r}; use ':scalar', ':single', ':demo' or nothing."
+        )
     return c

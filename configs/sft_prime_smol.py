@@ -14,6 +14,8 @@ as a Hugging Face directory that `configs/generate_smol.py` loads with
 --config.model.source=workdirs/sft_smol/hf. Killing the run and rerunning the same command
 resumes from the newest checkpoint.
 
+`:demo`: the second stage of `make demo` (configs/qalign_pipeline_smol.py), which points
+data.train_path at the priming stage's prime_sft.jsonl: 3 epochs, 2 examples held out.
 `:smoke` (tests; about 30 s): a tiny random Llama sized to the real tokenizer
 (`random:tiny` + `model.tokenizer='embedded'`), 16 training examples truncated to 128 tokens,
 20 steps of batch 8 at a high learning rate, so the loss visibly falls by overfitting.
@@ -56,6 +58,7 @@ def get_config(arg=None):
         c.model.source = "random:tiny"
         c.model.tokenizer = "embedded"
         c.data.max_examples = 20
+        c.data.eval_size = 2
         c.data.seq_len = 128  # cut the answers' tails: a quarter of the cost of 256
         c.data.on_overflow = "truncate"
         c.sft.global_batch_size = 8  # divisible by the 8 fake devices of the tests
@@ -65,6 +68,14 @@ def get_config(arg=None):
         c.optimizer.lr = 3e-3
         c.checkpoint.every_steps = 5
         c.checkpoint.keep = 2
+    elif arg == "demo":  # `make demo`'s stage: trains on the priming stage's kept examples
+        c.data.eval_size = 2
+        c.data.seq_len = 384
+        c.data.on_overflow = "truncate"
+        c.sft.num_epochs = 3
+        c.sft.eval_every = 0
+        c.checkpoint.every_steps = 0
+        c.checkpoint.keep = 1
     elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use ':smoke' or nothing.")
+        raise ValueError(f"unknown config argument {arg!r}; use ':smoke', ':demo' or nothing.")
     return c

@@ -6,9 +6,25 @@ command line. A stage that needs new settings adds them here, documented, so tha
 lists the whole surface.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 from qalign_jax import sharding
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    """The config of `path/to/experiment.py[:arg]`, as `--config` would load it."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} (from {spec!r}) does not exist.")
+    module_spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(path))[0], path
+    )
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -141,6 +157,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.grad_accum_steps = 1  # micro-batches per update
     c.grpo.rollouts_every = 5  # write a few rollouts with their judge reports every N steps
     c.grpo.export_hf = True
+
+    # The QA-LIGN pipeline (`loops/pipeline.py`): each stage is an experiment config file
+    # ('path/to/config.py[:arg]'); the pipeline wires each stage's outputs into the next and
+    # applies its own `model` and `mesh` to every stage.
+    c.pipeline = ml_collections.ConfigDict()
+    c.pipeline.prime = ""  # the prime_data stage
+    c.pipeline.sft = ""  # the SFT priming stage (trains on the prime stage's prime_sft.jsonl)
+    c.pipeline.grpo = ""  # the GRPO stage (starts from the SFT stage's weights)
+    c.pipeline.eval_sources = ()  # ((prompt-set JSONL, count or -1), ...): held-out prompts
 
     # Checkpoints (`checkpoint.py`): orbax in workdir/ckpt, resumed automatically.
     c.checkpoint = ml_collections.ConfigDict()

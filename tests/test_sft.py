@@ -164,7 +164,6 @@ def test_nonfinite_loss_stops_and_the_last_checkpoint_stays_good(smoke_run, tmp_
     shutil.copytree(smoke_run, workdir)
     config = load_config("smoke")
     config.sft.num_steps = 24
-    config.data.eval_size = 4
     real = losses.sft_loss
 
     monkeypatch.setattr(losses, "sft_loss", lambda logits, *a, **k: real(logits * jnp.nan, *a, **k))

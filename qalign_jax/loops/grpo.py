@@ -149,6 +149,23 @@ def _sampler_cfg(config, tok, max_new_tokens: int, cache_len: int = 0) -> sample
     )
 
 
+def rollout_lengths(g, tok, judge, prompt_ids) -> tuple[int, int]:
+    """(sampler cache length, training row length) for rollouts of these prompts."""
+    block = (
+        reflection.findings_block_max_tokens(judge.rubric, tok.encode, g.max_findings)
+        if g.two_pass
+        else 0
+    )
+    longest_prompt = max(len(ids) for ids in prompt_ids)
+    cache_len = sampler._bucket(longest_prompt, sampler.SamplerConfig.prompt_buckets)
+    cache_len += g.draft_max_tokens
+    if g.two_pass:
+        cache_len += sampler._bucket(block, sampler.SamplerConfig.prompt_buckets)
+        cache_len += g.revision_max_tokens
+    seq_len = -(-(longest_prompt + g.draft_max_tokens + block + g.revision_max_tokens) // 64) * 64
+    return cache_len, seq_len
+
+
 def rollout(config, policy, judge, records, prompt_ids, rng, cache_len) -> Rollouts:
     """Samples, judges and rewards B * G two-pass (or single-pass) rollouts."""
     g, tok = config.grpo, policy.tokenizer
@@ -421,18 +438,7 @@ def run(config, workdir: str) -> None:
     records = read_prompts(config)
     prompt_ids = chat_ids(tok, records, g.max_prompt_tokens, g.on_long_prompt)
     records = [r for r in records if r.id in prompt_ids]
-    block = (
-        reflection.findings_block_max_tokens(judge.rubric, tok.encode, g.max_findings)
-        if g.two_pass
-        else 0
-    )
-    longest_prompt = max(len(ids) for ids in prompt_ids.values())
-    prompt_bucket = sampler._bucket(longest_prompt, sampler.SamplerConfig.prompt_buckets)
-    cache_len = prompt_bucket + g.draft_max_tokens
-    if g.two_pass:
-        cache_len += sampler._bucket(block, sampler.SamplerConfig.prompt_buckets)
-        cache_len += g.revision_max_tokens
-    seq_len = -(-(longest_prompt + g.draft_max_tokens + block + g.revision_max_tokens) // 64) * 64
+    cache_len, seq_len = rollout_lengths(g, tok, judge, prompt_ids.values())
     logging.info("grpo: %d prompts, seq_len %d, cache %d", len(records), seq_len, cache_len)
 
     # Optimizer and state shapes; restore or init.

@@ -1,0 +1,46 @@
+"""The QA-LIGN pipeline end to end on the embedded SmolLM2-135M-Instruct, on a CPU: `make demo`.
+
+Run:
+  python -m qalign_jax.train --config configs/qalign_pipeline_smol.py --workdir workdirs/demo
+Four stages (`qalign_jax/loops/pipeline.py`), each a normal config run at its `:demo` size:
+  1. priming data (configs/prime_data_smol.py:demo): 16 bundled prompts (8 harmful, 8 benign);
+     the model drafts, judges itself on the demo rubric, reflects after `<Think>` and revises;
+     revisions not worse than their drafts are kept.
+  2. SFT priming (configs/sft_prime_smol.py:demo) on the kept examples.
+  3. GRPO (configs/qalign_grpo_smol.py:demo) from the primed weights: two-pass rollouts judged
+     by the base model, 2 prompts x G=4 per step.
+  4. before/after: the base model and the final policy answer 8 held-out prompts
+     (configs/data/eval_prompts.jsonl) greedily, two-pass, judged on the demo rubric.
+The console shows each stage's progress and a summary at the end; outputs are in
+workdirs/demo/{1_prime,2_sft,3_grpo,4_eval} and workdirs/demo/summary.json. Rerunning the
+command resumes (finished stages are skipped). The stage sizes are set so the whole pipeline
+fits in about 20 minutes on a 2-core CPU; each stage's full-size config runs alone.
+`:smoke` (tests): a tiny random model with the real tokenizer through the same four stages.
+"""
+
+import os
+
+from qalign_jax import config as base
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_config(arg=None):
+    c = base.base_config()
+    c.loop = "pipeline"
+    c.seed = 0
+    c.model.source = "embedded"
+    c.mesh.shape = (1, -1, 1)
+    size = "demo"
+    if arg == "smoke":
+        c.model.source = "random:tiny"
+        c.model.tokenizer = "embedded"
+        size = "smoke"
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; use ':smoke' or nothing.")
+    c.pipeline.prime = os.path.join(HERE, f"prime_data_smol.py:{size}")
+    c.pipeline.sft = os.path.join(HERE, f"sft_prime_smol.py:{size}")
+    grpo = "qalign_grpo_smoke.py" if size == "smoke" else "qalign_grpo_smol.py:demo"
+    c.pipeline.grpo = os.path.join(HERE, grpo)
+    c.pipeline.eval_sources = ((os.path.join(HERE, "data", "eval_prompts.jsonl"), -1),)
+    return c
