@@ -8,6 +8,7 @@ it, records the resolved config in the workdir, and runs the loop that `config.l
 import json
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -39,6 +40,7 @@ def run(config, workdir: str) -> None:
     sharding.initialize_distributed(config)
     if "://" not in workdir:
         os.makedirs(workdir, exist_ok=True)
+    if "://" not in workdir and jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(json.dumps(json.loads(config.to_json_best_effort()), indent=1))
     logging.info("loop %s, workdir %s", config.loop, workdir)
