@@ -14,7 +14,8 @@ fit the chips' memory (CPU compiles report CPU buffers; see `qalign_jax.plan` fo
 Programs: `sft` loop: the train step. `grpo` loop: the train step, the reference log-probs,
 the sampler's prefill, decode-weight preparation, decode and the second-pass `extend`, and the
 judge's prefix prefill and question scoring. Shapes follow the loops: rows per micro-batch,
-`data.seq_len` (SFT) or the GRPO sequence length estimated from the config's token budgets.
+`data.seq_len` (SFT) or the GRPO sequence length from the config's token budgets
+(`plan.grpo_lengths`).
 
 `--num_layers N` replaces the preset's depth (the blocks run under `lax.scan`, so the per-layer
 program is the same; width, heads, vocab and shardings are unchanged) to save compile time.
@@ -28,12 +29,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from qalign_jax import checkpoint, judge, sampler, sharding
+from qalign_jax import checkpoint, judge, plan, sampler, sharding
 from qalign_jax.loops import grpo, sft
 from qalign_jax.models import llama
 
@@ -45,23 +45,6 @@ def model_config(config, preset: str = "", num_layers: int = 0) -> llama.LlamaCo
         param_dtype=config.model.param_dtype, dtype=config.model.dtype, remat=config.model.remat
     )
     return cfg.replace(num_layers=num_layers) if num_layers else cfg
-
-
-def grpo_lengths(config) -> tuple[int, int, int]:
-    """(training seq_len, sampler cache length, findings-block tokens) from the token budgets.
-
-    The loop measures the longest prompt and the findings block; here the prompt is taken at
-    `grpo.max_prompt_tokens` and the findings block at 48 tokens per finding plus 16 (the
-    demo and default rubrics' findings are shorter)."""
-    g = config.grpo
-    block = 48 * g.max_findings + 16 if g.two_pass else 0
-    buckets = sampler.SamplerConfig.prompt_buckets
-    cache_len = sampler._bucket(g.max_prompt_tokens, buckets) + g.draft_max_tokens
-    if g.two_pass:
-        cache_len += sampler._bucket(block, buckets) + g.revision_max_tokens
-    seq_len = g.max_prompt_tokens + g.draft_max_tokens + block
-    seq_len = -(-(seq_len + (g.revision_max_tokens if g.two_pass else 0)) // 64) * 64
-    return seq_len, cache_len, block
 
 
 def _sds(shape, dtype, sh):
@@ -76,8 +59,14 @@ def _state(config, cfg, mesh, total_steps: int):
     return graphdef, tx, schedule, abstract_state, state_sh
 
 
-def _timed(out: dict, name: str, lowered, compile_: bool):
+def _wanted(compile_, name: str) -> bool:
+    """`compile_`: True (compile everything), False (lower only) or a set of program names."""
+    return compile_ if isinstance(compile_, bool) else name in compile_
+
+
+def _timed(out: dict, name: str, lowered, compile_):
     t0 = time.perf_counter()
+    compile_ = _wanted(compile_, name)
     out[name] = lowered.compile() if compile_ else lowered
     what = "compiled" if compile_ else "lowered"
     print(f"aot: {name}: {what} in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -107,11 +96,14 @@ def compile_sft(config, cfg, mesh, *, compile_: bool = True) -> dict:
 def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) -> dict:
     """The GRPO loop's programs for its shapes on `mesh`: {name: compiled (or lowered)}.
 
+    `compile_`: True, False (lower only) or the set of names to compile; the sampler's
+    prefill, prepare and decode always compile (each one's output shardings are the next one's
+    inputs), its second pass (extend, decode2) only when 'sampler_extend' is wanted.
     `judge_cfg`: the judge's architecture (default: the policy's, as with the 8B configs)."""
     g, rules = config.grpo, tuple(config.sharding.rules)
     rows = g.prompts_per_step * g.num_generations
     sharding.check_batch_divisible(rows // g.grad_accum_steps, mesh)
-    seq_len, cache_len, block = grpo_lengths(config)
+    seq_len, cache_len, block = plan.grpo_lengths(config)
     graphdef, tx, schedule, abstract_state, state_sh = _state(config, cfg, mesh, g.num_steps)
     out = {}
 
@@ -164,7 +156,7 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     state = run("prefill", sampler.prefill, (graphdef,), static, args)
     weights = run("prepare", sampler.prepare_weights, (graphdef,), {}, (params,))
     state = run("decode", sampler.decode, (cfg,), {"cfg": scfg}, (weights, state), state_arg=1)
-    if g.two_pass:
+    if g.two_pass and _wanted(compile_, "sampler_extend"):
         w2 = sampler._bucket(block, scfg.prompt_buckets)
         ext = (params, state, _sds((batch_rows, w2), jnp.int32, rsh(2)),
                _sds((batch_rows, w2), jnp.int32, rsh(2)), _sds((batch_rows,), jnp.int32, rsh(1)),
@@ -186,7 +178,7 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
         ids = _sds((bp, p_len), jnp.int32, repl)
         out["judge_prefill"] = judge._prefill.lower(jgraphdef, jparams, ids, ids)
         prefix = jax.tree.map(lambda x: _sds(x.shape, x.dtype, repl), out["judge_prefill"].out_info)
-        if compile_:
+        if _wanted(compile_, "judge_prefill"):
             out["judge_prefill"] = out["judge_prefill"].compile()
         options = 6
         out["judge_score"] = judge._score_chunk.lower(
@@ -194,7 +186,7 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
             _sds((bp * qc, s_len), jnp.int32, repl), _sds((bp * qc,), jnp.int32, repl),
             _sds((qc, options), jnp.int32, repl), _sds((qc, options), bool, repl),
         )  # fmt: skip
-        if compile_:
+        if _wanted(compile_, "judge_score"):
             out["judge_score"] = out["judge_score"].compile()
     print(f"aot: judge prefill + score: {time.perf_counter() - t0:.1f}s", flush=True)
     return out
@@ -202,25 +194,27 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
 
 COMPILERS = {"sft": compile_sft, "grpo": compile_grpo}
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
-_PRESET = flags.DEFINE_string("preset", "", "Model preset (llama.PRESETS) instead of the source.")
-_LAYERS = flags.DEFINE_integer("num_layers", 0, "Replace the depth (0 = the model's).")
-_LOWER_ONLY = flags.DEFINE_bool("lower_only", False, "Lower but do not compile.")
-
 
 def main(argv):
     del argv
-    config = _CONFIG.value
+    config = flags.FLAGS.config
     if config.loop not in COMPILERS:
         raise app.UsageError(f"config.loop={config.loop!r}; aot knows {sorted(COMPILERS)}.")
-    cfg = model_config(config, _PRESET.value, _LAYERS.value)
+    cfg = model_config(config, flags.FLAGS.preset, flags.FLAGS.num_layers)
     mesh = sharding.make_mesh(config.mesh.shape)
     print(f"aot: {config.loop} on mesh {dict(mesh.shape)} ({jax.device_count()} "
           f"{jax.devices()[0].platform} devices), {cfg.num_params / 1e9:.2f}B params")  # fmt: skip
-    out = COMPILERS[config.loop](config, cfg, mesh, compile_=not _LOWER_ONLY.value)
+    out = COMPILERS[config.loop](config, cfg, mesh, compile_=not flags.FLAGS.lower_only)
     print(f"aot: ok, {len(out)} programs: {', '.join(out)}")
-    return np.int32(0).item()
 
 
 if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Experiment config.", lock_config=True
+    )
+    _PRESET = flags.DEFINE_string(
+        "preset", "", "Model preset (llama.PRESETS) instead of the source."
+    )
+    _LAYERS = flags.DEFINE_integer("num_layers", 0, "Replace the depth (0 = the model's).")
+    _LOWER_ONLY = flags.DEFINE_bool("lower_only", False, "Lower but do not compile.")
     app.run(main)
