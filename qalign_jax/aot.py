@@ -167,7 +167,7 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
         run("decode2", sampler.decode, (cfg,), {"cfg": scfg2}, (weights, state), state_arg=1)
 
     # The judge: prefix prefill of judge.batch_size responses, then one question chunk.
-    jcfg = judge_cfg or cfg.replace(param_dtype=cfg.dtype)
+    jcfg = judge_cfg or cfg  # judge.from_config loads with model.param_dtype and model.dtype
     jgraphdef, jabstract = llama.abstract_model(jcfg)
     jparams = checkpoint.with_shardings(jabstract, sharding.param_shardings(jabstract, mesh, rules))
     bp, p_len = config.judge.batch_size, config.judge.max_context_tokens
@@ -178,8 +178,9 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
         ids = _sds((bp, p_len), jnp.int32, repl)
         out["judge_prefill"] = judge._prefill.lower(jgraphdef, jparams, ids, ids)
         prefix = jax.tree.map(lambda x: _sds(x.shape, x.dtype, repl), out["judge_prefill"].out_info)
-        if _wanted(compile_, "judge_prefill"):
+        if _wanted(compile_, "judge_prefill"):  # then the scoring takes the cache as placed
             out["judge_prefill"] = out["judge_prefill"].compile()
+            prefix = abstract_out(out["judge_prefill"])
         options = 6
         out["judge_score"] = judge._score_chunk.lower(
             jgraphdef, jparams, prefix, _sds((bp * qc, s_len), jnp.int32, repl),

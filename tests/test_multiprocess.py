@@ -112,3 +112,8 @@ def test_distributed_env_errors(monkeypatch, env, message):
     config = smoke_config()
     with pytest.raises(ValueError, match=message):
         sharding.initialize_distributed(config)
+
+
+def test_url_workdir_is_refused_with_the_mount_advice(tmp_path):
+    with pytest.raises(ValueError, match="gcsfuse --implicit-dirs"):
+        train.run(smoke_config(), "gs://bucket/workdirs/x")
