@@ -18,7 +18,8 @@ TPU/GPU: treat activations as an estimate; the parameter-shaped terms are exact.
 Phases (they do not coexist, the peak is the larger):
   train    policy params + Adam (mu, nu) + gradients (float32 accumulator and one micro-batch's)
            + activations of one micro-batch (with the config's remat; the other remat shown)
-           + the frozen reference and judge copies (GRPO; resident all run)
+           + the frozen copies (GRPO, resident all run): model.source's weights, a primed
+           reference (checkpoint.init) and a separate judge (judge.source)
   rollout  policy params + Adam + reference + judge + decode weights (the sampler's transposed
            compute-dtype copy) + the KV cache of both passes (one cache, sized for draft and
            revision) + the judge's prefix cache.
@@ -229,13 +230,15 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
     if config.loop == "grpo":
         g = config.grpo
         compute_elems = elems * _dtype_bytes(cfg.dtype)
-        frozen = 0.0
-        if g.kl_beta > 0 and config.checkpoint.init:
-            rows["reference copy (frozen)"] = elems * pb
-            frozen += rows["reference copy (frozen)"]
+        # The loop keeps model.source's weights as loaded all run (the judge when
+        # judge.source='', the KL reference when checkpoint.init=''), plus a primed reference
+        # (checkpoint.init) and a separate judge (judge.source, assumed the policy's size).
+        rows["frozen model.source weights"] = elems * pb
+        if config.checkpoint.init:
+            rows["frozen reference (checkpoint.init)"] = elems * pb
         if config.judge.source:
-            rows["judge copy"] = elems * pb  # same architecture as the policy assumed
-            frozen += rows["judge copy"]
+            rows["judge copy (judge.source)"] = elems * pb
+        frozen = sum(v for k, v in rows.items() if k.startswith(("frozen", "judge copy")))
         train += frozen
         rollout_rows = g.prompts_per_step * g.num_generations
         batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]

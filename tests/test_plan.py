@@ -59,13 +59,18 @@ def test_8b_verdicts_and_components():
     grpo = load_config(None, "qalign_grpo_llama3_8b.py")
     grpo.checkpoint.init = "primed"  # a separate frozen reference
     g = plan.plan(grpo, cfg, num_devices=32, accelerator="v5p")
-    for row in ("reference copy (frozen)", "judge copy", "KV cache, both passes",
+    for row in ("frozen model.source weights", "frozen reference (checkpoint.init)",
+                "judge copy (judge.source)", "KV cache, both passes",
                 "decode weights (compute dtype)", "judge prefix cache"):  # fmt: skip
         assert g.rows[row] > 0, row
     # 80 rollouts bucket to 128 rows over fsdp 16: 8 rows x 1,792 slots x 32 layers x 4 kv heads
     # (8 over tensor 2) x 128 x 2 (k, v) x 2 bytes.
     assert g.rows["KV cache, both passes"] == 8 * 1792 * 32 * 4 * 128 * 2 * 2
     assert g.peak == max(g.train, g.rollout)
+    grpo.checkpoint.init, grpo.judge.source = "", ""  # one frozen copy: judge and reference
+    one = plan.plan(grpo, cfg, num_devices=32)
+    assert "judge copy (judge.source)" not in one.rows
+    assert one.train == pytest.approx(g.train - 2 * g.rows["params"])
 
 
 def test_errors():
