@@ -14,7 +14,10 @@ G = 5 samples per prompt, 100 steps (16 prompts x 5 = 80 rollouts per step), the
 fp32 master weights, sequences up to 1,536 tokens. Prompts: AdvBench, HarmfulQA and
 CategoricalHarmfulQA from $QALIGN_DATA (default ./data) stand in for WildJailbreak.
 
-Mesh (data, fsdp, tensor) = (1, 32, 1) on 32 chips (95 GB HBM each). Memory per chip:
+Mesh (data, fsdp, tensor) = (1, 16, 2) on 32 chips (95 GB HBM each): the 80 rollout rows
+must divide over data x fsdp, so FSDP is 16-way and the rest is tensor parallel (heads, MLP);
+(1, 16, 4) on 64 chips. `python -m qalign_jax.aot` compiles this config for a 64-device mesh
+(tests/test_aot.py). Memory per chip (every parameter is still split 32 ways):
   policy params fp32 + Adam mu, nu            32.1 GB x 3 / 32 = 3.0 GB
   gradients fp32                               32.1 GB / 32     = 1.0 GB
   reference (bf16, frozen) and judge (bf16)    2 x 16 GB / 32   = 1.0 GB
@@ -44,7 +47,7 @@ def get_config(arg=None):
     c.model.param_dtype = "float32"
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
-    c.mesh.shape = (1, -1, 1)
+    c.mesh.shape = (1, 16, -1)  # 80 rows per step: fsdp must divide 80
 
     c.judge.source = "Llama-3.1-8B-judge"
     c.judge.rubric = "default"

@@ -302,9 +302,9 @@ def _logit_probs(judge: Judge, prefix, lengths, qidx: list[int]):
             judge.option_valid[qs],
         )
         with sharding.use_rules(m.mesh, m.rules):
-            logp, ms = _score_chunk(m.graphdef, m.params, prefix, *args)
-        probs[:, chunk] = np.exp(np.asarray(logp))[:, : len(chunk)]
-        mass[:, chunk] = np.asarray(ms)[:, : len(chunk)]
+            logp, ms = sharding.to_host(_score_chunk(m.graphdef, m.params, prefix, *args))
+        probs[:, chunk] = np.exp(logp)[:, : len(chunk)]
+        mass[:, chunk] = ms[:, : len(chunk)]
     return probs, mass
 
 

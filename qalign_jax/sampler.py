@@ -598,6 +598,14 @@ def _call(name: str, fn, leading: tuple, static: dict, args: tuple, *, mesh, rul
     `state_arg`: index of a SamplerState argument that is donated (decode, extend) and, with a
     mesh, the output state's sharding: rows over `batch`, explicit in and out.
     """
+    compiled = compile_fn(name, fn, leading, static, args, mesh=mesh, rules=rules,
+                          state_arg=state_arg)  # fmt: skip
+    return compiled(*args)
+
+
+def compile_fn(name, fn, leading, static, args, *, mesh, rules, state_arg=None):
+    """The compiled executable `_call` runs (cached). `args` may be `jax.ShapeDtypeStruct`s
+    with shardings: `qalign_jax.aot` compiles the sampler for a pod mesh this way."""
     key = (name, mesh, rules, leading, tuple(sorted(static.items())), _signature(args))
     compiled = _COMPILED.get(key)
     if compiled is None:
@@ -644,7 +652,7 @@ def _call(name: str, fn, leading: tuple, static: dict, args: tuple, *, mesh, rul
             "sampler: compiled %s %s in %.1fs (%d compiles so far)",
             name, shapes, seconds, COMPILE_STATS["count"],
         )  # fmt: skip
-    return compiled(*args)
+    return compiled
 
 
 class _rules:
@@ -759,11 +767,11 @@ def _place(x, mesh):
     """A host batch onto the device(s): rows over data x fsdp when a mesh is given."""
     if mesh is None:
         return jnp.asarray(x)
-    return jax.device_put(x, sharding.batch_sharding(mesh, np.ndim(x)))
+    return sharding.put_global(x, sharding.batch_sharding(mesh, np.ndim(x)))
 
 
 def _finish(state: SamplerState, weights, num_rows: int, prompt_lengths, timings) -> Result:
-    tokens, logprobs, lengths, finish = jax.device_get(
+    tokens, logprobs, lengths, finish = sharding.to_host(  # all-gathered across processes
         (state.tokens, state.logprobs, state.lengths, state.finish)
     )
     return Result(

@@ -181,7 +181,10 @@ def initialize_distributed(cfg) -> None:
     """`jax.distributed.initialize()` for multi-process runs (pods, multi-GPU hosts).
 
     `cfg.distributed`: 'auto' initializes when the environment names a cluster (TPU pod
-    metadata, SLURM, or JAX_COORDINATOR_ADDRESS), 'on' always, 'off' never.
+    metadata, SLURM, or JAX_COORDINATOR_ADDRESS), 'on' always, 'off' never. Outside TPU pods
+    and SLURM (which jax detects itself), `JAX_COORDINATOR_ADDRESS=host:port`,
+    `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` name the cluster (launch/gpu_slurm.sh and the
+    localhost test set them). On CPU the cross-process collectives are gloo's.
     """
     import os
 
@@ -198,8 +201,81 @@ def initialize_distributed(cfg) -> None:
         )
     )
     if mode == "on" or (mode == "auto" and in_cluster):
-        jax.distributed.initialize()
+        kwargs = {}
+        for key, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+            if name in os.environ:
+                try:
+                    kwargs[key] = int(os.environ[name])
+                except ValueError:
+                    raise ValueError(f"{name}={os.environ[name]!r} must be an integer.") from None
+        if ("num_processes" in kwargs) != ("process_id" in kwargs):
+            raise ValueError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither.")
+        if "cpu" in os.environ.get("JAX_PLATFORMS", "").split(","):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(**kwargs)
         logging.info(
             "jax.distributed: process %d of %d, %d local / %d global devices",
             jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Host <-> global arrays with several processes. Every process runs the same program and holds
+# the same host-side values (prompts, rollouts, rewards); each contributes only the rows its
+# devices hold, and reads results back with an all-gather when they are not replicated.
+
+
+def process_rows(sh: NamedSharding, shape: Sequence[int], axis: int = 0) -> slice:
+    """The contiguous block of `axis` that this process's devices hold under `sh`."""
+    starts, stops = [], []
+    for index in sh.addressable_devices_indices_map(tuple(shape)).values():
+        s = index[axis]
+        starts.append(s.start or 0)
+        stops.append(shape[axis] if s.stop is None else s.stop)
+    lo, hi = min(starts), max(stops)
+    covered = np.zeros(hi - lo, bool)
+    for a, b in zip(starts, stops):
+        covered[a - lo : b - lo] = True
+    if not covered.all():
+        raise ValueError(
+            f"this process's devices hold a non-contiguous part of axis {axis} under {sh.spec} "
+            f"(mesh {dict(sh.mesh.shape)}); order the mesh so each host's devices are adjacent "
+            "on the batch axes (jax.devices() order does this)."
+        )
+    return slice(lo, hi)
+
+
+def put_global(x: np.ndarray, sh: NamedSharding) -> jax.Array:
+    """A host array (the same global value on every process) as a global array on `sh`.
+
+    Each process passes only its own rows of the first sharded axis (the batch axis) to
+    `jax.make_array_from_process_local_data`, so no process copies data it does not hold.
+    """
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return jax.make_array_from_callback(x.shape, sh, lambda index: x[index])
+    axis = next((i for i, s in enumerate(sh.spec) if s is not None), 0)
+    rows = process_rows(sh, x.shape, axis)
+    logging.log_first_n(
+        logging.INFO, "put_global: process %d of %d puts rows %d:%d of %d (axis %d)", 4,
+        jax.process_index(), jax.process_count(), rows.start, rows.stop, x.shape[axis], axis,
+    )  # fmt: skip
+    local = x[(slice(None),) * axis + (rows,)]
+    return jax.make_array_from_process_local_data(sh, local, x.shape)
+
+
+def to_host(tree):
+    """numpy copies of a pytree of global arrays, on every process.
+
+    Replicated or fully addressable arrays are read directly; arrays spread over several
+    processes are all-gathered first (every process must call this together).
+    """
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(jax.device_get(x))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)

@@ -8,6 +8,7 @@ it, records the resolved config in the workdir, and runs the loop that `config.l
 import json
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -20,7 +21,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Experiment config file, e.g. configs/generate_smol.py[:smoke].",
     lock_config=True,
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local path or gs://...).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory (every host must see it: a shared or gcsfuse-mounted path)."
+)
 
 # Every loop exposes `run(config, workdir)`.
 LOOPS = {
@@ -37,9 +40,16 @@ def run(config, workdir: str) -> None:
         raise ValueError(
             f"config.loop={config.loop!r} is not a known loop; known loops: {sorted(LOOPS)}."
         )
+    if "://" in workdir:
+        # orbax could write gs:// itself, but metrics, rollouts and the HF export are local
+        # file writes: a mounted bucket serves every writer.
+        raise ValueError(
+            f"--workdir={workdir}: URL workdirs are not supported; mount the bucket on every "
+            "host (gcsfuse --implicit-dirs BUCKET /mnt/gcs) and pass a path under the mount."
+        )
     sharding.initialize_distributed(config)
-    if "://" not in workdir:
-        os.makedirs(workdir, exist_ok=True)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(json.dumps(json.loads(config.to_json_best_effort()), indent=1))
     logging.info("loop %s, workdir %s", config.loop, workdir)

@@ -510,9 +510,7 @@ def run(config, workdir: str) -> None:
                     {k: host[k] for k in ("tokens", "positions", "targets")},
                     dict.fromkeys(("tokens", "positions", "targets"), row_sh),
                 )
-                host["ref_logp"] = np.asarray(
-                    jax.device_get(ref_fn(reference.params, *rows_in.values()))
-                )
+                host["ref_logp"] = sharding.to_host(ref_fn(reference.params, *rows_in.values()))
             else:
                 host["ref_logp"] = np.zeros_like(host["old_logp"])
             micro = split_micro(host, g.grad_accum_steps)

@@ -113,11 +113,9 @@ def batch_shardings(mesh) -> dict[str, NamedSharding]:
 
 
 def put_batch(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict:
-    """Host arrays (the same global batch on every process) to global device arrays."""
-    return {
-        k: jax.make_array_from_callback(v.shape, shardings[k], lambda index, v=v: v[index])
-        for k, v in batch.items()
-    }
+    """Host arrays (the same global batch on every process) to global device arrays; each
+    process passes only the rows its devices hold (`sharding.put_global`)."""
+    return {k: sharding.put_global(v, shardings[k]) for k, v in batch.items()}
 
 
 def init_state(params, tx) -> TrainState:

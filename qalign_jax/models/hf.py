@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from qalign_jax import sharding
 from qalign_jax.models import llama
 
 # ---------------------------------------------------------------------------------------------
@@ -196,10 +197,10 @@ def to_hf_state_dict(cfg: llama.LlamaConfig, params: nnx.State) -> Iterator[tupl
             for i in range(cfg.num_layers):
                 yield (
                     hf_name.format(i=i),
-                    np.ascontiguousarray(to_hf(np.asarray(var.get_value()[i]))),
+                    np.ascontiguousarray(to_hf(sharding.to_host(var.get_value()[i]))),
                 )
         else:
-            yield hf_name, np.ascontiguousarray(to_hf(np.asarray(var.get_value())))
+            yield hf_name, np.ascontiguousarray(to_hf(sharding.to_host(var.get_value())))
 
 
 # ---------------------------------------------------------------------------------------------
