@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qalign_jax import sharding
-from qalign_jax.loops import generate, grpo, prime_data, sft
+from qalign_jax.loops import generate, grpo, iteralign, prime_data, sft
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -26,6 +26,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local path or
 LOOPS = {
     "generate": generate.run,
     "grpo": grpo.run,
+    "iteralign": iteralign.run,
     "prime_data": prime_data.run,
     "sft": sft.run,
 }
