@@ -7,8 +7,9 @@ Per round: the policy answers 12 of the 24 bundled red-team prompts
 frozen 135M model judges them on the demo rubric (a violated gate = a failure), proposes
 constitutions from the failures (4 per call, 2 principles each), drafts one gate question per
 new constitution (-> workdirs/iteralign_smol/rubrics/rubric_v<r>.json), the policy revises its
-failed answers with the constitutions in context, revisions the judge no longer flags are kept,
-and 2 epochs of SFT on (prompt, kept revision) update the policy for the next round.
+failed answers with the constitutions in context, revisions the judge scores higher than the
+failed answer are kept, and 2 epochs of SFT on (prompt, kept revision) update the policy for
+the next round.
 Outputs: constitutions.json, rubrics/, metrics.jsonl (a row per round), round_<r>/...
 Killing the run and rerunning the same command resumes without redoing finished work.
 Expected: about 15-20 minutes on a 2-core CPU; the numbers of one run are in README.md
@@ -17,8 +18,7 @@ does not align the model.
 
 `:smoke` (tests): a tiny random policy/judge with the real tokenizer, 4 prompts per round,
 sampled answers, every answer counted as a failure (detect='reward' with failure_reward=2),
-all revisions kept,
-2 SFT steps per round.
+all revisions kept, 2 SFT steps per round.
 """
 
 import os
@@ -55,7 +55,9 @@ def get_config(arg=None):
     ia.failures_per_call = 4
     ia.constitutions_per_call = 2
     ia.revision_max_tokens = 64
-    ia.keep = "passes"
+    # The 135M judge flags nearly every answer (a gate fires), revisions included, so 'passes'
+    # would keep nothing here; keep revisions the judge scores higher than the failed answer.
+    ia.keep = "improved"
     ia.gates_per_constitution = 1
 
     c.data.seq_len = 256  # chat prompt (with the default system prompt) + a 64-token revision

@@ -282,7 +282,7 @@ def test_two_rounds_write_every_output(resumed_run):
     assert final["rounds"] == 2 and final["stop_reason"] == "max_rounds=2 reached"
 
 
-def test_the_compiled_rubric_runs_in_the_grpo_loop(resumed_run, tmp_path):
+def test_the_compiled_rubric_runs_in_the_grpo_loop(resumed_run, tmp_path, monkeypatch):
     workdir, _ = resumed_run
     config = grpo_smoke_config("single")  # one pass: the rubric is what is under test
     config.judge.rubric = os.path.join(workdir, "rubrics", "rubric_v2.json")
@@ -293,3 +293,16 @@ def test_the_compiled_rubric_runs_in_the_grpo_loop(resumed_run, tmp_path):
     (row,) = [r for r in metrics.read_metrics(str(tmp_path)) if "rollout/reward_mean" in r]
     assert row["step"] == 1 and "draft/harmlessness" in row
     assert os.path.isdir(os.path.join(tmp_path, "ckpt"))
+
+    # Discovery between GRPO phases: the GRPO phase's weights red-teamed, no SFT, a rubric.
+    config = smoke_config()
+    config.checkpoint.init = str(tmp_path)
+    config.iteralign.train = False
+    config.iteralign.max_rounds = 1
+    discover = str(tmp_path / "discover")
+    monkeypatch.setattr(iteralign, "make_proposer", lambda *a: Scripted())
+    train.run(config, discover)
+    summary = json.load(open(os.path.join(discover, "round_1", iteralign.SUMMARY)))
+    assert summary["policy_before"] == str(tmp_path) == summary["policy_after"]
+    assert summary["sft"] == "skipped: iteralign.train is False"
+    assert rubric_lib.load_rubric(os.path.join(discover, "rubrics", "rubric_v1.json"))
