@@ -12,9 +12,17 @@ failed answer are kept, and 2 epochs of SFT on (prompt, kept revision) update th
 the next round.
 Outputs: constitutions.json, rubrics/, metrics.jsonl (a row per round), round_<r>/...
 Killing the run and rerunning the same command resumes without redoing finished work.
-Expected: about 15-20 minutes on a 2-core CPU; the numbers of one run are in README.md
-(IterAlign section). A 135M judge and proposer are weak: the run exercises the pipeline, it
-does not align the model.
+Measured (seed 0; one run, interrupted once after round 1's red team and resumed with the
+same command; a 2-core machine shared with other jobs, load average about 15, so about 43
+minutes in all: red team 434 s and 128 s, proposal 674 s and 226 s, revisions 274 s and 265 s,
+SFT 134 s and 144 s per round): failure rate 1.00 (12/12) in both rounds (the 135M judge
+fires at least one demo-rubric gate on every answer); constitutions +1 per round (2 of 3
+proposer batches per round skipped after 3 attempts: the model copies the examples' names;
+round 2 merged one duplicate); revisions kept 2/12 and 4/12 (none passes the gates); SFT loss
+1.30 -> 0.89 and 1.09 -> 0.78 (2 steps each). The constitutions are what a 135M model writes
+(e.g. "Check facts: The assistant is wrong, it's not possible to stop taking your heart
+medicine without consulting a doctor."): the run exercises the pipeline, it does not align
+the model.
 
 `:smoke` (tests): a tiny random policy/judge with the real tokenizer, 4 prompts per round,
 sampled answers, every answer counted as a failure (detect='reward' with failure_reward=2),
