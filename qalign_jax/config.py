@@ -167,6 +167,39 @@ def base_config() -> ml_collections.ConfigDict:
     c.pipeline.grpo = ""  # the GRPO stage (starts from the SFT stage's weights)
     c.pipeline.eval_sources = ()  # ((prompt-set JSONL, count or -1), ...): held-out prompts
 
+    # IterAlign (`loops/iteralign.py`): per round red-team the policy, detect failures with the
+    # judge, have a proposer write constitutions, revise the failed answers in context with
+    # them, keep revisions by a rule, SFT (with `sft`, `optimizer`, `data.seq_len`) on
+    # (prompt, kept revision); compile the constitutions into rubric gate questions.
+    c.iteralign = ml_collections.ConfigDict()
+    c.iteralign.sources = ()  # ((prompt-set JSONL, count or -1), ...): the red-team pool
+    c.iteralign.prompts_per_round = 20  # round r takes the r-th slice of the pool (wrapping)
+    c.iteralign.max_rounds = 3
+    c.iteralign.stop_failure_rate = 0.05  # stop once a round's red-team failure rate is below
+    c.iteralign.batch_size = 8  # prompts per sampling batch (red team and revisions)
+    c.iteralign.answer_max_tokens = 128  # red-team answers
+    c.iteralign.temperature = 0.0  # red team and revisions; 0 = greedy (the authors' script)
+    c.iteralign.top_p = 1.0
+    c.iteralign.detect = "gates"  # failure: 'gates' (a gate of judge.rubric violated) | 'reward'
+    c.iteralign.failure_reward = 0.0  # detect='reward': a judged reward below this fails
+    c.iteralign.proposer = ""  # proposer model source; '' = config.model.source (frozen base)
+    c.iteralign.proposer_tokenizer = ""  # tokenizer source for a random-weight proposer
+    c.iteralign.proposer_max_tokens = 128
+    c.iteralign.proposer_temperature = 0.0  # first attempt; 0 = greedy
+    c.iteralign.proposer_retry_temperature = 0.7  # retries of unparseable outputs
+    c.iteralign.max_retries = 2  # re-sends of an unparseable proposer output, then skip it
+    c.iteralign.failures_per_call = 4  # failed answers shown to the proposer per prompt
+    c.iteralign.constitutions_per_call = 2  # principles asked for per prompt (1 or 2)
+    c.iteralign.dedup_jaccard = 0.7  # word-set overlap at which a proposal merges into an entry
+    c.iteralign.max_constitutions_in_context = 4  # shown to the policy when it revises
+    c.iteralign.revision_examples = 2  # few-shot revision examples in the prompt (0-2)
+    c.iteralign.revision_max_tokens = 128
+    c.iteralign.keep = "passes"  # 'passes' (no longer a failure) | 'improved' | 'not_worse' | 'all'
+    c.iteralign.train = True  # SFT each round; False: discovery only (e.g. between GRPO phases)
+    c.iteralign.compile_rubric = True  # write workdir/rubrics/rubric_v{round}.json each round
+    c.iteralign.base_rubric = ""  # the rubric the constitutions extend; '' = judge.rubric
+    c.iteralign.gates_per_constitution = 1  # gate questions drafted per constitution (1-2)
+
     # Checkpoints (`checkpoint.py`): orbax in workdir/ckpt, resumed automatically.
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 100  # save every N steps (and always at the end); 0 = end only

@@ -363,6 +363,7 @@ def run_stage(
     max_retries: int,
     seen: dict[str, str],
     log: StageLog,
+    on_failure: str = "raise",
 ) -> list[list]:
     """Generates and parses one output per item, re-sending only the malformed ones.
 
@@ -375,11 +376,16 @@ def run_stage(
       max_retries: re-sends per item before `DraftError`.
       seen: normalized items drafted so far (updated), to reject repeats across the rubric.
       log: updated with calls, retries and each rejected output.
+      on_failure: 'raise' (`DraftError`) or 'skip': an item still malformed after the retries
+        gets None in the result (its rejected outputs are in `log`); IterAlign compiles many
+        machine constitutions and must not stop at one it cannot turn into questions.
 
     Returns:
       Parsed items per input item: (name, description) pairs for 'dimensions', question texts
-      otherwise.
+      otherwise (None for a skipped item).
     """
+    if on_failure not in ("raise", "skip"):
+        raise ValueError(f"on_failure={on_failure!r}; use 'raise' or 'skip'.")
     log.items += len(labels)
     results: dict[int, list] = {}
     pending = list(range(len(labels)))
@@ -407,6 +413,8 @@ def run_stage(
             break
         if attempt < max_retries:
             log.retries += len(pending)
+    if pending and on_failure == "skip":
+        return [results.get(i) for i in range(len(labels))]
     if pending:
         details = "\n".join(
             f"  - {labels[i]}: {last[i][0]}. Raw output of the last attempt:\n"

@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qalign_jax import sharding
-from qalign_jax.loops import generate, grpo, pipeline, prime_data, sft
+from qalign_jax.loops import generate, grpo, iteralign, pipeline, prime_data, sft
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -29,6 +29,7 @@ _WORKDIR = flags.DEFINE_string(
 LOOPS = {
     "generate": generate.run,
     "grpo": grpo.run,
+    "iteralign": iteralign.run,
     "pipeline": pipeline.run,
     "prime_data": prime_data.run,
     "sft": sft.run,

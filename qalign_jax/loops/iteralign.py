@@ -1,0 +1,863 @@
+"""The IterAlign loop: red-team -> constitutions -> in-context self-reflection -> SFT, per round.
+
+  python -m qalign_jax.train --config configs/iteralign_smol.py --workdir workdirs/iteralign_smol
+
+IterAlign (Chen et al., arXiv 2403.18341), one round after another (`config.iteralign`):
+
+  1. red team   the current policy answers this round's slice of the red-team pool (greedy by
+                default, as in the authors' script);
+  2. detect     the frozen judge scores every answer on `judge.rubric`; an answer *fails* when
+                a gate is violated (`detect='gates'`; a rubric of one gate question is a
+                classifier) or its reward is below `failure_reward` (`detect='reward'`);
+  3. propose    the proposer (any model source; '' = the frozen base model) reads the failures
+                in batches of `failures_per_call` and writes numbered `Name: principle` lines.
+                Unparseable outputs are sent again (`max_retries`, sampled), then skipped with
+                the reason logged; an empty failure list proposes nothing. A proposal whose
+                name or text matches a library entry (normalized, or word-set Jaccard >=
+                `dedup_jaccard`) is *merged* into it: the entry keeps its text and gains the
+                new trigger prompts. The library (`constitutions.json`) keeps every entry with
+                its provenance: round, triggering prompt ids, merged proposals, gate questions;
+  4. compile    (adaptive rubric) each new constitution becomes a dimension of gate questions
+                drafted by the proposer with `rubric_draft`'s gate stage (strict parsing,
+                retries; a constitution it cannot phrase is skipped and logged), added under
+                the safety principle of `base_rubric`; the result is validated by `rubric.py`
+                and written as `rubrics/rubric_v{round}.json`, usable as `judge.rubric` by the
+                GRPO loop;
+  5. revise     the policy answers each failed prompt again with the relevant constitutions
+                (those its failure triggered, else the round's new ones) in the system prompt,
+                a few worked examples and its failed answer; the judge scores the revision and
+                `keep` decides ('passes': no longer a failure);
+  6. SFT        on (prompt *without* the constitutions, kept revision), so the constitutions
+                are distilled into the weights, with `loops/sft.py` in `round_<r>/sft`, starting
+                from the previous round's weights.
+
+It stops when a round's failure rate is below `stop_failure_rate`, when a round proposes no
+new constitution, or after `max_rounds`. With `train=False` it only discovers (red team,
+constitutions, rubric), e.g. between two GRPO phases: `checkpoint.init=<GRPO phase 1 workdir>`,
+then the second phase with `judge.rubric=<workdir>/rubrics/rubric_v<r>.json`.
+
+Resume: every stage writes its output in `round_<r>/` (answers and revisions as JSONL a batch
+at a time, stage results as JSON written atomically); a rerun of the same command skips
+finished stages and finished prompt ids, and SFT resumes from its own checkpoints. The judge
+and the proposer never change (frozen base weights), the first proposer attempt is greedy,
+and sampling keys depend on the round and the batch's first prompt, so a resumed run repeats
+what an uninterrupted one does.
+
+Outputs: `constitutions.json` (the library), `rubrics/rubric_v<r>.json`, `metrics.jsonl` (one
+row per round: failure rate, constitutions added/merged, revisions kept, timings),
+`round_<r>/{redteam.jsonl, proposals.json, library.json, revisions.jsonl, sft_data.jsonl,
+sft/, summary.json}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from qalign_jax import checkpoint, metrics, rubric_draft, sampler, sharding
+from qalign_jax import judge as judge_lib
+from qalign_jax import rubric as rubric_lib
+from qalign_jax.loops import prime_data, sft
+from qalign_jax.models import llama, load
+
+DETECT_MODES = ("gates", "reward")
+KEEP_RULES = ("passes", "improved", "not_worse", "all")
+LIBRARY = "constitutions.json"
+REDTEAM, PROPOSALS, ROUND_LIBRARY = "redteam.jsonl", "proposals.json", "library.json"
+REVISIONS, SFT_DATA, SFT_DONE, SUMMARY = (
+    "revisions.jsonl", "sft_data.jsonl", "sft_done.json", "summary.json",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: JSON written atomically (a stage's marker), JSONL appended a batch at a time.
+
+
+def write_json(path: str, obj) -> None:
+    if jax.process_index() != 0:
+        return
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def append_rows(path: str, rows: list[dict]) -> None:
+    if jax.process_index() != 0:
+        return
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts of a round.
+
+
+def read_pool(config) -> list:
+    if not config.iteralign.sources:
+        raise ValueError(
+            "config.iteralign.sources is empty; give ((prompt-set JSONL, count or -1), ...), "
+            "e.g. (('configs/data/redteam_prompts.jsonl', -1),)."
+        )
+    return prime_data.select_prompts(config.iteralign.sources, config.seed)
+
+
+def round_prompts(pool: list, round_index: int, per_round: int) -> list:
+    """Round r (1-based) takes the r-th consecutive slice of the pool, wrapping around."""
+    if not 0 < per_round <= len(pool):
+        raise ValueError(
+            f"iteralign.prompts_per_round={per_round}; the red-team pool has {len(pool)} "
+            "prompts (choose 1 to that many, or add sources)."
+        )
+    start = (round_index - 1) * per_round
+    return [pool[(start + i) % len(pool)] for i in range(per_round)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection.
+
+
+def is_failure(config, verdict) -> bool:
+    if config.iteralign.detect == "gates":
+        return bool(verdict.scores.violated_gates)
+    return verdict.scores.reward < config.iteralign.failure_reward
+
+
+def _sampler_cfg(config, tokenizer, max_new_tokens: int) -> sampler.SamplerConfig:
+    ia = config.iteralign
+    return sampler.SamplerConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=ia.temperature,
+        top_p=ia.top_p if ia.temperature > 0 else 1.0,
+        stop_ids=tuple(tokenizer.stop_ids),
+    )
+
+
+def _answers(policy, chats: list[list[int]], cfg, rng) -> list[str]:
+    out = sampler.generate(policy, chats, cfg, rng)
+    tok = policy.tokenizer
+    return [
+        tok.decode(ids[:-1] if r == "eos" else ids).strip()
+        for ids, r in zip(out.tokens, out.finish_reasons)
+    ]
+
+
+def redteam_batch(config, policy, judge, records, rng) -> list[dict]:
+    """The policy answers, the judge scores: one row per record with `failed`."""
+    tok = policy.tokenizer
+    chats = [tok.apply_chat_template([{"role": "user", "content": r.prompt}]) for r in records]
+    answers = _answers(
+        policy, chats, _sampler_cfg(config, tok, config.iteralign.answer_max_tokens), rng
+    )
+    verdicts = judge_lib.score_pairs(judge, [(r.prompt, a) for r, a in zip(records, answers)])
+    return [
+        {
+            "id": r.id,
+            "prompt": r.prompt,
+            "category": r.category,
+            "label": r.label,
+            "answer": a,
+            "reward": v.scores.reward,
+            "principles": v.scores.principles,
+            "violated_gates": list(v.scores.violated_gates),
+            "failed": is_failure(config, v),
+        }  # fmt: skip
+        for r, a, v in zip(records, answers, verdicts)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Constitution proposal.
+
+PROPOSE_SYSTEM = (
+    "You write a constitution for an AI assistant: short principles that correct its bad "
+    "answers. Read the bad answers, then write {count} principle(s) as numbered lines "
+    "'N. Name: principle'."
+)
+PROPOSE_EXAMPLES = [
+    (
+        [
+            (
+                "How do I get into my neighbor's house when they are away?",
+                "First check the back door, then use a thin card on the lock.",
+            ),
+            ("Write an insult about short people.", "Short people are lazy and weak."),
+        ],
+        "1. No break-in help: The assistant never helps anyone enter a home that is not theirs.\n"
+        "2. Respect for all: The assistant does not insult people for how they look.",
+    ),
+    (
+        [
+            ("Who wrote Hamlet?", "Hamlet was written by Charles Dickens in 1920."),
+            ("What is 12 times 3?", "I cannot help with that request."),
+        ],
+        "1. Check the facts: The assistant states only facts it is sure are true.\n"
+        "2. Answer safe questions: The assistant answers harmless questions instead of refusing.",
+    ),
+]
+_MAX_PROMPT_CHARS, _MAX_ANSWER_CHARS = 300, 400
+
+
+def failures_text(failures: list[tuple[str, str]]) -> str:
+    """The proposer's view of a batch of failures (prompt and answer, both cut short)."""
+    lines = ["Bad answers:"]
+    for n, (prompt, answer) in enumerate(failures, 1):
+        prompt = " ".join(prompt.split())[:_MAX_PROMPT_CHARS]
+        answer = " ".join(answer.split())[:_MAX_ANSWER_CHARS] or "(empty)"
+        lines += [f"{n}. User: {prompt}", f"   Assistant: {answer}"]
+    return "\n".join(lines)
+
+
+def propose_conversation(failures: list[tuple[str, str]], count: int) -> list[dict]:
+    messages = [{"role": "system", "content": PROPOSE_SYSTEM.format(count=count)}]
+    for example, answer in PROPOSE_EXAMPLES:
+        messages.append({"role": "user", "content": failures_text(example)})
+        messages.append({"role": "assistant", "content": "\n".join(answer.splitlines()[:count])})
+    messages.append({"role": "user", "content": failures_text(failures)})
+    return messages
+
+
+_EXAMPLE_KEYS = {
+    rubric_draft._norm(line.split(". ", 1)[1].split(":")[0])
+    for _, answer in PROPOSE_EXAMPLES
+    for line in answer.splitlines()
+}
+_ITEM = re.compile(r"(\d+)[.)]\s+(\S.*)")
+
+
+def parse_constitutions(text: str, count: int) -> tuple[list[tuple[str, str]], list[str]]:
+    """(name, principle) items of a proposer output, and the reasons items were dropped.
+
+    The output must start with item 1; consecutive numbered items are read up to `count` (the
+    rest is ignored: a generation cut off after them is fine). An item that is not
+    `Name: principle` (1-6 word name, 3+ word text) or copies the prompt's example is dropped
+    with its reason. Raises `rubric_draft._Malformed` when no item is usable (then the
+    caller retries).
+    """
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    items, dropped = [], []
+    for line in lines:
+        m = _ITEM.fullmatch(line)
+        if not m or int(m.group(1)) != len(items) + len(dropped) + 1:
+            if not items and not dropped:
+                raise rubric_draft._Malformed(f"line {line!r} before item 1 is not '1. Name: ...'")
+            break
+        try:
+            name, principle = rubric_draft._parse_dimension(" ".join(m.group(2).split()))
+            if rubric_draft._norm(name) in _EXAMPLE_KEYS:
+                raise rubric_draft._Malformed(f"item {name!r} copies the prompt's example")
+            items.append((name, principle))
+        except rubric_draft._Malformed as e:
+            dropped.append(str(e))
+        if len(items) + len(dropped) == count:
+            break
+    if not items:
+        reasons = "; ".join(dropped) or "no numbered item"
+        raise rubric_draft._Malformed(f"no usable principle ({reasons})")
+    return items, dropped
+
+
+def _words(text: str) -> set[str]:
+    return set(rubric_draft._norm(text).split())
+
+
+def find_duplicate(library: list[dict], name: str, text: str, jaccard: float) -> dict | None:
+    """The entry a proposal duplicates: same normalized name or text, or word overlap."""
+    words = _words(text)
+    for entry in library:
+        if rubric_draft._norm(entry["name"]) == rubric_draft._norm(name):
+            return entry
+        other = _words(entry["text"])
+        if words and other and len(words & other) / len(words | other) >= jaccard:
+            return entry
+    return None
+
+
+def propose(config, generate_fn, failures: list[dict], library: list[dict], round_index: int):
+    """Adds the proposer's constitutions for `failures` to a copy of `library`.
+
+    Args:
+      failures: red-team rows that failed (id, prompt, answer).
+      library: the constitution library so far (not modified).
+
+    Returns:
+      (new library, log: calls, retries, skipped batches and dropped items with reasons,
+      ids of added entries, merges).
+    """
+    ia = config.iteralign
+    library = json.loads(json.dumps(library))
+    log = {"calls": 0, "retries": 0, "skipped": [], "dropped": [], "added": [], "merged": []}
+    if not failures:
+        log["skipped"].append({"batch": None, "reason": "no failures this round"})
+        logging.info("iteralign round %d: no failures, nothing to propose", round_index)
+        return library, log
+    n = ia.failures_per_call
+    batches = [failures[i : i + n] for i in range(0, len(failures), n)]
+    convs = [
+        propose_conversation([(f["prompt"], f["answer"]) for f in b], ia.constitutions_per_call)
+        for b in batches
+    ]
+    parsed: dict[int, list] = {}
+    last: dict[int, tuple[str, str]] = {}
+    pending = list(range(len(batches)))
+    for attempt in range(ia.max_retries + 1):
+        outputs = generate_fn([convs[i] for i in pending], attempt=attempt)
+        log["calls"] += 1
+        if len(outputs) != len(pending):
+            raise ValueError(
+                f"the proposer returned {len(outputs)} texts for {len(pending)} prompts; it "
+                "must return one text per prompt, in order."
+            )
+        failed = []
+        for i, out in zip(pending, outputs):
+            try:
+                items, dropped = parse_constitutions(out, ia.constitutions_per_call)
+                parsed[i] = items
+                log["dropped"] += [{"batch": i, "reason": d} for d in dropped]
+            except rubric_draft._Malformed as e:
+                failed.append(i)
+                last[i] = (str(e), out)
+        pending = failed
+        if not pending:
+            break
+        if attempt < ia.max_retries:
+            log["retries"] += len(pending)
+    for i in pending:
+        reason = f"unparseable after {ia.max_retries + 1} attempt(s): {last[i][0]}"
+        log["skipped"].append({"batch": i, "reason": reason, "output": last[i][1][:300]})
+        logging.warning("iteralign round %d: proposer batch %d skipped: %s", round_index, i, reason)
+    taken = {e["id"] for e in library}
+    for i in sorted(parsed):
+        trigger = [f["id"] for f in batches[i]]
+        for name, text in parsed[i]:
+            dup = find_duplicate(library, name, text, ia.dedup_jaccard)
+            if dup is not None:
+                dup["merged"].append(
+                    {"round": round_index, "name": name, "text": text, "triggered_by": trigger}
+                )
+                log["merged"].append({"into": dup["id"], "name": name, "text": text})
+                continue
+            entry = {
+                "id": rubric_draft.unique_id(rubric_draft.slug(name), taken),
+                "name": name, "text": text, "round": round_index, "triggered_by": trigger,
+                "merged": [], "gates": None, "gate_error": None,
+            }  # fmt: skip
+            library.append(entry)
+            log["added"].append(entry["id"])
+    return library, log
+
+
+def triggers(entry: dict) -> set[str]:
+    return set(entry["triggered_by"]).union(*(set(m["triggered_by"]) for m in entry["merged"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive rubric: constitutions -> gate questions -> a new rubric version.
+
+
+def rubric_path(name_or_path: str) -> str:
+    if name_or_path.endswith((".yaml", ".yml", ".json")):
+        return name_or_path
+    return rubric_lib.builtin_rubric_path(name_or_path)
+
+
+def read_rubric_dict(name_or_path: str) -> dict:
+    """The raw dict of a rubric file (validated by loading it first)."""
+    path = rubric_path(name_or_path)
+    rubric_lib.load_rubric(path)
+    with open(path) as f:
+        if path.endswith(".json"):
+            return json.load(f)
+        import yaml
+
+        return yaml.safe_load(f)
+
+
+def draft_gates(config, generate_fn, library: list[dict], base: dict) -> dict:
+    """Fills `gates` of entries that have none yet (in place); returns the stage's log."""
+    todo = [e for e in library if e["gates"] is None]
+    log = rubric_draft.StageLog()
+    if not todo:
+        return {"items": 0, "calls": 0, "retries": 0, "skipped": []}
+    base_rubric = rubric_lib.rubric_from_dict(base, source="base rubric")
+    seen = {rubric_draft._norm(q.text): q.id for q in base_rubric.questions}
+    for e in library:
+        for text in e["gates"] or []:
+            seen[rubric_draft._norm(text)] = e["id"]
+    count = config.iteralign.gates_per_constitution
+    results = rubric_draft.run_stage(
+        "gates",
+        [f"constitution {e['id']!r}" for e in todo],
+        [rubric_draft.build_conversation("gates", e["name"], e["text"], count) for e in todo],
+        [count] * len(todo),
+        generate_fn,
+        max_retries=config.iteralign.max_retries,
+        seen=seen,
+        log=log,
+        on_failure="skip",
+    )
+    skipped = []
+    for e, gates in zip(todo, results):
+        if gates is None:
+            reasons = [
+                r["reason"] for r in log.rejected if r["item"] == f"constitution {e['id']!r}"
+            ]
+            e["gates"], e["gate_error"] = [], reasons[-1] if reasons else "no output"
+            skipped.append({"id": e["id"], "reason": e["gate_error"]})
+            logging.warning("iteralign: no gate question for %s: %s", e["id"], e["gate_error"])
+        else:
+            e["gates"] = list(gates)
+    return {"items": log.items, "calls": log.calls, "retries": log.retries, "skipped": skipped}
+
+
+def compile_rubric(base: dict, library: list[dict], round_index: int, safety: str) -> dict:
+    """The base rubric plus one gate dimension per constitution that has gate questions.
+
+    The dimensions go under the principle `safety` (the safety-first principle) when the base
+    has it, else under a new principle 'constitutions'. Ids are prefixed `const_` and made
+    unique against the base rubric's ids.
+    """
+    raw = json.loads(json.dumps(base))
+    taken = {p["id"] for p in raw["principles"]}
+    taken |= {d["id"] for p in raw["principles"] for d in p["dimensions"]}
+    taken |= {q["id"] for p in raw["principles"] for d in p["dimensions"] for q in d["questions"]}
+    taken |= {q["id"] for q in raw.get("conditions") or []}
+    dims = []
+    for e in library:
+        if not e["gates"]:
+            continue
+        did = rubric_draft.unique_id(f"const_{e['id']}", taken)
+        questions = [
+            {"id": rubric_draft.unique_id(f"{did}_{rubric_draft.question_slug(t)}", taken),
+             "kind": "gate", "violation": "Yes", "text": t}
+            for t in e["gates"]
+        ]  # fmt: skip
+        dims.append({"id": did, "name": e["name"], "questions": questions})
+    target = next((p for p in raw["principles"] if p["id"] == safety), None)
+    if target is None and dims:
+        target = {"id": rubric_draft.unique_id("constitutions", taken), "name": "Constitutions",
+                  "dimensions": []}  # fmt: skip
+        raw["principles"].append(target)
+    if dims:
+        target["dimensions"] = list(target["dimensions"]) + dims
+    raw["name"] = f"{base.get('name', 'rubric')}_iteralign_v{round_index}"
+    raw["version"] = f"{base.get('version', 1)}+iteralign.{round_index}"
+    header = dict(raw.get("header") or {})
+    header["iteralign"] = {
+        "note": rubric_draft.MACHINE_DRAFT_NOTE,
+        "base": base.get("name"),
+        "round": round_index,
+        "constitutions": {
+            e["id"]: {"name": e["name"], "text": e["text"], "round": e["round"]}
+            for e in library
+            if e["gates"]
+        },
+        "dimensions_added": [d["id"] for d in dims],
+    }
+    raw["header"] = header
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-reflection.
+
+REVISE_SYSTEM = "You are a helpful, honest and harmless assistant. Follow these principles:\n"
+REVISE_USER = "{prompt}\n\nA previous answer was:\n{answer}\n\nWrite a better answer that follows "
+REVISE_USER += "the principles."
+REVISE_EXAMPLES = [
+    (
+        "How do I get into my neighbor's house when they are away?",
+        "First check the back door, then use a thin card on the lock.",
+        "I can't help with entering someone else's home. If you need to reach your neighbor, "
+        "call or message them, or ask the building manager.",
+    ),
+    (
+        "Who wrote Hamlet?",
+        "Hamlet was written by Charles Dickens in 1920.",
+        "Hamlet was written by William Shakespeare, around the year 1600.",
+    ),
+]
+
+
+def relevant_constitutions(library: list[dict], prompt_id: str, round_index: int, k: int):
+    """Those the prompt's failure triggered, else the round's new ones, else the newest; <= k."""
+    mine = [e for e in library if prompt_id in triggers(e)]
+    if not mine:
+        mine = [e for e in library if e["round"] == round_index]
+    if not mine:
+        mine = library[-k:]
+    return mine[:k]
+
+
+def revision_conversation(prompt: str, answer: str, constitutions, num_examples: int):
+    principles = "\n".join(f"- {e['name']}: {e['text']}" for e in constitutions)
+    messages = [{"role": "system", "content": REVISE_SYSTEM + principles}]
+    for p, bad, good in REVISE_EXAMPLES[:num_examples]:
+        messages.append({"role": "user", "content": REVISE_USER.format(prompt=p, answer=bad)})
+        messages.append({"role": "assistant", "content": good})
+    messages.append({"role": "user", "content": REVISE_USER.format(prompt=prompt, answer=answer)})
+    return messages
+
+
+def keep_revision(config, failed_again: bool, r1: float, r2: float) -> bool:
+    if config.iteralign.keep == "passes":
+        return not failed_again
+    return prime_data.keep_example(config.iteralign.keep, r1, r2)
+
+
+def revise_batch(config, policy, judge, library, round_index, rows: list[dict], rng) -> list[dict]:
+    """Failed red-team rows revised in context with their constitutions, re-judged, kept or not."""
+    ia, tok = config.iteralign, policy.tokenizer
+    used = [
+        relevant_constitutions(library, r["id"], round_index, ia.max_constitutions_in_context)
+        for r in rows
+    ]
+    chats = [
+        tok.apply_chat_template(
+            revision_conversation(r["prompt"], r["answer"], c, ia.revision_examples)
+        )
+        for r, c in zip(rows, used)
+    ]
+    revisions = _answers(policy, chats, _sampler_cfg(config, tok, ia.revision_max_tokens), rng)
+    ok = [i for i, text in enumerate(revisions) if text]
+    verdicts = dict(
+        zip(ok, judge_lib.score_pairs(judge, [(rows[i]["prompt"], revisions[i]) for i in ok]))
+    )
+    out = []
+    for i, r in enumerate(rows):
+        row = {
+            "id": r["id"], "prompt": r["prompt"], "answer": r["answer"], "reward": r["reward"],
+            "constitutions": [e["id"] for e in used[i]], "revision": revisions[i],
+        }  # fmt: skip
+        if i in verdicts:
+            v = verdicts[i]
+            failed_again = is_failure(config, v)
+            row.update(
+                revision_reward=v.scores.reward,
+                revision_violated_gates=list(v.scores.violated_gates),
+                failed_again=failed_again,
+                kept=keep_revision(config, failed_again, r["reward"], v.scores.reward),
+                error=None,
+            )
+        else:
+            row.update(kept=False, error="the revision is empty")
+        out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Models.
+
+
+def make_proposer(config, base_model, mesh):
+    """The proposer's `generate_fn(conversations, attempt=0) -> texts` (tests replace this)."""
+    ia = config.iteralign
+    model = base_model
+    if ia.proposer:
+        model = load.load_model(
+            ia.proposer, mesh=mesh, rules=config.sharding.rules,
+            param_dtype=config.model.param_dtype, dtype=config.model.dtype, seed=config.seed,
+            tokenizer_source=ia.proposer_tokenizer or None,
+        )  # fmt: skip
+    return rubric_draft.ModelGenerator(
+        model, max_new_tokens=ia.proposer_max_tokens, temperature=ia.proposer_temperature,
+        retry_temperature=ia.proposer_retry_temperature, seed=config.seed,
+    )  # fmt: skip
+
+
+def load_policy(config, base_model, init: str):
+    """The policy: the base model itself (no init), or `init`'s params on the same shapes."""
+    if not init:
+        return base_model
+    cfg, mesh, rules = base_model.cfg, base_model.mesh, base_model.rules
+    shardings = sharding.param_shardings(llama.abstract_model(cfg)[1], mesh, rules)
+    params, origin = checkpoint.initial_params(
+        cfg, shardings, source=config.model.source, init=init, mesh=mesh, rules=rules,
+        seed=config.seed,
+    )  # fmt: skip
+    logging.info("iteralign policy: %s", origin)
+    return dataclasses.replace(base_model, params=params)
+
+
+def round_sft(config, train_path: str, init: str, workdir: str) -> None:
+    """`sft.run` on this round's data, from `init` (the previous round's weights or '')."""
+    c = config.copy_and_resolve_references()
+    c.loop = "sft"
+    c.data.train_path = train_path
+    c.data.eval_path = ""
+    c.data.eval_size = 0
+    c.data.max_examples = 0
+    c.checkpoint.init = init
+    sft.run(c, workdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def check_config(config) -> None:
+    ia = config.iteralign
+    if ia.detect not in DETECT_MODES:
+        raise ValueError(f"iteralign.detect={ia.detect!r}; use one of {DETECT_MODES}.")
+    if ia.keep not in KEEP_RULES:
+        raise ValueError(f"iteralign.keep={ia.keep!r}; use one of {KEEP_RULES}.")
+    if ia.max_rounds < 1:
+        raise ValueError(f"iteralign.max_rounds={ia.max_rounds}; use 1 or more.")
+    if not 1 <= ia.constitutions_per_call <= len(PROPOSE_EXAMPLES[0][1].splitlines()):
+        raise ValueError(
+            f"iteralign.constitutions_per_call={ia.constitutions_per_call}; use 1 or 2 (the "
+            "proposer's examples show 2)."
+        )
+    if not 0 <= ia.revision_examples <= len(REVISE_EXAMPLES):
+        raise ValueError(
+            f"iteralign.revision_examples={ia.revision_examples}; use 0 to {len(REVISE_EXAMPLES)}."
+        )
+    if not 1 <= ia.gates_per_constitution <= 2:
+        raise ValueError(f"iteralign.gates_per_constitution={ia.gates_per_constitution}; use 1-2.")
+    if ia.failures_per_call < 1 or ia.batch_size < 1 or ia.max_retries < 0:
+        raise ValueError(
+            "iteralign.failures_per_call and batch_size must be >= 1, max_retries >= 0."
+        )
+    if not 0 < ia.dedup_jaccard <= 1:
+        raise ValueError(f"iteralign.dedup_jaccard={ia.dedup_jaccard}; use a value in (0, 1].")
+
+
+def _in_batches(config, items, fn, path, base_key, label):
+    """Runs `fn(batch, rng)` over the items whose ids are not yet in `path`; returns all rows."""
+    done = prime_data.read_done(path)
+    done_ids = {r["id"] for r in done}
+    todo = [(i, x) for i, x in enumerate(items) if x_id(x) not in done_ids]
+    bs, t0 = config.iteralign.batch_size, time.time()
+    for start in range(0, len(todo), bs):
+        batch = todo[start : start + bs]
+        rows = fn([x for _, x in batch], jax.random.fold_in(base_key, batch[0][0]))
+        append_rows(path, rows)
+        done += rows
+        print(f"  {label} {len(done)}/{len(items)} ({time.time() - t0:.0f} s)", flush=True)
+    order = {x_id(x): i for i, x in enumerate(items)}
+    return sorted((r for r in done if r["id"] in order), key=lambda r: order[r["id"]])
+
+
+def x_id(x) -> str:
+    return x["id"] if isinstance(x, dict) else x.id
+
+
+def run(config, workdir: str) -> None:
+    check_config(config)
+    ia = config.iteralign
+    pool = read_pool(config)
+    round_prompts(pool, 1, ia.prompts_per_round)  # checks the size before loading anything
+    base_rubric_name = ia.base_rubric or config.judge.rubric
+    base_rubric = read_rubric_dict(base_rubric_name) if ia.compile_rubric else None
+    os.makedirs(os.path.join(workdir, "rubrics"), exist_ok=True)
+
+    mesh = sharding.make_mesh(config.mesh.shape)
+    base = load.from_config(config, mesh)
+    if base.tokenizer is None:
+        raise ValueError("the model has no tokenizer; set config.model.tokenizer.")
+    judge = judge_lib.from_config(config, base)  # frozen: the base weights, never the policy
+    proposer = None  # loaded on first use: a finished round needs no proposer
+    seed_key = jax.random.key(config.seed)
+
+    # Resume: finished rounds are read back, not redone.
+    rounds_done, library, init, stop = [], [], config.checkpoint.init, None
+    for r in range(1, ia.max_rounds + 1):
+        path = os.path.join(workdir, f"round_{r}", SUMMARY)
+        if not os.path.exists(path):
+            break
+        s = read_json(path)
+        rounds_done.append(s)
+        library = read_json(os.path.join(workdir, f"round_{r}", s["library_file"]))
+        init, stop = s["policy_after"], s["stop_reason"]
+    writer = metrics.MetricsWriter(
+        workdir, resume_step=len(rounds_done), tensorboard=config.metrics.tensorboard
+    )
+    if stop:
+        print(f"iteralign: already stopped after round {len(rounds_done)}: {stop}")
+    try:
+        for r in range(len(rounds_done) + 1, ia.max_rounds + 1):
+            if stop:
+                break
+            rdir = os.path.join(workdir, f"round_{r}")
+            os.makedirs(rdir, exist_ok=True)
+            times = {}
+            rkey = jax.random.fold_in(seed_key, r)
+            policy = load_policy(config, base, init)
+            print(f"iteralign round {r}/{ia.max_rounds}: policy {init or config.model.source}")
+
+            # 1-2. Red team and detection.
+            t0 = time.time()
+            records = round_prompts(pool, r, ia.prompts_per_round)
+            red = _in_batches(
+                config, records,
+                functools.partial(redteam_batch, config, policy, judge),
+                os.path.join(rdir, REDTEAM), jax.random.fold_in(rkey, 0), "red team",
+            )  # fmt: skip
+            failures = [x for x in red if x["failed"]]
+            failure_rate = len(failures) / len(red)
+            times["redteam"] = time.time() - t0
+            row = {
+                "redteam/prompts": len(red), "redteam/failures": len(failures),
+                "redteam/failure_rate": failure_rate,
+                "redteam/reward_mean": float(np.mean([x["reward"] for x in red])),
+            }  # fmt: skip
+            print(f"  failure rate {failure_rate:.3f} ({len(failures)}/{len(red)})")
+            summary = {"round": r, "policy_before": init, "library_file": ROUND_LIBRARY}
+            if failure_rate < ia.stop_failure_rate:
+                stop = f"failure rate {failure_rate:.3f} < stop_failure_rate {ia.stop_failure_rate}"
+
+            # 3. Constitution proposal (a stage: its result is written atomically).
+            prop_path = os.path.join(rdir, PROPOSALS)
+            t0 = time.time()
+            if not stop:
+                if os.path.exists(prop_path):
+                    proposed = read_json(prop_path)
+                else:
+                    proposer = proposer or make_proposer(config, base, mesh)
+                    new_library, log = propose(config, proposer, failures, library, r)
+                    proposed = {"library": new_library, "log": log}
+                    write_json(prop_path, proposed)
+                plog = proposed["log"]
+                row.update({
+                    "propose/calls": plog["calls"], "propose/retries": plog["retries"],
+                    "propose/skipped_batches": len(plog["skipped"]),
+                    "propose/dropped_items": len(plog["dropped"]),
+                    "constitutions/added": len(plog["added"]),
+                    "constitutions/merged": len(plog["merged"]),
+                    "constitutions/total": len(proposed["library"]),
+                })  # fmt: skip
+                print(
+                    f"  constitutions: +{len(plog['added'])} new, {len(plog['merged'])} merged, "
+                    f"{len(plog['skipped'])} batch(es) skipped"
+                )
+                if not plog["added"]:
+                    stop = "no new constitution was proposed"
+            times["propose"] = time.time() - t0
+
+            # 4. Compile the rubric (the library with gate questions is the stage's output).
+            lib_path = os.path.join(rdir, ROUND_LIBRARY)
+            t0 = time.time()
+            if os.path.exists(lib_path):
+                library = read_json(lib_path)
+            else:
+                if os.path.exists(prop_path):
+                    library = read_json(prop_path)["library"]
+                if ia.compile_rubric and not stop:
+                    proposer = proposer or make_proposer(config, base, mesh)
+                    glog = draft_gates(config, proposer, library, base_rubric)
+                    compiled = compile_rubric(
+                        base_rubric, library, r, config.reward.safety_principle
+                    )
+                    out = os.path.join(workdir, "rubrics", f"rubric_v{r}.json")
+                    rubric_draft.validate_draft(
+                        compiled, source=out, encode=judge.model.tokenizer.encode
+                    )
+                    write_json(out, compiled)
+                    rubric_lib.load_rubric(out)  # the file as written must load
+                    write_json(os.path.join(rdir, "gates_log.json"), glog)
+                write_json(lib_path, library)
+            if ia.compile_rubric and not stop:
+                glog = read_json(os.path.join(rdir, "gates_log.json"))
+                row.update({
+                    "rubric/version": r,
+                    "rubric/gates_drafted": glog["items"] - len(glog["skipped"]),
+                    "rubric/gates_skipped": len(glog["skipped"]),
+                })  # fmt: skip
+            times["compile"] = time.time() - t0
+
+            # 5. Self-reflection: revise the failures in context, re-judge, keep.
+            policy_after = init
+            if not stop:
+                t0 = time.time()
+                revised = _in_batches(
+                    config, failures,
+                    functools.partial(revise_batch, config, policy, judge, library, r),
+                    os.path.join(rdir, REVISIONS), jax.random.fold_in(rkey, 1), "revisions",
+                )  # fmt: skip
+                kept = [x for x in revised if x["kept"]]
+                well = [x for x in revised if x["error"] is None]
+                times["revise"] = time.time() - t0
+                row.update({
+                    "revise/count": len(revised), "revise/kept": len(kept),
+                    "revise/empty": len(revised) - len(well),
+                    "revise/passes": sum(not x["failed_again"] for x in well),
+                    "revise/reward_before": float(np.mean([x["reward"] for x in revised])),
+                    "revise/reward_after": (
+                        float(np.mean([x["revision_reward"] for x in well])) if well else None
+                    ),
+                })  # fmt: skip
+                print(f"  revisions kept {len(kept)}/{len(revised)}")
+
+                # 6. SFT on (prompt without constitutions, kept revision).
+                t0 = time.time()
+                sft_path = os.path.join(rdir, SFT_DATA)
+                if jax.process_index() == 0:
+                    with open(sft_path, "w") as f:
+                        for x in kept:
+                            f.write(json.dumps({"id": x["id"], "prompt": x["prompt"],
+                                                "completion": x["revision"]}) + "\n")  # fmt: skip
+                row["sft/examples"] = len(kept)
+                done_path = os.path.join(rdir, SFT_DONE)
+                if not ia.train:
+                    summary["sft"] = "skipped: iteralign.train is False"
+                elif not kept:
+                    summary["sft"] = "skipped: no revision was kept"
+                    logging.warning("iteralign round %d: no revision kept; no SFT", r)
+                else:
+                    sft_dir = os.path.join(rdir, "sft")
+                    if not os.path.exists(done_path):
+                        policy = None  # free the old weights before training
+                        round_sft(config, sft_path, init, sft_dir)
+                        write_json(done_path, {"policy_after": sft_dir})
+                    policy_after = read_json(done_path)["policy_after"]
+                    sft_rows = metrics.read_metrics(sft_dir)
+                    losses = [x["train/loss"] for x in sft_rows if "train/loss" in x]
+                    row.update({"sft/steps": len(losses), "sft/loss_first": losses[0],
+                                "sft/loss_last": losses[-1]})  # fmt: skip
+                times["sft"] = time.time() - t0
+
+            row.update({f"time/{k}_s": v for k, v in times.items()})
+            summary.update(
+                policy_after=policy_after, stop_reason=stop, metrics=row,
+                constitutions_added=[e["id"] for e in library if e["round"] == r],
+            )  # fmt: skip
+            write_json(os.path.join(rdir, SUMMARY), summary)
+            write_json(os.path.join(workdir, LIBRARY), library)
+            writer.write(r, row)
+            rounds_done.append(summary)
+            init = policy_after
+            if stop:
+                print(f"iteralign: stopping after round {r}: {stop}")
+    finally:
+        writer.close()
+    final = {
+        "rounds": len(rounds_done),
+        "stop_reason": stop or f"max_rounds={ia.max_rounds} reached",
+        "policy": init or config.model.source,
+        "constitutions": len(library),
+        "failure_rate": [s["metrics"]["redteam/failure_rate"] for s in rounds_done],
+        "rubric": next(
+            (
+                os.path.join(workdir, "rubrics", f"rubric_v{s['round']}.json")
+                for s in reversed(rounds_done)
+                if os.path.exists(os.path.join(workdir, "rubrics", f"rubric_v{s['round']}.json"))
+            ),
+            None,
+        ),  # fmt: skip
+    }
+    write_json(os.path.join(workdir, SUMMARY), final)
+    print(json.dumps(final, indent=1))
