@@ -11,8 +11,9 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qalign_jax import eval as eval_lib
 from qalign_jax import sharding
-from qalign_jax.loops import generate, grpo, prime_data, sft
+from qalign_jax.loops import dpo, generate, grpo, prime_data, sft
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -24,6 +25,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local path or
 
 # Every loop exposes `run(config, workdir)`.
 LOOPS = {
+    "dpo": dpo.run,
+    "eval": eval_lib.run,
     "generate": generate.run,
     "grpo": grpo.run,
     "prime_data": prime_data.run,
