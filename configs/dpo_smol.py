@@ -7,10 +7,14 @@ The starting policy samples G=4 answers (48 tokens, temperature 1) for each of t
 GRPO prompts (configs/data/grpo_prompts.jsonl: 8 harmful, 8 benign); the base model judges
 them on the demo rubric (soft gates, as the GRPO smol config); best vs worst of each prompt
 makes a pair (ties skipped); then 2 epochs of sigmoid DPO (beta 0.1, 4 pairs per step, lr 1e-5
-constant, as GRPO smol) against the frozen starting policy. Expected: about 16 pairs, ~8 steps,
-the train loss starting at log 2 = 0.693 and the pair accuracy rising above 0.5; a few minutes
-on a 2-core CPU (pairs.jsonl, metrics.jsonl, ckpt/, hf/ in the workdir).
-`:smoke` is a seconds-long run with a tiny random policy and judge (tests).
+constant, as GRPO smol) against the frozen starting policy. Measured (from the primed SFT
+checkpoint): 16 pairs, 0 ties, mean best - worst reward gap 0.19; 8 steps, loss 0.693 at step
+1 (policy = reference), ~0.70 through epoch 1, 0.21 at step 8 with pair accuracy 1.0 (epoch 2
+revisits the same 16 pairs). 25 min on a shared, overloaded 2-core CPU (load ~14), 19 of them
+judging the 64 answers; a few minutes on a quiet one. Writes pairs.jsonl, pairs_summary.json,
+metrics.jsonl, ckpt/ and hf/ in the workdir.
+`:smoke` is a short run with a tiny random policy and judge on the one-question scalar rubric
+(tests).
 """
 
 import os
@@ -53,6 +57,7 @@ def get_config(arg=None):
         d.sources = ((os.path.join(DATA, "prime_harmful.jsonl"), 4),
                      (os.path.join(DATA, "prime_benign.jsonl"), 4))  # fmt: skip
         d.max_new_tokens = 8
+        c.judge.rubric = "scalar"  # one question: seconds, and rewards still vary
         d.max_prompt_tokens = 64
         d.pairs_per_step = 8
         d.num_steps = 3

@@ -288,9 +288,9 @@ def eval_config(tmp_path, two_pass):
     c.loop = "eval"
     c.model.source = "random:tiny"
     c.model.tokenizer = "embedded"
-    c.judge.rubric = "demo"
-    c.reward.gate_readout = "expected"
+    c.judge.rubric = "scalar"  # one question: the findings and helpfulness stay cheap
     e = c.eval
+    e.helpfulness_principle = "overall"
     e.suites = (("harm", "asr", harmful, -1), ("xs", "refusal", benign, -1),
                 ("help", "helpfulness", benign, 1))  # fmt: skip
     e.max_new_tokens = 6
@@ -341,6 +341,13 @@ def test_full_run_two_pass_reports_and_pareto_plot(tmp_path):
     assert len(points) == 3 and os.path.getsize(png) > 10_000
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_helpfulness_principle_is_an_error(tiny):
+    config = base.base_config()
+    config.eval.helpfulness_principle = "kindness"
+    with pytest.raises(ValueError, match="no principle 'kindness'.*helpfulness_principle"):
+        eval_lib.Context(config, tiny, tiny).judge("helpfulness")
 
 
 def test_pareto_front_by_hand():
