@@ -27,7 +27,9 @@ judge), then every suite of `config.eval.suites` through `SUITES[kind]`:
       choice tokens: summed log-likelihoods, then MC1 / MC2 / accuracy (`eval_suites`).
 
 Outputs in the output directory: `results.json` (every metric, per category, throughput),
-`results.md` (the tables), `examples.jsonl` (each prompt, answer(s) and verdicts). Scoring
+`results.md` (the tables), `examples.jsonl` (each prompt, answer(s) and verdicts), rewritten
+after every suite (`complete` is false until the last one), so a stopped run keeps its finished
+suites. Scoring
 rules, data checks and classifier definitions live in `eval_suites.py`.
 """
 
@@ -502,7 +504,8 @@ TABLE_COLUMNS = (("ASR match", "asr_matcher"), ("ASR judge", "asr_judge"),
 
 def markdown(results: dict) -> str:
     """The results as Markdown: one row per (suite, answer variant), then per category."""
-    lines = [f"## {results['name']}", "", f"model `{results['model']}`, "
+    done = "" if results.get("complete", True) else " (partial: stopped before every suite ran)"
+    lines = [f"## {results['name']}{done}", "", f"model `{results['model']}`, "
              f"{'two-pass' if results['two_pass'] else 'single-pass'}, "
              f"judge `{results['judge']}`", ""]  # fmt: skip
     head = ["suite", "kind", "answer", "n"] + [c for c, _ in TABLE_COLUMNS] + ["ex/s"]
@@ -590,13 +593,15 @@ def run(config, workdir: str) -> None:
             entry["sampling_tokens_per_s"] = extra.new_tokens / max(extra.sampling_s, 1e-9)
         results["suites"][suite.name] = entry
         all_rows += rows
+        results["summary"] = summarize(results["suites"])
+        results["complete"] = i + 1 == len(suites)
+        if jax.process_index() == 0:  # after every suite: a stopped run keeps what it finished
+            write_reports(workdir, results, all_rows)
         print(f"eval {suite.name} ({suite.kind}, n={len(records)}): {seconds:.1f}s, "
               f"{len(records) / seconds:.2f} examples/s; " + ", ".join(
                   f"{k} {v:.3f}" for k, v in metrics["final"].items()
                   if isinstance(v, float)))  # fmt: skip
-    results["summary"] = summarize(results["suites"])
     if jax.process_index() == 0:
-        write_reports(workdir, results, all_rows)
         print(markdown(results))
         print(f"wrote {workdir}/results.json, results.md, examples.jsonl")
 
