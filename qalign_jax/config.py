@@ -200,6 +200,47 @@ def base_config() -> ml_collections.ConfigDict:
     c.iteralign.base_rubric = ""  # the rubric the constitutions extend; '' = judge.rubric
     c.iteralign.gates_per_constitution = 1  # gate questions drafted per constitution (1-2)
 
+    # The DPO baseline (`loops/dpo.py`, `losses.dpo_loss`): pairs of best vs worst of G judged
+    # samples of the starting policy, then the sigmoid DPO loss against it (frozen).
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.sources = ()  # ((prompt-set JSONL, count or -1), ...): the prompts to sample on
+    c.dpo.num_generations = 4  # G samples per prompt; the best and the worst make a pair
+    c.dpo.min_margin = 0.0  # best - worst reward must exceed this, else the prompt is a tie
+    c.dpo.max_new_tokens = 128  # tokens per sampled answer
+    c.dpo.max_prompt_tokens = 256  # longer prompts are an error (or dropped, below)
+    c.dpo.on_long_prompt = "error"  # 'error' | 'drop'
+    c.dpo.temperature = 1.0
+    c.dpo.top_p = 1.0
+    c.dpo.sample_batch_prompts = 8  # prompts per sampler call (x G rows)
+    c.dpo.beta = 0.1  # DPO's inverse temperature of the implicit reward
+    c.dpo.label_smoothing = 0.0  # cDPO: assumed probability that a preference is flipped
+    c.dpo.pairs_per_step = 4  # pairs per optimizer update
+    c.dpo.grad_accum_steps = 1  # micro-batches per update
+    c.dpo.num_epochs = 1  # passes over the pairs
+    c.dpo.num_steps = 0  # > 0: exactly this many updates instead of num_epochs
+    c.dpo.export_hf = True  # write the final params as a Hugging Face directory, workdir/hf
+
+    # Evaluation (`eval.py`, `eval_suites.py`): suites of prompt-set JSONLs, reports, plots.
+    c.eval = ml_collections.ConfigDict()
+    # ((name, kind, JSONL path, count or -1), ...); kinds: 'asr', 'refusal', 'truthfulqa_mc',
+    # 'hhh', 'helpfulness' (see eval_suites.py for the fields each needs).
+    c.eval.suites = ()
+    c.eval.model = ""  # the evaluated model; '' = model.source (or an orbax workdir, HF dir, GGUF)
+    c.eval.name = ""  # the run's name in tables and plots; '' = the model path's last part
+    c.eval.batch_size = 16  # prompts per sampler call
+    c.eval.max_new_tokens = 128  # answer (or draft) tokens
+    c.eval.max_prompt_tokens = 512  # longer chat prompts are an error
+    c.eval.temperature = 0.0  # 0 = greedy (deterministic evals)
+    c.eval.top_p = 1.0
+    c.eval.two_pass = False  # QA-LIGN models: draft -> findings -> <Think> -> revision
+    c.eval.revision_max_tokens = 192  # two-pass: reflection + </Think> + revision
+    c.eval.max_findings = 6  # two-pass: findings shown after the draft (as in training)
+    c.eval.mc_format = "harness"  # 'harness' (lm-eval-harness raw-text prompts) | 'chat'
+    c.eval.mc_batch_size = 16  # (context, choice) rows per log-likelihood forward
+    c.eval.helpfulness_principle = (
+        "helpfulness"  # the rubric principle the 'helpfulness' suite reads
+    )
+
     # Checkpoints (`checkpoint.py`): orbax in workdir/ckpt, resumed automatically.
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 100  # save every N steps (and always at the end); 0 = end only

@@ -4,7 +4,8 @@ Owns the objectives of every training loop, one section each:
   SFT   `sft_loss`: masked token cross-entropy (the priming stage, IterAlign's distillation).
   GRPO  `group_advantages`, `grpo_loss` (clipped ratio, k3 KL to the reference, three
         token aggregations).
-  DPO   (a later stage): the preference loss on chosen/rejected pairs.
+  DPO   `sequence_log_likelihood`, `dpo_loss`: the sigmoid preference loss on chosen/rejected
+        pairs against a frozen reference (Rafailov et al. 2023), optionally label-smoothed.
 
 Invariants:
 - Inputs are `[B, T, V]` float32 logits (the model returns float32 logits whatever its compute
@@ -186,4 +187,66 @@ def grpo_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# DPO: added by the DPO stage.
+# DPO.
+
+
+def sequence_log_likelihood(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Summed log p(target) over the masked positions of each row.
+
+    Args:
+      logits: [B, T, V]; targets: [B, T] int32; mask: [B, T] 1 on the scored (answer) tokens.
+
+    Returns:
+      [B] float32 sums: log p(answer | prompt) of each row.
+    """
+    return jnp.sum(token_log_likelihood(logits, targets) * mask.astype(jnp.float32), axis=-1)
+
+
+def dpo_loss(
+    chosen_logp: jax.Array,
+    rejected_logp: jax.Array,
+    ref_chosen_logp: jax.Array,
+    ref_rejected_logp: jax.Array,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    normalizer: float | jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The sigmoid DPO loss (Rafailov et al. 2023), label-smoothed as in cDPO / TRL.
+
+    With h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)) per pair,
+      loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h),
+    averaged over the pairs (or divided by `normalizer`, the step's pair count, under gradient
+    accumulation). At the start (policy = reference) h = 0 and the loss is log 2.
+
+    Args:
+      chosen_logp, rejected_logp: [P] summed answer log-likelihoods under the policy.
+      ref_chosen_logp, ref_rejected_logp: [P] the same under the frozen reference.
+      beta: the inverse temperature of the implicit reward beta * log(pi / ref).
+      label_smoothing: eps in [0, 0.5): the assumed probability that a preference is flipped.
+
+    Returns:
+      (loss [], metrics) with sums over pairs: `loss_sum`, `accuracy_sum` (pairs with h > 0),
+      `margin_sum` (beta h), `chosen_reward_sum`, `rejected_reward_sum`, `num_pairs`.
+    """
+    if beta <= 0:
+        raise ValueError(f"dpo beta={beta}; it must be > 0.")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing={label_smoothing}; it must be in [0, 0.5).")
+    chosen_reward = beta * (chosen_logp - ref_chosen_logp).astype(jnp.float32)
+    rejected_reward = beta * (rejected_logp - ref_rejected_logp).astype(jnp.float32)
+    margin = chosen_reward - rejected_reward  # beta * h
+    per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(margin)
+    per_pair = per_pair - label_smoothing * jax.nn.log_sigmoid(-margin)
+    num_pairs = jnp.asarray(per_pair.shape[0], jnp.float32)
+    denom = num_pairs if normalizer is None else normalizer
+    loss = jnp.sum(per_pair) / jnp.maximum(denom, 1.0)
+    metrics = {
+        "loss_sum": jnp.sum(per_pair),
+        "accuracy_sum": jnp.sum((margin > 0).astype(jnp.float32)),
+        "margin_sum": jnp.sum(margin),
+        "chosen_reward_sum": jnp.sum(chosen_reward),
+        "rejected_reward_sum": jnp.sum(rejected_reward),
+        "num_pairs": num_pairs,
+    }
+    return loss, metrics

@@ -12,8 +12,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qalign_jax import eval as eval_lib
 from qalign_jax import sharding
-from qalign_jax.loops import generate, grpo, iteralign, pipeline, prime_data, sft
+from qalign_jax.loops import dpo, generate, grpo, iteralign, pipeline, prime_data, sft
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -27,6 +28,8 @@ _WORKDIR = flags.DEFINE_string(
 
 # Every loop exposes `run(config, workdir)`.
 LOOPS = {
+    "dpo": dpo.run,
+    "eval": eval_lib.run,
     "generate": generate.run,
     "grpo": grpo.run,
     "iteralign": iteralign.run,

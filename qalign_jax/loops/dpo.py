@@ -1,0 +1,392 @@
+"""The DPO baseline: judge-ranked pairs from the policy's own samples, sigmoid DPO, frozen ref.
+
+  python -m qalign_jax.train --config configs/dpo_smol.py --workdir workdirs/dpo_smol
+
+The QA-LIGN paper compares against DPO on the same prompts and judge. This loop builds that
+baseline from the pieces the GRPO loop uses, in two stages:
+
+  pairs   (offline, once) the starting policy (= the frozen reference) samples G answers per
+          prompt (`sampler.generate`); the frozen judge scores them on the rubric
+          (`judge.score_pairs`, reward = `Scores.reward`, safety-first pooled); each prompt's
+          best answer is `chosen` and its worst `rejected`. Prompts whose best and worst
+          rewards differ by <= `dpo.min_margin` (ties) are skipped and counted. Written to
+          `workdir/pairs.jsonl` with token ids, every sample's reward and the texts, so a rerun
+          (or a resume) reuses the pairs instead of sampling again.
+  train   the reference's summed answer log-likelihoods are computed once per pair; then
+          `for step in range(first_step, total_steps)`: `dpo.pairs_per_step` pairs (epochs of
+          a (seed, epoch)-seeded permutation, a pure function of the step, as in GRPO), the
+          sigmoid DPO loss (`losses.dpo_loss`) with `dpo.beta`, AdamW (`sft.make_optimizer`),
+          gradient accumulation (`sft.accumulate_grads`), orbax checkpoints with exact resume,
+          and the Hugging Face export.
+
+Decisions: the pairs are sampled once, from the starting policy, as in standard (offline) DPO
+on on-policy data; iterated/online DPO (resampling from the trained policy) is not done here.
+The answers are single-pass (no `<Think>` revision): DPO is the paper's single-pass baseline.
+The judge is the base model (`judge.source=''`), as in the GRPO loop; the reference is the
+policy at the start (`checkpoint.init`'s weights when set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qalign_jax import checkpoint, losses, metrics, sampler, sharding
+from qalign_jax import judge as judge_lib
+from qalign_jax.checkpoint import TrainState
+from qalign_jax.loops import grpo, prime_data, sft
+from qalign_jax.models import hf, llama, load
+
+PAIRS_FILE = "pairs.jsonl"
+SIDES = ("chosen", "rejected")
+ROW_KEYS = ("tokens", "positions", "targets", "mask")
+BATCH_KEYS = tuple(f"{s}_{k}" for s in SIDES for k in ROW_KEYS) + ("ref_chosen", "ref_rejected")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs (host side).
+
+
+def best_and_worst(rewards: np.ndarray, min_margin: float) -> tuple[int, int] | None:
+    """(chosen index, rejected index) of one prompt's G rewards, or None for a tie.
+
+    The first of equal maxima (minima) is taken, so the choice is deterministic.
+    """
+    rewards = np.asarray(rewards, np.float64)
+    best, worst = int(np.argmax(rewards)), int(np.argmin(rewards))
+    if rewards[best] - rewards[worst] <= min_margin:
+        return None
+    return best, worst
+
+
+def make_pairs(config, policy, judge, records, prompt_ids, rng) -> tuple[list[dict], dict]:
+    """Samples G answers per prompt, judges them and keeps best vs worst; returns (pairs, stats).
+
+    Prompts are sampled `dpo.sample_batch_prompts` at a time (x G rows per sampler call).
+    """
+    d, tok = config.dpo, policy.tokenizer
+    scfg = sampler.SamplerConfig(
+        max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p,
+        stop_ids=tuple(tok.stop_ids),
+    )  # fmt: skip
+    pairs, ties, t_sample, t_judge = [], [], 0.0, 0.0
+    for start in range(0, len(records), d.sample_batch_prompts):
+        batch = records[start : start + d.sample_batch_prompts]
+        rows = [r for r in batch for _ in range(d.num_generations)]
+        t0 = time.perf_counter()
+        out = sampler.generate(
+            policy, [prompt_ids[r.id] for r in rows], scfg, jax.random.fold_in(rng, start)
+        )
+        t_sample += time.perf_counter() - t0
+        texts = [tok.decode(t).strip() for t in out.tokens]
+        t0 = time.perf_counter()
+        verdicts = judge_lib.score_pairs(judge, [(r.prompt, t) for r, t in zip(rows, texts)])
+        t_judge += time.perf_counter() - t0
+        rewards = np.array([v.scores.reward for v in verdicts]).reshape(len(batch), -1)
+        for i, r in enumerate(batch):
+            choice = best_and_worst(rewards[i], d.min_margin)
+            if choice is None:
+                ties.append(r.id)
+                continue
+            w, lo = (i * d.num_generations + j for j in choice)
+            pairs.append({
+                "id": r.id, "prompt": r.prompt, "category": r.category, "label": r.label,
+                "prompt_ids": prompt_ids[r.id],
+                "chosen_ids": out.tokens[w], "rejected_ids": out.tokens[lo],
+                "chosen": texts[w], "rejected": texts[lo],
+                "chosen_reward": float(rewards[i, choice[0]]),
+                "rejected_reward": float(rewards[i, choice[1]]),
+                "rewards": [float(x) for x in rewards[i]],
+            })  # fmt: skip
+    stats = {
+        "pairs/prompts": len(records), "pairs/kept": len(pairs), "pairs/ties_skipped": len(ties),
+        "pairs/sampled": len(records) * d.num_generations,
+        "pairs/mean_reward": float(np.mean([x for p in pairs for x in p["rewards"]] or [0.0])),
+        "pairs/mean_gap": float(
+            np.mean([p["chosen_reward"] - p["rejected_reward"] for p in pairs] or [0.0])
+        ),
+        "time/sampling_s": t_sample, "time/judging_s": t_judge,
+    }  # fmt: skip
+    if ties:
+        logging.info("dpo: %d prompts skipped as ties (e.g. %s)", len(ties), ties[:3])
+    return pairs, stats
+
+
+def read_pairs(path: str) -> list[dict]:
+    """The pairs of an earlier run of this workdir; a broken file is an error, not resampled."""
+    pairs = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e}); delete the file to resample.") from e
+            missing = [
+                k for k in ("id", "prompt_ids", "chosen_ids", "rejected_ids") if k not in row
+            ]
+            if missing:
+                raise ValueError(f"{path}:{n}: missing fields {missing}; delete it to resample.")
+            pairs.append(row)
+    if not pairs:
+        raise ValueError(f"{path} holds no pairs; delete it to resample.")
+    return pairs
+
+
+def pair_rows(pairs: list[dict], side: str, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """[P, seq_len] next-token arrays of prompt + answer; the mask covers the answer only."""
+    n = len(pairs)
+    tokens = np.full((n, seq_len), pad_id, np.int32)
+    targets = np.full((n, seq_len), pad_id, np.int32)
+    positions = np.full((n, seq_len), -1, np.int32)
+    mask = np.zeros((n, seq_len), np.float32)
+    for i, p in enumerate(pairs):
+        prompt, answer = list(p["prompt_ids"]), list(p[f"{side}_ids"])
+        seq = prompt + answer
+        length = len(seq) - 1
+        if length > seq_len:
+            raise ValueError(f"pair {p['id']} {side}: {len(seq)} tokens > seq_len {seq_len} + 1.")
+        tokens[i, :length] = seq[:-1]
+        targets[i, :length] = seq[1:]
+        positions[i, :length] = np.arange(length)
+        mask[i, len(prompt) - 1 : length] = 1.0  # the targets that are answer tokens
+    return {"tokens": tokens, "positions": positions, "targets": targets, "mask": mask}
+
+
+def training_batch(pairs: list[dict], seq_len: int, pad_id: int, ref: np.ndarray) -> dict:
+    """The step's arrays: `chosen_*`, `rejected_*` rows and the reference sums `ref` [P, 2]."""
+    batch = {}
+    for side in SIDES:
+        for k, v in pair_rows(pairs, side, seq_len, pad_id).items():
+            batch[f"{side}_{k}"] = v
+    batch["ref_chosen"] = ref[:, 0].astype(np.float32)
+    batch["ref_rejected"] = ref[:, 1].astype(np.float32)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted pieces.
+
+
+def answer_logprobs(params, tokens, positions, targets, mask, *, graphdef, mesh, rules):
+    """[rows] summed log p(answer | prompt)."""
+    with sharding.use_rules(mesh, rules):
+        logits, _ = llama.forward(graphdef, params, tokens, positions)
+        return losses.sequence_log_likelihood(logits, targets, mask)
+
+
+def dpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, d, mesh, rules):
+    """One optimizer update on the step's micro-batches of pairs; metrics are step means."""
+    with sharding.use_rules(mesh, rules):
+        num_pairs = float(batch["ref_chosen"].shape[0] * batch["ref_chosen"].shape[1])
+
+        def loss_fn(params, micro):
+            # Chosen and rejected rows in one forward: [2P, T].
+            rows = {k: jnp.concatenate([micro[f"chosen_{k}"], micro[f"rejected_{k}"]]) for k in
+                    ROW_KEYS}  # fmt: skip
+            logits, _ = llama.forward(graphdef, params, rows["tokens"], rows["positions"])
+            logp = losses.sequence_log_likelihood(logits, rows["targets"], rows["mask"])
+            chosen, rejected = jnp.split(logp, 2)
+            return losses.dpo_loss(
+                chosen, rejected, micro["ref_chosen"], micro["ref_rejected"], beta=d.beta,
+                label_smoothing=d.label_smoothing, normalizer=num_pairs,
+            )  # fmt: skip
+
+        grads, sums = sft.accumulate_grads(loss_fn, state.params, batch, param_sh)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+    step_metrics = {
+        "loss": sums["loss_sum"] / num_pairs,
+        "accuracy": sums["accuracy_sum"] / num_pairs,
+        "margin": sums["margin_sum"] / num_pairs,
+        "chosen_reward": sums["chosen_reward_sum"] / num_pairs,
+        "rejected_reward": sums["rejected_reward_sum"] / num_pairs,
+        "grad_norm": grad_norm,
+        "lr": schedule(state.step),
+    }
+    return TrainState(state.step + 1, params, opt_state), step_metrics
+
+
+def batch_shardings(mesh) -> dict[str, NamedSharding]:
+    """[A, P / A, ...] arrays: pairs over (data, fsdp)."""
+    out = {}
+    for k in BATCH_KEYS:
+        extra = () if k.startswith("ref_") else (None,)
+        out[k] = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), *extra))
+    return out
+
+
+def jit_dpo_step(graphdef, tx, schedule, state_sh: TrainState, d, mesh, rules):
+    """`dpo_step` jitted once: state shardings in and out, the state donated."""
+    step = functools.partial(
+        dpo_step, graphdef=graphdef, tx=tx, schedule=schedule, param_sh=state_sh.params, d=d,
+        mesh=mesh, rules=tuple(rules),
+    )  # fmt: skip
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, batch_shardings(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def run(config, workdir: str) -> None:
+    d = config.dpo
+    if d.num_generations < 2:
+        raise ValueError(f"dpo.num_generations={d.num_generations}; best vs worst needs G >= 2.")
+    if d.grad_accum_steps < 1 or d.pairs_per_step % d.grad_accum_steps:
+        raise ValueError(
+            f"dpo.pairs_per_step={d.pairs_per_step} must be a multiple of "
+            f"dpo.grad_accum_steps={d.grad_accum_steps} (>= 1)."
+        )
+
+    # Mesh; the base model (judge) and the starting policy (also the frozen reference).
+    mesh = sharding.make_mesh(config.mesh.shape)
+    rules = tuple(config.sharding.rules)
+    sharding.check_batch_divisible(d.pairs_per_step // d.grad_accum_steps, mesh)
+    base = load.from_config(config, mesh)
+    tok, cfg = base.tokenizer, base.cfg
+    if tok is None:
+        raise ValueError("the policy has no tokenizer; set config.model.tokenizer.")
+    judge = judge_lib.from_config(config, base)
+    graphdef, abstract_params = llama.abstract_model(cfg)
+    param_sh = sharding.param_shardings(abstract_params, mesh, rules)
+    reference, start = base, f"the policy {config.model.source}"
+    if config.checkpoint.init:
+        params, start = checkpoint.initial_params(
+            cfg, param_sh, source=config.model.source, init=config.checkpoint.init,
+            mesh=mesh, rules=rules, seed=config.seed,
+        )  # fmt: skip
+        reference = dataclasses.replace(base, params=params)
+
+    # Stage 1: pairs (reused when the workdir has them).
+    pairs_path = os.path.join(workdir, PAIRS_FILE)
+    if os.path.exists(pairs_path):
+        pairs = read_pairs(pairs_path)
+        logging.info("dpo: %d pairs from %s", len(pairs), pairs_path)
+    else:
+        records = prime_data.select_prompts(d.sources, config.seed)
+        prompt_ids = grpo.chat_ids(tok, records, d.max_prompt_tokens, d.on_long_prompt)
+        records = [r for r in records if r.id in prompt_ids]
+        pairs, stats = make_pairs(
+            config, reference, judge, records, prompt_ids,
+            jax.random.fold_in(jax.random.key(config.seed), 1 << 20),
+        )  # fmt: skip
+        if not pairs:
+            raise ValueError(
+                f"no preference pairs: all {len(records)} prompts were ties (best - worst <= "
+                f"dpo.min_margin={d.min_margin}); raise dpo.num_generations or the temperature."
+            )
+        if jax.process_index() == 0:
+            with open(pairs_path + ".tmp", "w") as f:
+                f.writelines(json.dumps(p) + "\n" for p in pairs)
+            os.replace(pairs_path + ".tmp", pairs_path)
+            with open(os.path.join(workdir, "pairs_summary.json"), "w") as f:
+                json.dump(stats, f, indent=1)
+        print("dpo pairs: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+    if len(pairs) < d.pairs_per_step:
+        raise ValueError(f"{len(pairs)} pairs < dpo.pairs_per_step={d.pairs_per_step}.")
+    total_steps = d.num_steps or max(1, d.num_epochs * len(pairs) // d.pairs_per_step)
+    longest = max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"]))
+                  for p in pairs)  # fmt: skip
+    seq_len = -(-longest // 64) * 64
+
+    # The reference's answer log-likelihoods, once per pair.
+    row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+    ref_fn = jax.jit(
+        functools.partial(answer_logprobs, graphdef=graphdef, mesh=mesh, rules=rules),
+        in_shardings=(param_sh, row_sh, row_sh, row_sh, row_sh),
+        out_shardings=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))),
+    )
+    chunk = d.pairs_per_step // d.grad_accum_steps
+    padded = pairs + pairs[: (-len(pairs)) % chunk]  # whole chunks; the repeats are dropped
+    ref = np.zeros((len(padded), 2), np.float32)
+    for s in range(0, len(padded), chunk):
+        for j, side in enumerate(SIDES):
+            rows = pair_rows(padded[s : s + chunk], side, seq_len, tok.pad_id)
+            rows = sft.put_batch(rows, dict.fromkeys(ROW_KEYS, row_sh))
+            ref[s : s + chunk, j] = jax.device_get(ref_fn(reference.params, *rows.values()))
+    ref = ref[: len(pairs)]
+    index_of = {p["id"]: i for i, p in enumerate(pairs)}
+
+    # Optimizer state: restore or init (from the reference's weights).
+    tx, schedule = sft.make_optimizer(config.optimizer, total_steps)
+    abstract_state, state_sh = sft.state_shardings(abstract_params, tx, mesh, rules)
+    manager = checkpoint.make_manager(
+        workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
+    make_state = jax.jit(
+        functools.partial(sft.init_state, tx=tx), out_shardings=state_sh, donate_argnums=(0,)
+    )
+    state, meta, origin = checkpoint.restore_or_init(
+        manager, abstract_state, make_state,
+        lambda: (jax.tree.map(jnp.copy, reference.params), start),  # a copy: the state is donated
+    )  # fmt: skip
+    first_step = int(meta["step"]) if meta is not None else 0
+    if meta is not None and meta.get("num_pairs") != len(pairs):
+        raise ValueError(
+            f"{manager.directory}: the checkpoint was trained on {meta.get('num_pairs')} pairs, "
+            f"{pairs_path} has {len(pairs)}; use a new workdir or restore the pairs file."
+        )
+    step_fn = jit_dpo_step(graphdef, tx, schedule, state_sh, d, mesh, rules)
+    batch_sh = batch_shardings(mesh)
+
+    writer = metrics.MetricsWriter(
+        workdir, resume_step=first_step, tensorboard=config.metrics.tensorboard
+    )
+    progress = metrics.Progress(first_step, total_steps)
+    base_rng = jax.random.key(config.seed)
+    if jax.process_index() == 0:
+        print(f"dpo: {origin}; {len(pairs)} pairs, steps {first_step} -> {total_steps}, "
+              f"{d.pairs_per_step} pairs per step, beta {d.beta}, seq_len {seq_len}")  # fmt: skip
+    try:
+        for step in range(first_step, total_steps):
+            t0 = time.perf_counter()
+            chosen = grpo.prompts_for_step(pairs, step, d.pairs_per_step, config.seed)
+            idx = np.array([index_of[p["id"]] for p in chosen])
+            host = training_batch(chosen, seq_len, tok.pad_id, ref[idx])
+            micro = grpo.split_micro(host, d.grad_accum_steps)
+            state, m = step_fn(state, sft.put_batch(micro, batch_sh))
+            m = jax.device_get(m)
+            done = step + 1
+            metrics.check_finite(
+                done, float(m["loss"]), float(m["grad_norm"]),
+                last_checkpoint=lambda: checkpoint.latest_step(manager),
+            )  # fmt: skip
+            row = {f"train/{k}": float(v) for k, v in m.items()}
+            row["time/step_s"] = time.perf_counter() - t0
+            writer.write(done, row)
+            if done % config.metrics.log_every == 0 or done == total_steps:
+                progress.print(done, row)
+            if done == total_steps or (
+                config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0
+            ):
+                checkpoint.save(manager, state, {
+                    "step": done, "rng": np.asarray(jax.random.key_data(base_rng)).tolist(),
+                    "num_pairs": len(pairs), "total_steps": total_steps,
+                })  # fmt: skip
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+
+    if d.export_hf:
+        out = os.path.join(workdir, "hf")
+        hf.export_hf(out, cfg, state.params, tok)
+        print(f"exported Hugging Face weights to {out}")

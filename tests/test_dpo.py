@@ -1,0 +1,119 @@
+"""The DPO baseline: the loss by hand, pairs and masks, a smoke run with exact resume, errors.
+
+Tiny random policy and judge with the real tokenizer (`configs/dpo_smol.py:smoke`)."""
+
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qalign_jax import losses, metrics, train
+from qalign_jax.loops import dpo
+from tests.test_train import ROOT
+
+
+def smoke_config():
+    spec = importlib.util.spec_from_file_location(
+        "dpo_cfg", os.path.join(ROOT, "configs", "dpo_smol.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config("smoke")
+
+
+def test_dpo_loss_by_hand():
+    chosen, rejected = jnp.array([-10.0, -12.0]), jnp.array([-11.0, -10.0])
+    ref_c, ref_r = jnp.array([-10.5, -12.0]), jnp.array([-10.5, -11.0])
+    loss, m = losses.dpo_loss(chosen, rejected, ref_c, ref_r, beta=0.5)
+    # Pair 1: rewards 0.5 * 0.5 = 0.25 and 0.5 * -0.5 = -0.25, margin 0.5:
+    #   -log sigmoid(0.5) = log(1 + e^-0.5) = 0.474077.
+    # Pair 2: rewards 0 and 0.5 * 1 = 0.5, margin -0.5: log(1 + e^0.5) = 0.974077.
+    assert float(loss) == pytest.approx((0.474077 + 0.974077) / 2, abs=1e-6)
+    assert float(m["accuracy_sum"]) == 1.0 and float(m["num_pairs"]) == 2.0
+    assert float(m["margin_sum"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(m["chosen_reward_sum"]) == pytest.approx(0.25)
+    assert float(m["rejected_reward_sum"]) == pytest.approx(0.25)
+    # Label smoothing 0.1 on pair 1: 0.9 * 0.474077 + 0.1 * 0.974077 = 0.524077.
+    loss, _ = losses.dpo_loss(chosen[:1], rejected[:1], ref_c[:1], ref_r[:1], beta=0.5,
+                              label_smoothing=0.1)  # fmt: skip
+    assert float(loss) == pytest.approx(0.524077, abs=1e-6)
+    # Policy = reference: log 2, whatever the log-likelihoods.
+    loss, _ = losses.dpo_loss(chosen, rejected, chosen, rejected, beta=0.1)
+    assert float(loss) == pytest.approx(math.log(2))
+    # The gradient raises the chosen answer: dL/dchosen = -beta * sigmoid(-margin).
+    g = jax.grad(lambda c: losses.dpo_loss(c, rejected[:1], ref_c[:1], ref_r[:1], beta=0.5)[0])(
+        chosen[:1]
+    )
+    assert float(g[0]) == pytest.approx(-0.5 / (1 + math.exp(0.5)), abs=1e-6)
+    with pytest.raises(ValueError, match="beta"):
+        losses.dpo_loss(chosen, rejected, ref_c, ref_r, beta=0.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        losses.dpo_loss(chosen, rejected, ref_c, ref_r, label_smoothing=0.5)
+
+
+def test_best_and_worst_and_ties():
+    assert dpo.best_and_worst(np.array([0.1, 0.5, -0.2, 0.5]), 0.0) == (1, 2)
+    assert dpo.best_and_worst(np.array([0.3, 0.3, 0.3]), 0.0) is None
+    assert dpo.best_and_worst(np.array([0.3, 0.35]), 0.1) is None
+
+
+def test_pair_rows_mask_the_answer_only():
+    pair = {"id": "a", "prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10]}
+    r = dpo.pair_rows([pair], "chosen", 8, pad_id=0)
+    assert r["tokens"][0, :4].tolist() == [5, 6, 7, 8]
+    assert r["targets"][0, :4].tolist() == [6, 7, 8, 9]
+    assert r["mask"][0].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]  # targets 8 and 9
+    assert r["positions"][0].tolist() == [0, 1, 2, 3, -1, -1, -1, -1]
+    r = dpo.pair_rows([pair], "rejected", 8, pad_id=0)
+    assert r["mask"][0].tolist() == [0, 0, 1, 0, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="seq_len"):
+        dpo.pair_rows([pair], "chosen", 3, pad_id=0)
+
+
+def test_smoke_run_pairs_loss_and_exact_resume(tmp_path):
+    config = smoke_config()
+    workdir = str(tmp_path / "run")
+    train.run(config, workdir)
+    with open(os.path.join(workdir, dpo.PAIRS_FILE)) as f:
+        pairs = [json.loads(line) for line in f]
+    assert 1 <= len(pairs) <= 8
+    for p in pairs:
+        assert p["chosen_reward"] == max(p["rewards"]) > p["rejected_reward"] == min(p["rewards"])
+        assert len(p["rewards"]) == config.dpo.num_generations
+    rows = [r for r in metrics.read_metrics(workdir) if "train/loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]  # lr 1e-3 on the same few pairs
+    assert all(0.0 <= r["train/accuracy"] <= 1.0 for r in rows)
+
+    # Resume: the same command with more steps reuses the pairs (no sampling) and continues
+    # from the checkpoint at step 3 (the data order is a pure function of the step, as GRPO's).
+    config.dpo.num_steps = 4
+    train.run(config, workdir)
+    with open(os.path.join(workdir, dpo.PAIRS_FILE)) as f:
+        assert [json.loads(line) for line in f] == pairs
+    resumed = [r for r in metrics.read_metrics(workdir) if "train/loss" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert resumed[:3] == rows  # the first run's lines are kept, step 4 appended
+    assert resumed[3]["train/loss"] < rows[0]["train/loss"]
+
+
+def test_bad_configs_say_what_to_fix(tmp_path):
+    config = smoke_config()
+    config.dpo.num_generations = 1
+    with pytest.raises(ValueError, match="G >= 2"):
+        train.run(config, str(tmp_path / "a"))
+    config = smoke_config()
+    config.dpo.grad_accum_steps = 3
+    with pytest.raises(ValueError, match="multiple of dpo.grad_accum_steps"):
+        train.run(config, str(tmp_path / "b"))
+    os.makedirs(tmp_path / "c")
+    with open(tmp_path / "c" / dpo.PAIRS_FILE, "w") as f:
+        f.write('{"id": "x", "prompt_ids": [1]}\n')
+    with pytest.raises(ValueError, match="missing fields.*delete it to resample"):
+        dpo.read_pairs(str(tmp_path / "c" / dpo.PAIRS_FILE))
