@@ -13,10 +13,10 @@ Four stages (`qalign_jax/loops/pipeline.py`), each a normal config run at its `:
      (configs/data/eval_prompts.jsonl) greedily, two-pass, judged on the demo rubric.
 The console shows each stage's progress and a summary at the end; outputs are in
 workdirs/demo/{1_prime,2_sft,3_grpo,4_eval} and workdirs/demo/summary.json. Rerunning the
-command resumes (finished stages are skipped). Measured (seed 0, a 2-core CPU that was also
-running the test suite): 23m40s in all (priming 7m20s, 5/16 kept; SFT 3m43s, 3 steps, loss
-1.53 -> 0.56; GRPO 10m43s, 4 steps; before/after 1m44s). Target: <= 20 min on a quiet 2-core
-CPU, not yet verified. Each stage's full-size config runs alone.
+command resumes (finished stages are skipped). Measured (seed 0, a quiet 2-core CPU): 17m05s
+in all (priming 3m47s, 5/16 kept; SFT 1m53s, 3 steps, loss 1.53 -> 0.56; GRPO 9m23s, 4 steps
+of ~126 s: sampling 28 s, judging 31 s, training 67 s; before/after 2m03s), under the 20-min
+target. Each stage's full-size config runs alone.
 `:smoke` (tests): a tiny random model with the real tokenizer through the same four stages.
 """
 

@@ -110,14 +110,11 @@ def load_eval_model(config, source: str, mesh) -> load.LoadedModel:
 
 def rubric_judge(config, judge_model, rubric) -> judge_lib.Judge:
     """`rubric` on the judge model with `config.judge`'s settings (as `judge.from_config`)."""
-    jc = config.judge
-    cfg = judge_lib.JudgeConfig(
-        mode=jc.mode, batch_size=jc.batch_size, question_chunk=jc.question_chunk,
-        max_context_tokens=jc.max_context_tokens, on_long_context=jc.on_long_context,
-        skip_inapplicable=jc.skip_inapplicable,
-    )  # fmt: skip
     return judge_lib.build_judge(
-        judge_model, rubric, cfg, rewards.RewardConfig(**config.reward.to_dict())
+        judge_model,
+        rubric,
+        judge_lib.config_of(config.judge),
+        rewards.RewardConfig(**config.reward.to_dict()),
     )
 
 
