@@ -235,14 +235,13 @@ def main():
     )  # fmt: skip
     timed(naive_judge, pairs[:1], jax.random.key(0))
     naive, t_naive, c_naive = timed(naive_judge, pairs, jax.random.key(0))
-    same = [
-        a.answers[q.id].argmax == b.answers[q.id].argmax
-        for a, b in zip(ours, naive)
-        for q in rubric.questions
+    both = [
+        (a.answers[q.id], b.answers[q.id]) for a, b in zip(ours, naive) for q in rubric.questions
     ]
-    unparsed = sum(
-        np.allclose(a.probs, 1 / len(a.probs)) for v in naive for a in v.answers.values()
-    )
+    # An unparseable naive answer is uniform over the options: its argmax means nothing.
+    parsed = [not np.allclose(b.probs, 1 / len(b.probs)) for _, b in both]
+    same = [a.argmax == b.argmax for (a, b), ok in zip(both, parsed) if ok]
+    unparsed = len(parsed) - sum(parsed)
     result = {
         "model": args.model, "rubric": args.rubric, "responses": len(pairs), "questions": n_q,
         "naive_s": t_naive, "ours_s": t_ours,

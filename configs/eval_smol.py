@@ -17,8 +17,9 @@ Subsets (chosen by a hash of the seed and ids, so they spread over categories):
 Answers: greedy, 48 tokens (the smol GRPO/DPO runs train on 48-token answers; two-pass adds
 160 revision tokens). The judge is the base embedded model for every run (a fixed judge), so
 runs are comparable; its verdicts are weak (135M): the matcher's numbers are the steadier
-ones. Expected: a few minutes per model on a 2-core CPU; results.json, results.md and
-examples.jsonl in the output directory.
+ones. Measured on a 2-core CPU shared with other runs: 21 min for a one-pass model, 36 min
+two-pass; TruthfulQA's 24 questions are the slowest suite (each choice is its own forward
+over the 6-shot prompt). results.json, results.md and examples.jsonl in the output directory.
 """
 
 import os
