@@ -242,6 +242,18 @@ def main():
     parsed = [not np.allclose(b.probs, 1 / len(b.probs)) for _, b in both]
     same = [a.argmax == b.argmax for (a, b), ok in zip(both, parsed) if ok]
     unparsed = len(parsed) - sum(parsed)
+    kinds = [q.kind for _ in pairs for q in rubric.questions]
+    by_kind = {  # a weak judge can give one grade to everything: look at each kind
+        kind: {"parsed": len(hits), "agreement": float(np.mean(hits))}
+        for kind in ("gate", "graded", "condition")
+        if (
+            hits := [
+                a.argmax == b.argmax
+                for (a, b), ok, k in zip(both, parsed, kinds)
+                if ok and k == kind
+            ]
+        )
+    }
     result = {
         "model": args.model, "rubric": args.rubric, "responses": len(pairs), "questions": n_q,
         "naive_s": t_naive, "ours_s": t_ours,
@@ -254,7 +266,7 @@ def main():
         "ours_skip_inapplicable_s": t_skip, "ours_skip_questions_per_s": n_q / t_skip,
         "speedup_skip_inapplicable": t_naive / t_skip,
         "skip_fraction_scored": n_skip_scored / n_q, "agreement_on_parsed": float(np.mean(same)) if same else None,
-        "naive_unparsed_fraction": unparsed / n_q,
+        "naive_unparsed_fraction": unparsed / n_q, "agreement_on_parsed_by_kind": by_kind,
         "ours_mean_option_mass": float(np.mean([a.option_mass for v in ours for a in v.answers.values()])),
     }  # fmt: skip
     print(
@@ -274,6 +286,8 @@ def main():
     print(f"speedup {result['speedup']:.1f}x (all questions); naive answer unparseable on "
           f"{100 * result['naive_unparsed_fraction']:.1f}% of questions; where it parsed, the same "
           f"answer on {100 * (result['agreement_on_parsed'] or 0):.1f}%")  # fmt: skip
+    print("agreement on parsed answers by kind: " + ", ".join(
+        f"{k} {100 * v['agreement']:.1f}% of {v['parsed']}" for k, v in by_kind.items()))  # fmt: skip
     print(f"XLA compile inside the timed runs: naive {c_naive:.1f}s, ours {c_ours:.1f}s; "
           f"speedup excluding compile {result['speedup_excluding_compile']:.1f}x")  # fmt: skip
     print(f"ours cold (first pass, {c_cold:.1f}s of XLA compile): {t_cold:.1f}s -> "
