@@ -235,24 +235,19 @@ def main():
     )  # fmt: skip
     timed(naive_judge, pairs[:1], jax.random.key(0))
     naive, t_naive, c_naive = timed(naive_judge, pairs, jax.random.key(0))
-    both = [
-        (a.answers[q.id], b.answers[q.id]) for a, b in zip(ours, naive) for q in rubric.questions
+    both = [  # (ours, naive, kind) for every (pair, question)
+        (a.answers[q.id], b.answers[q.id], q.kind)
+        for a, b in zip(ours, naive)
+        for q in rubric.questions
     ]
     # An unparseable naive answer is uniform over the options: its argmax means nothing.
-    parsed = [not np.allclose(b.probs, 1 / len(b.probs)) for _, b in both]
-    same = [a.argmax == b.argmax for (a, b), ok in zip(both, parsed) if ok]
-    unparsed = len(parsed) - sum(parsed)
-    kinds = [q.kind for _ in pairs for q in rubric.questions]
+    parsed = [(a, b, k) for a, b, k in both if not np.allclose(b.probs, 1 / len(b.probs))]
+    same = [a.argmax == b.argmax for a, b, _ in parsed]
+    unparsed = len(both) - len(parsed)
     by_kind = {  # a weak judge can give one grade to everything: look at each kind
         kind: {"parsed": len(hits), "agreement": float(np.mean(hits))}
         for kind in ("gate", "graded", "condition")
-        if (
-            hits := [
-                a.argmax == b.argmax
-                for (a, b), ok, k in zip(both, parsed, kinds)
-                if ok and k == kind
-            ]
-        )
+        if (hits := [a.argmax == b.argmax for a, b, k in parsed if k == kind])
     }
     result = {
         "model": args.model, "rubric": args.rubric, "responses": len(pairs), "questions": n_q,
