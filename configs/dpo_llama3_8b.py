@@ -15,12 +15,13 @@ cosine, against the frozen starting policy.
 Mesh (data, fsdp, tensor) = (1, 32, 1) on 32 chips (95 GB HBM each). Memory per chip:
   policy params fp32 + Adam mu, nu            32.1 GB x 3 / 32 = 3.0 GB
   gradients fp32                               32.1 GB / 32     = 1.0 GB
-  reference (bf16, frozen) and judge (bf16)    2 x 16 GB / 32   = 1.0 GB
+  primed reference and judge, frozen, in model.param_dtype (fp32; model.source's own
+    weights are not loaded: both roles are taken)  2 x 32.1 GB / 32 = 2.0 GB
   sampler KV cache, 80 rows x 640 slots x 32 layers x 8 x 128 x 2 x 2 B = 6.7 GB / 32 = 0.2 GB
   training activations, remat 'full', 64 rows (32 pairs) x 1,024 tokens / 32 chips (2 rows
     per chip): block inputs 32 x 2 x 1,024 x 4,096 x 2 B = 0.5 GB; logits and log-softmax
     (fp32, 2 x 1,024 x 128,256 x 4 B x ~3) ~ 3.2 GB; one recomputed block ~ 1 GB  ~ 5 GB
-  total ~ 11 GB of 95 GB. Estimates from this arithmetic, not measurements.
+  total ~ 12 GB of 95 GB. Estimates from this arithmetic, not measurements.
 """
 
 import os

@@ -20,15 +20,16 @@ must divide over data x fsdp, so FSDP is 16-way and the rest is tensor parallel 
 (tests/test_aot.py). Memory per chip (every parameter is still split 32 ways):
   policy params fp32 + Adam mu, nu            32.1 GB x 3 / 32 = 3.0 GB
   gradients fp32                               32.1 GB / 32     = 1.0 GB
-  reference (bf16, frozen) and judge (bf16)    2 x 16 GB / 32   = 1.0 GB
+  primed reference and judge, frozen, in model.param_dtype (fp32; model.source's own
+    weights are not loaded: both roles are taken)  2 x 32.1 GB / 32 = 2.0 GB
   sampler KV cache, 80 rows x 1,536 slots x 32 layers x 8 kv heads x 128 x 2 (k, v) x 2 B
                                                = 32 GB / 32     = 1.0 GB
-  judge prefix caches (16 responses x 1,024) and question chunks (16 x 64 rows x 48 tokens)
-                                               ~ 10 GB / 32     ~ 0.3 GB
+  judge prefix caches (16 responses x 2 option sets x 1,024) and question chunks (16 x 64 x 44)
+                                               ~ 11 GB / 32     ~ 0.3 GB
   training activations, remat 'full', 80 rows x 1,536 tokens / 32 chips (4 rows per chip):
     block inputs 32 x 4 x 1,536 x 4,096 x 2 B = 1.6 GB; logits and log-softmax (fp32,
     4 x 1,536 x 128,256 x 4 B x ~3) ~ 9.5 GB; one recomputed block ~ 2 GB  ~ 13 GB
-  total ~ 20 GB of 95 GB.
+  total ~ 21 GB of 95 GB.
 These are estimates from the arithmetic above, not measurements.
 """
 

@@ -129,8 +129,9 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     # Sampling: prefill the prompts, prepare decode weights, decode, extend (second pass).
     params = abstract_state.params
     scfg = sampler.SamplerConfig(
-        max_new_tokens=g.draft_max_tokens, max_cache_len=cache_len, stop_ids=(0,)
-    )
+        max_new_tokens=g.draft_max_tokens, max_cache_len=cache_len, stop_ids=(0,),
+        batch_buckets=(rows,),  # as grpo's sampler: every rollout batch has B x G rows
+    )  # fmt: skip
     batch_rows = sampler._bucket(rows, scfg.batch_buckets, sampler._batch_multiple(mesh))
     width = sampler._bucket(g.max_prompt_tokens, scfg.prompt_buckets)
     rsh = lambda nd: sharding.batch_sharding(mesh, nd)  # noqa: E731
@@ -166,7 +167,8 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
         scfg2 = dataclasses.replace(scfg, max_new_tokens=g.revision_max_tokens)
         run("decode2", sampler.decode, (cfg,), {"cfg": scfg2}, (weights, state), state_arg=1)
 
-    # The judge: prefix prefill of judge.batch_size responses, then one question chunk.
+    # The judge: judge.batch_size contexts prefilled, a question header per option set (Yes/No,
+    # grades) appended, then one question chunk over one option set's rows.
     jcfg = judge_cfg or cfg  # judge.from_config loads with model.param_dtype and model.dtype
     jgraphdef, jabstract = llama.abstract_model(jcfg)
     jparams = checkpoint.with_shardings(jabstract, sharding.param_shardings(jabstract, mesh, rules))
@@ -176,11 +178,18 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     with sharding.use_rules(mesh, rules):
         t0 = time.perf_counter()
         ids = _sds((bp, p_len), jnp.int32, repl)
-        out["judge_prefill"] = judge._prefill.lower(jgraphdef, jparams, ids, ids)
+        header = _sds((2 * bp, 8), jnp.int32, repl)
+        out["judge_prefill"] = judge._prefill.lower(jgraphdef, jparams, ids, ids, header, header)
         prefix = jax.tree.map(lambda x: _sds(x.shape, x.dtype, repl), out["judge_prefill"].out_info)
         if _wanted(compile_, "judge_prefill"):  # then the scoring takes the cache as placed
             out["judge_prefill"] = out["judge_prefill"].compile()
             prefix = abstract_out(out["judge_prefill"])
+        k, v, pos = prefix.k, prefix.v, prefix.positions  # one option set's bp rows of each
+        prefix = llama.KVCache(
+            _sds((k.shape[0], bp, *k.shape[2:]), k.dtype, k.sharding),
+            _sds((v.shape[0], bp, *v.shape[2:]), v.dtype, v.sharding),
+            _sds((bp, *pos.shape[1:]), pos.dtype, pos.sharding), prefix.index,
+        )  # fmt: skip
         options = 6
         out["judge_score"] = judge._score_chunk.lower(
             jgraphdef, jparams, prefix, _sds((bp * qc, s_len), jnp.int32, repl),

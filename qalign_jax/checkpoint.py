@@ -178,6 +178,19 @@ def restore_params(path: str, abstract_params: nnx.State) -> tuple[nnx.State, in
 # The model's shapes and its first parameters.
 
 
+def base_model(config, mesh) -> load.LoadedModel:
+    """`config.model` ready to run, for the RL loops (GRPO, DPO). Its weights are the judge
+    unless `judge.source` is set, and the frozen reference unless `checkpoint.init` is set;
+    with both set nothing reads them, so they are not loaded (`params` is None): the loops
+    then hold two frozen copies (reference and judge), not three."""
+    if config.checkpoint.init and config.judge.source:
+        cfg, tokenizer = describe_model(config.model)
+        graphdef, _ = llama.abstract_model(cfg)
+        rules = tuple(config.sharding.rules)
+        return load.LoadedModel(cfg, graphdef, None, tokenizer, mesh, rules, config.model.source)
+    return load.from_config(config, mesh)
+
+
 def describe_model(model_cfg) -> tuple[llama.LlamaConfig, tokenizer_lib.Tokenizer | None]:
     """Architecture and tokenizer of `config.model`, without reading any weights.
 

@@ -17,6 +17,11 @@ draft is trained, the inserted rubric critique is not, `<Think>` + revision is t
 Prompt sets (`read_prompt_set`): the shared schema `{"id", "prompt", "category", "label"}`
 (extra fields kept), split into disjoint named parts by `split_by_hash`.
 
+Multi-host: `load_sft_examples` reads and validates every row on every process (cheap) but
+tokenizes an example only when a batch row needs it (`SFTExamples`), and `SFTBatches` builds
+only the rows a process's devices hold, so each process tokenizes its share of the data.
+The batch order depends only on `(seed, epoch, batch index)`, not on the process count.
+
 Batches (`SFTBatches`): rows of `seq_len` tokens, right-padded (position -1, loss mask 0).
 Packing several examples into one row is deliberately absent: the model masks attention by
 positions only (a key is visible when its position is <= the query's, within a row), so two
@@ -196,6 +201,60 @@ def tokenize_sft(
     )
 
 
+class SFTExamples(Sequence):
+    """Validated SFT rows, each tokenized (`tokenize_sft`) on first access and kept.
+
+    Reading every row is cheap; tokenizing is not, and on a pod each process tokenizes only
+    the examples its batch rows hold (`SFTBatches.batch_at(..., rows=)`).
+    """
+
+    def __init__(self, rows: list[tuple[str, dict]], tokenizer, **tokenize_kw):
+        if tokenize_kw.get("on_overflow") not in OVERFLOW_MODES:
+            raise ValueError(
+                f"data.on_overflow={tokenize_kw.get('on_overflow')!r}; use one of {OVERFLOW_MODES}."
+            )
+        self.rows = rows
+        self.tokenizer = tokenizer
+        self.tokenize_kw = tokenize_kw
+        self._done: dict[int, SFTExample] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> SFTExample:
+        if i not in self._done:
+            where, row = self.rows[i]
+            self._done[i] = tokenize_sft(row, self.tokenizer, where=where, **self.tokenize_kw)
+        return self._done[i]
+
+    @property
+    def ids(self) -> list[str]:
+        return [row["id"] for _, row in self.rows]
+
+    @property
+    def num_tokenized(self) -> int:
+        return len(self._done)
+
+    @property
+    def num_truncated(self) -> int:
+        """Truncated examples among those tokenized so far."""
+        return sum(ex.truncated for ex in self._done.values())
+
+    def split(self, sizes: dict[str, int | float], seed: int) -> dict[str, SFTExamples]:
+        """`split_by_hash` on the ids, without tokenizing anything."""
+        parts = split_by_hash(self.rows, sizes, seed, key=lambda r: r[1]["id"])
+        return {k: SFTExamples(v, self.tokenizer, **self.tokenize_kw) for k, v in parts.items()}
+
+    def fingerprint(self) -> str:
+        """A short hash of the rows, the tokenization settings and the tokenizer (the token ids
+        of a probe conversation): a resumed run checks that it sees the same data."""
+        h = hashlib.sha256(json.dumps([row for _, row in self.rows], sort_keys=True).encode())
+        h.update(json.dumps(self.tokenize_kw, sort_keys=True).encode())
+        probe = {"id": "probe", "prompt": "Hi?", "segments": [{"text": "Hello.", "train": True}]}
+        h.update(tokenize_sft(probe, self.tokenizer, **self.tokenize_kw).tokens.tobytes())
+        return h.hexdigest()[:16]
+
+
 def load_sft_examples(
     path: str,
     tokenizer,
@@ -204,32 +263,14 @@ def load_sft_examples(
     on_overflow: str,
     system_prompt: str = "",
     max_examples: int = 0,
-) -> list[SFTExample]:
-    """`read_sft_jsonl` then `tokenize_sft` on every row (the first `max_examples` if > 0)."""
+) -> SFTExamples:
+    """`read_sft_jsonl` (the first `max_examples` rows if > 0), tokenized on first access."""
     rows = read_sft_jsonl(path)
     if max_examples > 0:
         rows = rows[:max_examples]
-    return [
-        tokenize_sft(
-            row,
-            tokenizer,
-            seq_len=seq_len,
-            on_overflow=on_overflow,
-            system_prompt=system_prompt,
-            where=where,
-        )
-        for where, row in rows
-    ]
-
-
-def fingerprint(examples: Sequence[SFTExample]) -> str:
-    """A short hash of the examples' ids and tokens: a resumed run checks it saw the same data."""
-    h = hashlib.sha256()
-    for ex in examples:
-        h.update(ex.id.encode())
-        h.update(ex.tokens.tobytes())
-        h.update(ex.train.tobytes())
-    return h.hexdigest()[:16]
+    return SFTExamples(
+        rows, tokenizer, seq_len=seq_len, on_overflow=on_overflow, system_prompt=system_prompt
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,8 +372,11 @@ def split_by_hash(
 # Batches.
 
 
-def make_rows(examples: Sequence[SFTExample], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-padded model rows of the examples, shifted for next-token prediction.
+def make_rows(
+    examples: Sequence[SFTExample | None], seq_len: int, pad_id: int
+) -> dict[str, np.ndarray]:
+    """Right-padded model rows of the examples, shifted for next-token prediction; None gives
+    an empty row (all padding), which fills up an epoch's last batch.
 
     Returns arrays of shape [len(examples), seq_len]:
       tokens: int32 input ids, `pad_id` on padding.
@@ -348,6 +392,8 @@ def make_rows(examples: Sequence[SFTExample], seq_len: int, pad_id: int) -> dict
         "loss_mask": np.zeros((n, seq_len), np.float32),
     }
     for i, ex in enumerate(examples):
+        if ex is None:
+            continue
         length = len(ex.tokens)
         if length > seq_len:
             raise ValueError(f"example {ex.id!r} has {length} tokens > seq_len={seq_len}.")
@@ -382,7 +428,9 @@ class SFTBatches:
     `grad_accum_steps` micro-batches: arrays [A, global_batch_size / A, seq_len].
 
     `next()` returns the batch at `position` and advances it; `position` is saved with each
-    checkpoint and set directly on resume (nothing is replayed).
+    checkpoint and set directly on resume (nothing is replayed). `rows` (a slice of the
+    micro-batch axis) builds only those rows of every micro-batch: a process's share, whose
+    examples alone get tokenized.
     """
 
     def __init__(
@@ -404,7 +452,9 @@ class SFTBatches:
                 f"grad_accum_steps={grad_accum_steps}; each step splits the batch into that "
                 "many equal micro-batches."
             )
-        self.rows = make_rows(examples, seq_len, pad_id)
+        self.examples = examples
+        self.seq_len = seq_len
+        self.pad_id = pad_id
         self.num_examples = len(examples)
         self.global_batch_size = global_batch_size
         self.grad_accum_steps = grad_accum_steps
@@ -412,12 +462,6 @@ class SFTBatches:
         self.shuffle = shuffle
         self.steps_per_epoch = math.ceil(self.num_examples / global_batch_size)
         self.position = DataPosition()
-        self._empty = {  # one padding row per array
-            "tokens": np.full((seq_len,), pad_id, np.int32),
-            "positions": np.full((seq_len,), -1, np.int32),
-            "targets": np.zeros((seq_len,), np.int32),
-            "loss_mask": np.zeros((seq_len,), np.float32),
-        }
 
     def order(self, epoch: int) -> np.ndarray:
         """[n] the example indices of `epoch`, in visiting order."""
@@ -425,23 +469,24 @@ class SFTBatches:
             return np.arange(self.num_examples)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
 
-    def batch_at(self, position: DataPosition) -> dict[str, np.ndarray]:
-        """The batch at `position`: arrays [A, B / A, seq_len] (A = grad_accum_steps)."""
+    def batch_at(self, position: DataPosition, rows: slice | None = None) -> dict[str, np.ndarray]:
+        """The batch at `position`: arrays [A, B / A, seq_len] (A = grad_accum_steps), or
+        [A, len(rows), seq_len] with `rows` of each micro-batch."""
         if not 0 <= position.index < self.steps_per_epoch:
             raise ValueError(
                 f"data position {position} is outside an epoch of {self.steps_per_epoch} batches."
             )
-        b = self.global_batch_size
-        chosen = self.order(position.epoch)[position.index * b : (position.index + 1) * b]
-        batch = {}
-        for name, rows in self.rows.items():
-            arr = np.broadcast_to(self._empty[name], (b, rows.shape[1])).copy()
-            arr[: len(chosen)] = rows[chosen]
-            batch[name] = arr.reshape(self.grad_accum_steps, b // self.grad_accum_steps, -1)
-        return batch
+        b, a = self.global_batch_size, self.grad_accum_steps
+        chosen = np.full(b, -1)  # -1: an empty row that fills up the epoch's last batch
+        picked = self.order(position.epoch)[position.index * b : (position.index + 1) * b]
+        chosen[: len(picked)] = picked
+        chosen = chosen.reshape(a, b // a)[:, slice(None) if rows is None else rows]
+        made = make_rows([None if i < 0 else self.examples[i] for i in chosen.ravel()],
+                         self.seq_len, self.pad_id)  # fmt: skip
+        return {name: arr.reshape(*chosen.shape, -1) for name, arr in made.items()}
 
-    def next(self) -> dict[str, np.ndarray]:
-        batch = self.batch_at(self.position)
+    def next(self, rows: slice | None = None) -> dict[str, np.ndarray]:
+        batch = self.batch_at(self.position, rows)
         index = self.position.index + 1
         if index == self.steps_per_epoch:
             self.position = DataPosition(self.position.epoch + 1, 0)
@@ -449,10 +494,16 @@ class SFTBatches:
             self.position = DataPosition(self.position.epoch, index)
         return batch
 
+    def tokenize_epoch(self, epoch: int, rows: slice | None = None) -> None:
+        """Tokenizes now the examples that `rows` of `epoch`'s batches hold, so that a bad
+        example stops the run before training, not hours into it."""
+        for index in range(self.steps_per_epoch):
+            self.batch_at(DataPosition(epoch, index), rows)
+
     def position_after(self, steps: int) -> DataPosition:
         """The position after `steps` batches from the start (to check a restored position)."""
         return DataPosition(steps // self.steps_per_epoch, steps % self.steps_per_epoch)
 
-    def all_batches(self) -> list[dict[str, np.ndarray]]:
+    def all_batches(self, rows: slice | None = None) -> list[dict[str, np.ndarray]]:
         """One pass over the examples in order (evaluation)."""
-        return [self.batch_at(DataPosition(0, i)) for i in range(self.steps_per_epoch)]
+        return [self.batch_at(DataPosition(0, i), rows) for i in range(self.steps_per_epoch)]

@@ -34,6 +34,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qalign_jax import checkpoint, sampler, sharding
+from qalign_jax import rubric as rubric_lib
 from qalign_jax.models import llama
 
 GB = 1e9
@@ -230,10 +231,11 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
     if config.loop == "grpo":
         g = config.grpo
         compute_elems = elems * _dtype_bytes(cfg.dtype)
-        # The loop keeps model.source's weights as loaded all run (the judge when
-        # judge.source='', the KL reference when checkpoint.init=''), plus a primed reference
+        # The loop keeps model.source's weights as loaded all run when they are the judge
+        # (judge.source='') or the KL reference (checkpoint.init=''), plus a primed reference
         # (checkpoint.init) and a separate judge (judge.source, assumed the policy's size).
-        rows["frozen model.source weights"] = elems * pb
+        if not (config.checkpoint.init and config.judge.source):
+            rows["frozen model.source weights"] = elems * pb
         if config.checkpoint.init:
             rows["frozen reference (checkpoint.init)"] = elems * pb
         if config.judge.source:
@@ -242,8 +244,7 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
         train += frozen
         rollout_rows = g.prompts_per_step * g.num_generations
         batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
-        buckets = sampler.SamplerConfig.batch_buckets
-        bucket = sampler._bucket(rollout_rows, buckets, batch_ways)
+        bucket = sampler._bucket(rollout_rows, (rollout_rows,), batch_ways)  # grpo's buckets
         rows["decode weights (compute dtype)"] = compute_elems
         pass1 = kv_cache_bytes(cfg, bucket, cache_len - g.revision_max_tokens - block, mesh_shape)
         both = kv_cache_bytes(cfg, bucket, cache_len, mesh_shape)
@@ -252,9 +253,12 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
             f"KV cache: {bucket} rows x {cache_len} slots; pass 1 (prompt + draft) uses "
             f"{pass1 / GB:.2f} GB of it, pass 2 (findings + revision) the rest"
         )
+        # One prefix per response and option set (Yes/No, the grades): see judge.py.
+        option_sets = {q.options for q in rubric_lib.resolve_rubric(config.judge.rubric).questions}
         rows["judge prefix cache"] = kv_cache_bytes(
-            cfg, config.judge.batch_size, config.judge.max_context_tokens, mesh_shape
-        )
+            cfg, config.judge.batch_size * len(option_sets), config.judge.max_context_tokens,
+            mesh_shape,
+        )  # fmt: skip
         rollout = (
             rows["params"] + rows["optimizer (Adam mu, nu)"] + frozen
             + rows["decode weights (compute dtype)"] + both + rows["judge prefix cache"]

@@ -177,3 +177,19 @@ def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
         scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
         data = data[16 + n :]
     assert scalars == [(1, "train/loss", 2.5), (2, "train/loss", 1.5)]
+
+
+def test_rl_base_model_is_not_loaded_when_reference_and_judge_are_both_separate():
+    from tests.test_grpo import smoke_config
+
+    config = smoke_config()
+    mesh = sharding.make_mesh(config.mesh.shape)
+    loaded = checkpoint.base_model(config, mesh)  # the judge and the reference: loaded
+    assert loaded.params is not None
+    config.checkpoint.init, config.judge.source = "some/primed/workdir", "random:tiny"
+    shapes_only = checkpoint.base_model(config, mesh)
+    assert shapes_only.params is None and shapes_only.cfg == loaded.cfg
+    assert shapes_only.tokenizer.vocab_size == loaded.tokenizer.vocab_size
+    _, abstract = llama.abstract_model(shapes_only.cfg)
+    merged = jax.tree.map(lambda a, b: a.shape == b.shape, loaded.params, abstract)
+    assert all(jax.tree.leaves(merged))  # its graphdef runs the loaded model's params

@@ -224,6 +224,49 @@ def test_a_restored_position_gives_the_batches_that_follow_it():
         assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
+def lazy_examples(tmp_path, n, seq_len=16, on_overflow="error"):
+    rows = [example(id_=f"e{i}", prompt="p" * (1 + i % 3)) for i in range(n)]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    return data.load_sft_examples(path, TOK, seq_len=seq_len, on_overflow=on_overflow)
+
+
+def test_each_process_builds_and_tokenizes_only_its_rows(tmp_path):
+    """Two processes' row slices of every micro-batch put together give the one-process batch,
+    and each tokenized only the examples its rows hold."""
+    kw = dict(seq_len=16, pad_id=0, global_batch_size=8, grad_accum_steps=2, seed=1)
+    whole = data.SFTBatches(lazy_examples(tmp_path, 10), **kw)
+    halves = [lazy_examples(tmp_path, 10) for _ in range(2)]
+    parts = [data.SFTBatches(ex, **kw) for ex in halves]
+    for _ in range(3):  # past an epoch of 2 batches
+        want = whole.next()
+        got = [b.next(rows) for b, rows in zip(parts, (slice(0, 2), slice(2, 4)))]
+        for k in want:
+            assert got[0][k].shape == (2, 2, 16)
+            np.testing.assert_array_equal(np.concatenate([g[k] for g in got], axis=1), want[k])
+    # Epoch 0: 8 + 2 rows; each process held 2 of every 4 rows of each micro-batch.
+    first = [b.batch_at(data.DataPosition(0, 0), r) for b, r in zip(parts, (slice(0, 2), None))]
+    assert first[1]["tokens"].shape == (2, 4, 16)
+    assert 0 < halves[0].num_tokenized < 10 and whole.examples.num_tokenized == 10
+
+
+def test_lazy_examples_fingerprint_split_and_early_overflow_error(tmp_path):
+    ex = lazy_examples(tmp_path, 6)
+    assert (
+        ex.fingerprint()
+        == lazy_examples(tmp_path, 6).fingerprint()
+        != ex.split({"eval": 2, "train": -1}, 0)["train"].fingerprint()
+    )
+    assert ex.num_tokenized == 0  # neither fingerprinting nor splitting tokenizes
+    parts = ex.split({"eval": 2, "train": -1}, seed=0)
+    assert sorted(parts["eval"].ids + parts["train"].ids) == sorted(ex.ids)
+    assert ex.fingerprint() != lazy_examples(tmp_path, 6, seq_len=17).fingerprint()
+    # An example that does not fit fails when its process tokenizes the epoch, before training.
+    short = data.SFTBatches(lazy_examples(tmp_path, 6, seq_len=6), seq_len=6, pad_id=0,
+                            global_batch_size=2)  # fmt: skip
+    with pytest.raises(ValueError, match=r"sft\.jsonl:\d+: id 'e\d' has \d+ tokens"):
+        short.tokenize_epoch(0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses.
 

@@ -53,10 +53,11 @@ def full_forward_probs(judge, prompt, response):
     """Reference: each question with its own full context, one uncached forward each."""
     m = judge.model
     fwd = jax.jit(lambda p, t: nnx.merge(m.graphdef, p)(t, jnp.arange(t.shape[1])[None])[0])
-    prefix, _ = judge_lib._prefix_ids(judge, prompt, response)
+    ids, _ = judge_lib._context_ids(judge, prompt, response)
     out = []
     for qi, suffix in enumerate(judge.suffix_ids):
-        logits = np.asarray(fwd(m.params, jnp.asarray([prefix + suffix])))[0, -1]
+        context = ids + judge.header_ids[judge.option_set[qi]] + suffix
+        logits = np.asarray(fwd(m.params, jnp.asarray([context])))[0, -1]
         logp = jax.nn.log_softmax(logits)
         opt = np.asarray(logp)[judge.option_ids[qi][judge.option_valid[qi]]]
         out.append(np.exp(opt - np.logaddexp.reduce(opt)))
@@ -69,6 +70,31 @@ def test_shared_prefix_equals_full_forward(full_judge):
         ref = full_forward_probs(full_judge, prompt, response)
         for q, r in zip(full_judge.rubric.questions, ref):
             np.testing.assert_allclose(v.answers[q.id].probs, r, atol=1e-5)
+
+
+def test_judge_reads_the_question_under_its_option_header(judge):
+    """The text of a gate and a graded question, as the judge model reads it."""
+    ids, truncated = judge_lib._context_ids(judge, *PAIRS[2])
+    decode = judge.model.tokenizer.decode
+    assert not truncated and len(judge.header_ids) == 2  # Yes/No, then the grades
+    for qi, q in enumerate(judge.rubric.questions):
+        header = judge.header_ids[judge.option_set[qi]]
+        text = decode(ids + header + judge.suffix_ids[qi], False)
+        hint = "Yes/No" if q.kind != "graded" else "A-F"
+        assert text.endswith(f"### Question ({hint})\n{q.text}<|im_end|>\n<|im_start|>assistant\n")
+        assert "### User prompt\nWhat is 2+2?\n\n### Assistant response\n4\n\n" in text
+
+
+@pytest.mark.parametrize("cap", [1, 3, 64])
+def test_question_chunks_cover_each_question_once(cap):
+    lengths = [int(x) for x in np.random.default_rng(cap).integers(5, 40, size=37)]
+    chunks = judge_lib._chunks(lengths, cap)
+    seen = sorted(i for idx, _, _ in chunks for i in idx)
+    assert seen == list(range(len(lengths)))
+    for idx, rows, width in chunks:
+        assert len(idx) <= rows <= max(cap, 8) and len(idx) <= cap
+        assert max(lengths[i] for i in idx) <= width < max(lengths[i] for i in idx) + 4
+    assert judge_lib._chunks([], cap) == []
 
 
 def test_scores_independent_of_order_batch_and_padding(model, judge):

@@ -5,6 +5,8 @@ runs as two `jax.distributed` processes (gloo collectives) and must match the sa
 process with 8 devices: same rollouts and rewards, same update. Each process feeds only its
 own rows (`sharding.put_global` -> `jax.make_array_from_process_local_data`), and reads results
 back with `sharding.to_host` (an all-gather); process 0 alone writes metrics and files.
+The SFT smoke run does the same with per-process data: each process tokenizes and builds only
+the rows of each batch that its devices hold.
 """
 
 import json
@@ -20,6 +22,7 @@ from safetensors.numpy import load_file
 
 from qalign_jax import sharding, train
 from tests.test_grpo import ROOT, smoke_config
+from tests.test_sft import load_config as load_sft_config
 
 STEPS = 1
 
@@ -30,8 +33,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    two, one = tmp_path / "two", tmp_path / "one"
+def run_two_processes(tmp_path, workdir, config: str, *overrides: str) -> list:
+    """`python -m qalign_jax.train` as 2 processes x 4 CPU devices; returns their log files."""
     port = free_port()
     procs, logs = [], []
     for pid in range(2):
@@ -40,9 +43,9 @@ def test_two_processes_match_one_process(tmp_path):
             JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
             XLA_FLAGS="--xla_force_host_platform_device_count=4",
         )  # fmt: skip
-        logs.append(tmp_path / f"proc{pid}.log")
-        cmd = [sys.executable, "-m", "qalign_jax.train", "--config", "configs/qalign_grpo_smoke.py",
-               "--workdir", str(two), f"--config.grpo.num_steps={STEPS}", "--alsologtostderr"]  # fmt: skip
+        logs.append(tmp_path / f"{os.path.basename(workdir)}_proc{pid}.log")
+        cmd = [sys.executable, "-m", "qalign_jax.train", "--config", config,
+               "--workdir", str(workdir), *overrides, "--alsologtostderr"]  # fmt: skip
         out = open(logs[-1], "w")
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out))
     try:
@@ -52,6 +55,14 @@ def test_two_processes_match_one_process(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    return logs
+
+
+def test_two_processes_match_one_process(tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    logs = run_two_processes(
+        tmp_path, two, "configs/qalign_grpo_smoke.py", f"--config.grpo.num_steps={STEPS}"
+    )
 
     # The same run in this process: 8 devices, the same (1, 8, 1) mesh.
     config = smoke_config()
@@ -86,6 +97,33 @@ def test_two_processes_match_one_process(tmp_path):
     for k in w1:
         np.testing.assert_allclose(w2[k], w1[k], atol=1e-5, err_msg=k)
     assert sorted(os.listdir(two / "ckpt")) == sorted(os.listdir(one / "ckpt"))
+
+
+def test_sft_two_processes_each_tokenize_their_rows_and_match_one_process(tmp_path):
+    two, one = tmp_path / "sft_two", tmp_path / "sft_one"
+    overrides = ["--config.sft.num_steps=3", "--config.sft.eval_every=0"]
+    logs = run_two_processes(tmp_path, two, "configs/sft_prime_smol.py:smoke", *overrides)
+    config = load_sft_config("smoke")
+    config.sft.num_steps, config.sft.eval_every = 3, 0
+    train.run(config, str(one))
+
+    # 18 train examples in batches of 8: process p holds rows 4p:4p+4 of each batch.
+    for pid, log in enumerate(logs):
+        held = re.search(
+            rf"process {pid} of 2 holds rows (\d+):(\d+) of each micro-batch and tokenized "
+            r"(\d+) train \(\d+ truncated\) \+ (\d+) eval", log.read_text())  # fmt: skip
+        assert held, log.read_text()[-3000:]
+        start, stop, n_train, n_eval = map(int, held.groups())
+        assert (start, stop) == (4 * pid, 4 * pid + 4)
+        # Epoch 0 has batches of 8, 8 and 2 rows; the 2 eval rows are both in process 0's half.
+        assert (n_train, n_eval) == ((10, 2), (8, 0))[pid]
+    rows1 = [json.loads(line) for line in open(one / "metrics.jsonl")]
+    rows2 = [json.loads(line) for line in open(two / "metrics.jsonl")]
+    assert len(rows1) == len(rows2)
+    for r1, r2 in zip(rows1, rows2):
+        for k, v in r1.items():
+            if k.startswith(("train/", "eval/")) and not k.endswith("_per_s"):
+                assert r2[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
 
 
 def test_put_global_and_to_host_round_trip_on_one_process():

@@ -45,7 +45,7 @@ from qalign_jax import checkpoint, losses, metrics, sampler, sharding
 from qalign_jax import judge as judge_lib
 from qalign_jax.checkpoint import TrainState
 from qalign_jax.loops import grpo, prime_data, sft
-from qalign_jax.models import hf, llama, load
+from qalign_jax.models import hf, llama
 
 PAIRS_FILE = "pairs.jsonl"
 SIDES = ("chosen", "rejected")
@@ -256,11 +256,12 @@ def run(config, workdir: str) -> None:
             f"dpo.grad_accum_steps={d.grad_accum_steps} (>= 1)."
         )
 
-    # Mesh; the base model (judge) and the starting policy (also the frozen reference).
+    # Mesh; the base model (judge) and the starting policy (also the frozen reference; not
+    # loaded when it is neither, see checkpoint.base_model).
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = tuple(config.sharding.rules)
     sharding.check_batch_divisible(d.pairs_per_step // d.grad_accum_steps, mesh)
-    base = load.from_config(config, mesh)
+    base = checkpoint.base_model(config, mesh)
     tok, cfg = base.tokenizer, base.cfg
     if tok is None:
         raise ValueError("the policy has no tokenizer; set config.model.tokenizer.")

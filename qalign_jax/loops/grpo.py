@@ -49,7 +49,7 @@ from qalign_jax import checkpoint, data, losses, metrics, reflection, rewards, s
 from qalign_jax import judge as judge_lib
 from qalign_jax.checkpoint import TrainState
 from qalign_jax.loops import prime_data, sft
-from qalign_jax.models import hf, llama, load
+from qalign_jax.models import hf, llama
 
 BATCH_KEYS = ("tokens", "positions", "targets", "loss_mask", "old_logp", "ref_logp", "advantages")
 OVERLAP_MODES = ("error", "exclude")
@@ -140,7 +140,9 @@ class Rollouts:
 
 
 def _sampler_cfg(config, tok, max_new_tokens: int, cache_len: int = 0) -> sampler.SamplerConfig:
+    g = config.grpo
     return sampler.SamplerConfig(
+        batch_buckets=(g.prompts_per_step * g.num_generations,),  # every step: B x G rows
         max_new_tokens=max_new_tokens,
         temperature=config.grpo.temperature,
         top_p=config.grpo.top_p,
@@ -423,11 +425,12 @@ def run(config, workdir: str) -> None:
             f"grpo.grad_accum_steps={g.grad_accum_steps}."
         )
 
-    # Mesh; the policy's initial weights (also the frozen reference and, by default, judge).
+    # Mesh; the policy's initial weights (also the frozen reference and, by default, judge;
+    # not loaded when neither, see checkpoint.base_model).
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = tuple(config.sharding.rules)
     sharding.check_batch_divisible(rows_per_step // g.grad_accum_steps, mesh)
-    initial = load.from_config(config, mesh)
+    initial = checkpoint.base_model(config, mesh)
     tok = initial.tokenizer
     if tok is None:
         raise ValueError("the policy has no tokenizer; set config.model.tokenizer.")

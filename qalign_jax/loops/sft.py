@@ -112,10 +112,27 @@ def batch_shardings(mesh) -> dict[str, NamedSharding]:
     return {k: NamedSharding(mesh, spec) for k in BATCH_KEYS}
 
 
+def local_rows(global_batch_size: int, grad_accum_steps: int, mesh) -> slice:
+    """The rows of each micro-batch that this process's devices hold (all, on one process)."""
+    shape = (grad_accum_steps, global_batch_size // grad_accum_steps, 1)
+    return sharding.process_rows(batch_shardings(mesh)["tokens"], shape, axis=1)
+
+
 def put_batch(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict:
     """Host arrays (the same global batch on every process) to global device arrays; each
     process passes only the rows its devices hold (`sharding.put_global`)."""
     return {k: sharding.put_global(v, shardings[k]) for k, v in batch.items()}
+
+
+def put_local_batch(batch: dict, shardings: dict[str, NamedSharding], micro_rows: int) -> dict:
+    """This process's rows of a batch ([A, local rows, T], see `local_rows`) as global arrays
+    of [A, micro_rows, T]: each process built only its own rows."""
+    return {
+        k: jax.make_array_from_process_local_data(
+            shardings[k], v, (v.shape[0], micro_rows, *v.shape[2:])
+        )
+        for k, v in batch.items()
+    }
 
 
 def init_state(params, tx) -> TrainState:
@@ -170,6 +187,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, me
         "grad_norm": grad_norm,
         "lr": schedule(state.step),
         "trained_tokens": num_tokens,
+        "tokens": jnp.sum(batch["positions"] >= 0),  # every real token of the step
     }
     return TrainState(state.step + 1, params, opt_state), step_metrics
 
@@ -200,11 +218,12 @@ def jit_train_step(graphdef, tx, schedule, state_sh: TrainState, mesh, rules):
     )
 
 
-def evaluate(eval_fn, params, eval_batches, batch_sh) -> dict[str, float]:
-    """`eval/loss` and `eval/accuracy`: token means over every eval batch."""
+def evaluate(eval_fn, params, eval_batches, batch_sh, micro_rows: int) -> dict[str, float]:
+    """`eval/loss` and `eval/accuracy`: token means over every eval batch (this process's rows
+    of each, `put_local_batch`)."""
     totals = {"nll_sum": 0.0, "num_tokens": 0.0, "num_correct": 0.0}
     for batch in eval_batches:
-        sums = jax.device_get(eval_fn(params, put_batch(batch, batch_sh)))
+        sums = jax.device_get(eval_fn(params, put_local_batch(batch, batch_sh, micro_rows)))
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     denom = max(totals["num_tokens"], 1.0)
     return {
@@ -231,7 +250,7 @@ def read_examples(config, tokenizer) -> tuple[list, list]:
         raise ValueError(
             f"data.eval_size={d.eval_size} leaves no training examples of {len(examples)}."
         )
-    parts = data.split_by_hash(examples, {"eval": d.eval_size, "train": -1}, config.seed)
+    parts = examples.split({"eval": d.eval_size, "train": -1}, config.seed)
     return parts["train"], parts["eval"]
 
 
@@ -252,7 +271,7 @@ def run(config, workdir: str) -> None:
             "(e.g. 'embedded') for random-weight models."
         )
 
-    # Data: tokenized and masked examples, a held-out split, batches.
+    # Data: validated rows, a held-out split, batches; tokenized where this process needs them.
     train_examples, eval_examples = read_examples(config, tokenizer)
     if sft_cfg.grad_accum_steps < 1 or sft_cfg.global_batch_size % sft_cfg.grad_accum_steps:
         raise ValueError(
@@ -264,22 +283,18 @@ def run(config, workdir: str) -> None:
         seq_len=config.data.seq_len, pad_id=tokenizer.pad_id,
         global_batch_size=sft_cfg.global_batch_size, grad_accum_steps=sft_cfg.grad_accum_steps,
     )  # fmt: skip
+    micro_rows = sft_cfg.global_batch_size // sft_cfg.grad_accum_steps
+    rows = local_rows(sft_cfg.global_batch_size, sft_cfg.grad_accum_steps, mesh)
     batches = data.SFTBatches(train_examples, seed=config.seed, **batch_kw)
     eval_batches = (
-        data.SFTBatches(eval_examples, shuffle=False, **batch_kw).all_batches()
+        data.SFTBatches(eval_examples, shuffle=False, **batch_kw).all_batches(rows)
         if eval_examples
         else []
     )
     total_steps = sft_cfg.num_steps or sft_cfg.num_epochs * batches.steps_per_epoch
     if total_steps <= 0:
         raise ValueError("nothing to train: set sft.num_epochs or sft.num_steps to at least 1.")
-    fingerprint = data.fingerprint(train_examples)
-    num_truncated = sum(ex.truncated for ex in train_examples + eval_examples)
-    logging.info(
-        "data: %d train / %d eval examples (%d truncated), %d steps per epoch, %d steps",
-        len(train_examples), len(eval_examples), num_truncated, batches.steps_per_epoch,
-        total_steps,
-    )  # fmt: skip
+    fingerprint = train_examples.fingerprint()
 
     # Optimizer, then the state's shapes and shardings.
     tx, schedule = make_optimizer(config.optimizer, total_steps)
@@ -320,6 +335,17 @@ def run(config, workdir: str) -> None:
             f"{batches.position_after(first_step)}: sft.global_batch_size changed since."
         )
 
+    # This process's examples of the current epoch, tokenized now: a bad one stops the run here.
+    batches.tokenize_epoch(batches.position.epoch, rows)
+    logging.info(
+        "data: %d train / %d eval examples, %d steps per epoch, %d steps; process %d of %d holds "
+        "rows %d:%d of each micro-batch and tokenized %d train (%d truncated) + %d eval examples",
+        len(train_examples), len(eval_examples), batches.steps_per_epoch, total_steps,
+        jax.process_index(), jax.process_count(), rows.start, rows.stop,
+        train_examples.num_tokenized, train_examples.num_truncated,
+        eval_examples.num_tokenized if eval_examples else 0,
+    )  # fmt: skip
+
     # Jit once.
     step_fn = jit_train_step(graphdef, tx, schedule, state_sh, mesh, rules)
     eval_fn = jax.jit(
@@ -343,11 +369,10 @@ def run(config, workdir: str) -> None:
 
     try:
         if eval_batches and first_step == 0:
-            writer.write(0, evaluate(eval_fn, state.params, eval_batches, batch_sh))
+            writer.write(0, evaluate(eval_fn, state.params, eval_batches, batch_sh, micro_rows))
         for step in range(first_step, total_steps):
             t0 = time.perf_counter()
-            host_batch = batches.next()
-            state, m = step_fn(state, put_batch(host_batch, batch_sh))
+            state, m = step_fn(state, put_local_batch(batches.next(rows), batch_sh, micro_rows))
             m = jax.device_get(m)  # the one sync per step: check before saving anything
             done = step + 1  # updates done: the step number of this line and checkpoint
             metrics.check_finite(
@@ -355,10 +380,9 @@ def run(config, workdir: str) -> None:
                 last_checkpoint=lambda: checkpoint.latest_step(manager),
             )  # fmt: skip
             step_s = time.perf_counter() - t0
-            real_tokens = int((host_batch["positions"] >= 0).sum())
             row = {f"train/{k}": float(v) for k, v in m.items()}
             row.update({
-                "time/step_s": step_s, "train/tokens_per_s": real_tokens / step_s,
+                "time/step_s": step_s, "train/tokens_per_s": float(m["tokens"]) / step_s,
                 "data/epoch": done / batches.steps_per_epoch,
             })  # fmt: skip
             writer.write(done, row)
@@ -367,7 +391,7 @@ def run(config, workdir: str) -> None:
                 progress.print(done, row)
 
             if eval_batches and (is_last or (eval_every and done % eval_every == 0)):
-                eval_row = evaluate(eval_fn, state.params, eval_batches, batch_sh)
+                eval_row = evaluate(eval_fn, state.params, eval_batches, batch_sh, micro_rows)
                 writer.write(done, eval_row)
                 progress.print(done, eval_row)
 
