@@ -13,10 +13,12 @@ Four stages (`qalign_jax/loops/pipeline.py`), each a normal config run at its `:
      (configs/data/eval_prompts.jsonl) greedily, two-pass, judged on the demo rubric.
 The console shows each stage's progress and a summary at the end; outputs are in
 workdirs/demo/{1_prime,2_sft,3_grpo,4_eval} and workdirs/demo/summary.json. Rerunning the
-command resumes (finished stages are skipped). Measured (seed 0, a quiet 2-core CPU): 17m05s
-in all (priming 3m47s, 5/16 kept; SFT 1m53s, 3 steps, loss 1.53 -> 0.56; GRPO 9m23s, 4 steps
-of ~126 s: sampling 28 s, judging 31 s, training 67 s; before/after 2m03s), under the 20-min
-target. Each stage's full-size config runs alone.
+command resumes (finished stages are skipped). Measured (seed 0, a quiet 2-core CPU): 12m56s
+in all (priming 2m27s, 11/16 kept; SFT 2m55s, 9 steps, loss 1.21 -> 0.51; GRPO 6m13s, 4 steps
+of ~85 s: sampling 17 s, judging 23 s, training 45 s; before/after 1m18s), under the 20-min
+target. An earlier run (session 4, before the judge's option-set prefixes) took 17m05s; its
+fixed-shape training ran 67 s a step against 45 s here, so much of the gap is the machine's
+speed on the day, not the code. Each stage's full-size config runs alone.
 `:smoke` (tests): a tiny random model with the real tokenizer through the same four stages.
 """
 
