@@ -168,7 +168,7 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
         run("decode2", sampler.decode, (cfg,), {"cfg": scfg2}, (weights, state), state_arg=1)
 
     # The judge: judge.batch_size contexts prefilled, a question header per option set (Yes/No,
-    # grades) appended, then one question chunk over one option set's rows.
+    # grades) appended to each, then one question chunk over one option set's prefix.
     jcfg = judge_cfg or cfg  # judge.from_config loads with model.param_dtype and model.dtype
     jgraphdef, jabstract = llama.abstract_model(jcfg)
     jparams = checkpoint.with_shardings(jabstract, sharding.param_shardings(jabstract, mesh, rules))
@@ -178,18 +178,13 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     with sharding.use_rules(mesh, rules):
         t0 = time.perf_counter()
         ids = _sds((bp, p_len), jnp.int32, repl)
-        header = _sds((2 * bp, 8), jnp.int32, repl)
+        header = _sds((2, bp, 8), jnp.int32, repl)
         out["judge_prefill"] = judge._prefill.lower(jgraphdef, jparams, ids, ids, header, header)
         prefix = jax.tree.map(lambda x: _sds(x.shape, x.dtype, repl), out["judge_prefill"].out_info)
         if _wanted(compile_, "judge_prefill"):  # then the scoring takes the cache as placed
             out["judge_prefill"] = out["judge_prefill"].compile()
             prefix = abstract_out(out["judge_prefill"])
-        k, v, pos = prefix.k, prefix.v, prefix.positions  # one option set's bp rows of each
-        prefix = llama.KVCache(
-            _sds((k.shape[0], bp, *k.shape[2:]), k.dtype, k.sharding),
-            _sds((v.shape[0], bp, *v.shape[2:]), v.dtype, v.sharding),
-            _sds((bp, *pos.shape[1:]), pos.dtype, pos.sharding), prefix.index,
-        )  # fmt: skip
+        prefix = prefix[0]  # a chunk reads one option set's prefix
         options = 6
         out["judge_score"] = judge._score_chunk.lower(
             jgraphdef, jparams, prefix, _sds((bp * qc, s_len), jnp.int32, repl),

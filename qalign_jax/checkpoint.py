@@ -178,12 +178,17 @@ def restore_params(path: str, abstract_params: nnx.State) -> tuple[nnx.State, in
 # The model's shapes and its first parameters.
 
 
+def base_weights_used(config) -> bool:
+    """Whether the RL loops (GRPO, DPO) read `config.model`'s own weights: they are the judge
+    unless `judge.source` is set, and the frozen reference unless `checkpoint.init` is set."""
+    return not (config.checkpoint.init and config.judge.source)
+
+
 def base_model(config, mesh) -> load.LoadedModel:
-    """`config.model` ready to run, for the RL loops (GRPO, DPO). Its weights are the judge
-    unless `judge.source` is set, and the frozen reference unless `checkpoint.init` is set;
-    with both set nothing reads them, so they are not loaded (`params` is None): the loops
-    then hold two frozen copies (reference and judge), not three."""
-    if config.checkpoint.init and config.judge.source:
+    """`config.model` ready to run, for the RL loops. When nothing reads its weights
+    (`base_weights_used`) they are not loaded (`params` is None): the loops then hold two
+    frozen copies (reference and judge), not three."""
+    if not base_weights_used(config):
         cfg, tokenizer = describe_model(config.model)
         graphdef, _ = llama.abstract_model(cfg)
         rules = tuple(config.sharding.rules)

@@ -68,6 +68,11 @@ class SFTExample:
     truncated: bool = False
 
 
+def _check_overflow_mode(on_overflow: str) -> None:
+    if on_overflow not in OVERFLOW_MODES:
+        raise ValueError(f"data.on_overflow={on_overflow!r}; use one of {OVERFLOW_MODES}.")
+
+
 def _fail(where: str, message: str):
     raise ValueError(f"{where}: {message}")
 
@@ -160,8 +165,7 @@ def tokenize_sft(
     Returns:
       An `SFTExample` of at most `seq_len` tokens with at least one trained target.
     """
-    if on_overflow not in OVERFLOW_MODES:
-        raise ValueError(f"data.on_overflow={on_overflow!r}; use one of {OVERFLOW_MODES}.")
+    _check_overflow_mode(on_overflow)
     where = where or f"id {row['id']!r}"
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": row["prompt"]})
@@ -209,10 +213,7 @@ class SFTExamples(Sequence):
     """
 
     def __init__(self, rows: list[tuple[str, dict]], tokenizer, **tokenize_kw):
-        if tokenize_kw.get("on_overflow") not in OVERFLOW_MODES:
-            raise ValueError(
-                f"data.on_overflow={tokenize_kw.get('on_overflow')!r}; use one of {OVERFLOW_MODES}."
-            )
+        _check_overflow_mode(tokenize_kw.get("on_overflow"))  # now, not at the first example
         self.rows = rows
         self.tokenizer = tokenizer
         self.tokenize_kw = tokenize_kw
@@ -226,10 +227,6 @@ class SFTExamples(Sequence):
             where, row = self.rows[i]
             self._done[i] = tokenize_sft(row, self.tokenizer, where=where, **self.tokenize_kw)
         return self._done[i]
-
-    @property
-    def ids(self) -> list[str]:
-        return [row["id"] for _, row in self.rows]
 
     @property
     def num_tokenized(self) -> int:
@@ -476,14 +473,19 @@ class SFTBatches:
             raise ValueError(
                 f"data position {position} is outside an epoch of {self.steps_per_epoch} batches."
             )
-        b, a = self.global_batch_size, self.grad_accum_steps
-        chosen = np.full(b, -1)  # -1: an empty row that fills up the epoch's last batch
-        picked = self.order(position.epoch)[position.index * b : (position.index + 1) * b]
-        chosen[: len(picked)] = picked
-        chosen = chosen.reshape(a, b // a)[:, slice(None) if rows is None else rows]
+        chosen = self._chosen(position, rows)
         made = make_rows([None if i < 0 else self.examples[i] for i in chosen.ravel()],
                          self.seq_len, self.pad_id)  # fmt: skip
         return {name: arr.reshape(*chosen.shape, -1) for name, arr in made.items()}
+
+    def _chosen(self, position: DataPosition, rows: slice | None) -> np.ndarray:
+        """[A, rows] example indices of the batch at `position`; -1 for an empty row (the
+        epoch's last batch is filled up with them)."""
+        b, a = self.global_batch_size, self.grad_accum_steps
+        chosen = np.full(b, -1)
+        picked = self.order(position.epoch)[position.index * b : (position.index + 1) * b]
+        chosen[: len(picked)] = picked
+        return chosen.reshape(a, b // a)[:, slice(None) if rows is None else rows]
 
     def next(self, rows: slice | None = None) -> dict[str, np.ndarray]:
         batch = self.batch_at(self.position, rows)
@@ -498,7 +500,9 @@ class SFTBatches:
         """Tokenizes now the examples that `rows` of `epoch`'s batches hold, so that a bad
         example stops the run before training, not hours into it."""
         for index in range(self.steps_per_epoch):
-            self.batch_at(DataPosition(epoch, index), rows)
+            for i in self._chosen(DataPosition(epoch, index), rows).ravel():
+                if i >= 0:
+                    self.examples[i]  # tokenizes it (SFTExamples)
 
     def position_after(self, steps: int) -> DataPosition:
         """The position after `steps` batches from the start (to check a restored position)."""

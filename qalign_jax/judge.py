@@ -241,20 +241,17 @@ def _bucket(n: int, minimum: int = 16) -> int:
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _prefill(graphdef, params, tokens, positions, header_tokens, header_positions):
-    """Each pair's context once ([Bp, P]), then each option set's header after it ([G * Bp, H],
-    set-major) -> a cache of G * Bp rows."""
+    """Each pair's context once ([Bp, P]), then each option set's header after it (header
+    arrays [G, Bp, H]) -> one prefix cache of Bp rows per option set."""
     model = nnx.merge(graphdef, params)
-    sets = header_tokens.shape[0] // tokens.shape[0]
     cache = llama.init_cache(
-        model.config, tokens.shape[0], tokens.shape[1] + header_tokens.shape[1]
+        model.config, tokens.shape[0], tokens.shape[1] + header_tokens.shape[2]
     )
     _, cache = model.hidden(tokens, positions, cache)
-    cache = llama.KVCache(
-        jnp.tile(cache.k, (1, sets, 1, 1, 1)), jnp.tile(cache.v, (1, sets, 1, 1, 1)),
-        jnp.tile(cache.positions, (sets, 1)), cache.index,
-    )  # fmt: skip
-    _, cache = model.hidden(header_tokens, header_positions, cache)
-    return cache
+    return tuple(
+        model.hidden(h_tokens, h_positions, cache)[1]
+        for h_tokens, h_positions in zip(header_tokens, header_positions)
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -289,20 +286,21 @@ def _left_pad(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray
 
 def _prefill_batch(judge: Judge, contexts: list[list[int]]):
     """Prefills a batch's judge prefixes, every pair's context followed by each option set's
-    header -> (cache of G * Bp rows, set-major; [G * Bp] prefix lengths)."""
+    header -> (per option set: a prefix cache of Bp rows; [G, Bp] prefix lengths)."""
     m, sets = judge.model, len(judge.header_ids)
     tokens, mask = _left_pad(contexts, _bucket(max(map(len, contexts))))
     positions = np.where(mask > 0, np.cumsum(mask, 1) - 1, -1)
-    headers = [judge.header_ids[g] for g in range(sets) for _ in contexts]
-    h_tokens, h_mask = _left_pad(headers, max(map(len, headers)))
+    h_tokens, h_mask = _left_pad([h for h in judge.header_ids for _ in contexts],
+                                 max(map(len, judge.header_ids)))  # fmt: skip
     lengths = np.tile(mask.sum(1), sets)  # each header continues its pair's context
     h_positions = np.where(h_mask > 0, lengths[:, None] + np.cumsum(h_mask, 1) - 1, -1)
     with sharding.use_rules(m.mesh, m.rules):
-        cache = _prefill(
+        caches = _prefill(
             m.graphdef, m.params, tokens, positions.astype(np.int32),
-            h_tokens, h_positions.astype(np.int32),
+            h_tokens.reshape(sets, len(contexts), -1),
+            h_positions.reshape(sets, len(contexts), -1).astype(np.int32),
         )  # fmt: skip
-    return cache, lengths + h_mask.sum(1)
+    return caches, (lengths + h_mask.sum(1)).reshape(sets, len(contexts))
 
 
 def _chunks(lengths: list[int], cap: int, overhead: int = 64) -> list[tuple[list[int], int, int]]:
@@ -338,14 +336,14 @@ def _chunks(lengths: list[int], cap: int, overhead: int = 64) -> list[tuple[list
     return chunks[::-1]
 
 
-def _logit_probs(judge: Judge, prefix, lengths, qidx: list[int]):
+def _logit_probs(judge: Judge, prefixes, lengths, qidx: list[int]):
     """[Bp, len(qidx), O] option probabilities and [Bp, len(qidx)] option mass.
 
-    prefix/lengths: the prefilled prefixes of Bp pairs for every option set, set-major
-    (row g * Bp + b). Each chunk holds questions of one option set and reads its set's rows.
+    prefixes/lengths: per option set, the prefix cache of the Bp pairs and their [Bp] lengths
+    (`_prefill_batch`). Each chunk holds questions of one option set and reads its prefix.
     """
     m, suffix_ids = judge.model, judge.suffix_ids
-    bp = len(lengths) // len(judge.header_ids)
+    bp = lengths.shape[1]
     probs = np.zeros((bp, len(qidx), judge.option_ids.shape[1]), np.float32)
     mass = np.zeros((bp, len(qidx)), np.float32)
     plan = []
@@ -356,10 +354,6 @@ def _logit_probs(judge: Judge, prefix, lengths, qidx: list[int]):
             (g, [in_set[i] for i in c], r, w) for c, r, w in _chunks(lens, judge.cfg.question_chunk)
         ]
     for g, chunk, rows, s_len in plan:
-        rows_g = slice(g * bp, (g + 1) * bp)
-        set_prefix = llama.KVCache(
-            prefix.k[:, rows_g], prefix.v[:, rows_g], prefix.positions[rows_g], prefix.index
-        )
         qs = [qidx[i] for i in chunk]
         qs += [qs[-1]] * (rows - len(qs))  # pad with a repeat: same shape, result dropped
         suf = np.zeros((rows, s_len), np.int32)
@@ -368,7 +362,7 @@ def _logit_probs(judge: Judge, prefix, lengths, qidx: list[int]):
             suf[j, : len(suffix_ids[q])] = suffix_ids[q]
             valid[j, : len(suffix_ids[q])] = True
         # Suffix positions continue each pair's prefix; right padding gets -1.
-        pos = np.where(valid[None], lengths[rows_g, None, None] + np.arange(s_len), -1)
+        pos = np.where(valid[None], lengths[g, :, None, None] + np.arange(s_len), -1)
         last = np.array([len(suffix_ids[q]) - 1 for q in qs], np.int32)
         args = (
             np.tile(suf, (bp, 1)),
@@ -378,7 +372,7 @@ def _logit_probs(judge: Judge, prefix, lengths, qidx: list[int]):
             judge.option_valid[qs],
         )
         with sharding.use_rules(m.mesh, m.rules):
-            logp, ms = sharding.to_host(_score_chunk(m.graphdef, m.params, set_prefix, *args))
+            logp, ms = sharding.to_host(_score_chunk(m.graphdef, m.params, prefixes[g], *args))
         probs[:, chunk] = np.exp(logp)[:, : len(chunk)]
         mass[:, chunk] = ms[:, : len(chunk)]
     return probs, mass
@@ -457,7 +451,7 @@ def _judge_batch(judge: Judge, contexts: list[list[int]], rng) -> list[dict]:
     rubric, cfg = judge.rubric, judge.cfg
     index = {q.id: i for i, q in enumerate(rubric.questions)}
     if cfg.mode == "logits":
-        prefix, lengths = _prefill_batch(judge, contexts)
+        prefixes, lengths = _prefill_batch(judge, contexts)
     per_pair = [{"scored": {}, "argmax": {}, "applicable": {}} for _ in contexts]
     for level in rubric.evaluation_order():
         for q in level:
@@ -474,7 +468,7 @@ def _judge_batch(judge: Judge, contexts: list[list[int]], rng) -> list[dict]:
             contexts
         )
         if cfg.mode == "logits":
-            probs, mass = _logit_probs(judge, prefix, lengths, todo)
+            probs, mass = _logit_probs(judge, prefixes, lengths, todo)
             texts = [[None] * len(todo)] * len(contexts)
         else:
             rng, key = jax.random.split(rng)

@@ -234,7 +234,7 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
         # The loop keeps model.source's weights as loaded all run when they are the judge
         # (judge.source='') or the KL reference (checkpoint.init=''), plus a primed reference
         # (checkpoint.init) and a separate judge (judge.source, assumed the policy's size).
-        if not (config.checkpoint.init and config.judge.source):
+        if checkpoint.base_weights_used(config):
             rows["frozen model.source weights"] = elems * pb
         if config.checkpoint.init:
             rows["frozen reference (checkpoint.init)"] = elems * pb
