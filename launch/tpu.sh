@@ -4,7 +4,7 @@
 #   launch/tpu.sh create --name qalign --zone us-east5-a --type v5p-64 [--spot | --queued]
 #   launch/tpu.sh setup  --name qalign --zone us-east5-a
 #   launch/tpu.sh run    --name qalign --zone us-east5-a --config configs/sft_prime_llama3_8b.py \
-#                        --workdir /mnt/gcs/workdirs/sft_8b [-- --config.sft.num_steps=4]
+#                        --workdir gs://BUCKET/workdirs/sft_8b [-- --config.sft.num_steps=4]
 #   launch/tpu.sh logs   --name qalign --zone us-east5-a [--worker 0|all] [--run NAME]
 #   launch/tpu.sh delete --name qalign --zone us-east5-a [--queued]
 #
@@ -26,7 +26,7 @@ Options:
   --spot             create: a spot VM (cheaper, can be preempted)
   --queued           create/delete: go through a queued resource (waits for capacity)
   --config FILE      run: the experiment config (required by run)
-  --workdir DIR      run: the workdir every host sees, e.g. a gcsfuse mount (required)
+  --workdir DIR      run: gs://BUCKET/path, or a directory every host sees (required)
   --run NAME         run/logs: the log name (default: the workdir's last component)
   --worker N|all     logs: which worker to follow (default 0)
   --repo DIR         setup: the checkout to copy (default: this repository)
@@ -82,7 +82,7 @@ case "$cmd" in
   setup) [[ -f "$repo/requirements.txt" ]] || die "setup: $repo has no requirements.txt (--repo)" ;;
   run)
     [[ -n "$config" ]] || die "run: --config is required (e.g. configs/sft_prime_llama3_8b.py)"
-    [[ -n "$workdir" ]] || die "run: --workdir is required (a path every host sees, e.g. a gcsfuse mount)"
+    [[ -n "$workdir" ]] || die "run: --workdir is required (gs://BUCKET/path or a directory every host sees)"
     ;;
   logs)
     [[ -n "$run_name" ]] || die "logs: --run is required (the log name that run printed)"

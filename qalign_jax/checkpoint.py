@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from qalign_jax import sharding
+from qalign_jax import files, sharding
 from qalign_jax.models import gguf, hf, llama, load
 from qalign_jax.models import tokenizer as tokenizer_lib
 
@@ -86,9 +86,7 @@ def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.Che
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,  # leftovers of a save that a kill interrupted
     )
-    manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), CKPT_DIR), options=options
-    )
+    manager = ocp.CheckpointManager(orbax_path(os.path.join(workdir, CKPT_DIR)), options=options)
     # Orbax removes those leftovers in a background thread and waits for it only before the next
     # save; wait now, so a run that stops before saving does not race the thread at exit.
     getattr(manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
@@ -136,10 +134,18 @@ def restore(
     return TrainState(step_array, restored.params, restored.opt_state), meta
 
 
+def orbax_path(path: str) -> str:
+    """The directory orbax is given for checkpoint directory `path`: a gs:// URL as it is
+    (orbax writes it through tensorstore's gcs driver), a local path made absolute (orbax
+    refuses relative ones)."""
+    return path if files.is_url(path) else os.path.abspath(path)
+
+
 def find_checkpoint_dir(path: str) -> str | None:
     """`path` or `path/ckpt` if it holds orbax checkpoints (numbered step directories)."""
     for candidate in (os.path.join(path, CKPT_DIR), path):
-        if os.path.isdir(candidate) and any(d.isdigit() for d in os.listdir(candidate)):
+        where = orbax_path(candidate)
+        if files.isdir(where) and any(d.isdigit() for d in files.listdir(where)):
             return candidate
     return None
 
@@ -154,9 +160,9 @@ def restore_params(path: str, abstract_params: nnx.State) -> tuple[nnx.State, in
         raise FileNotFoundError(
             f"{path} holds no orbax checkpoints (in {path}/{CKPT_DIR} or {path})."
         )
-    if "://" not in ckpt_dir:
-        ckpt_dir = os.path.abspath(ckpt_dir)  # orbax refuses relative paths
-    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+        orbax_path(ckpt_dir), options=ocp.CheckpointManagerOptions(read_only=True)
+    )
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint.")
@@ -255,6 +261,12 @@ def initial_params(
             if find_checkpoint_dir(init) is not None:
                 params, step = restore_params(init, abstract)
                 return params, f"params of {init} (step {step})"
+            if files.is_url(init):
+                raise FileNotFoundError(
+                    f"config.checkpoint.init={init!r} holds no orbax checkpoints (in {init} or "
+                    f"{init}/{CKPT_DIR}); Hugging Face directories are read from local disk only "
+                    "(copy one down with `gcloud storage cp -r`)."
+                )
             if os.path.isfile(os.path.join(init, "config.json")):
                 _check_same_architecture(cfg, hf.read_hf_config(init), init)
                 return hf.load_hf_params(init, cfg, shardings), f"Hugging Face weights {init}"

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from qalign_jax import files
+
 OVERFLOW_MODES = ("truncate", "error")
 
 
@@ -79,18 +81,17 @@ def _fail(where: str, message: str):
 
 def read_json_objects(path: str):
     """Yields (`path:line`, object) per non-blank line of a JSONL file; errors name the line."""
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            where = f"{path}:{n}"
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                _fail(where, f"not valid JSON ({e.msg} at column {e.colno}).")
-            if not isinstance(row, dict):
-                _fail(where, f"expected a JSON object, got {type(row).__name__}.")
-            yield where, row
+    for n, line in enumerate(files.read_text(path).split("\n"), 1):
+        where = f"{path}:{n}"
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            _fail(where, f"not valid JSON ({e.msg} at column {e.colno}).")
+        if not isinstance(row, dict):
+            _fail(where, f"expected a JSON object, got {type(row).__name__}.")
+        yield where, row
 
 
 def read_sft_jsonl(path: str) -> list[tuple[str, dict]]:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import io
 import math
 import os
 import time
@@ -49,7 +49,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qalign_jax import checkpoint, losses, reflection, rewards, sampler, sharding
+from qalign_jax import checkpoint, files, losses, reflection, rewards, sampler, sharding
 from qalign_jax import eval_suites as es
 from qalign_jax import judge as judge_lib
 from qalign_jax import rubric as rubric_lib
@@ -90,13 +90,12 @@ def load_eval_model(config, source: str, mesh) -> load.LoadedModel:
     m = config.model
     kw = dict(mesh=mesh, rules=config.sharding.rules, param_dtype=m.param_dtype, dtype=m.dtype,
               seed=config.seed, tokenizer_source=m.tokenizer or None)  # fmt: skip
-    if not (os.path.isdir(source) and checkpoint.find_checkpoint_dir(source)):
+    if not checkpoint.find_checkpoint_dir(source):
         return load.load_model(source, **kw)
     arch = m.source
     recorded = os.path.join(source, "config.json")
-    if os.path.exists(recorded):
-        with open(recorded) as f:
-            arch = json.load(f).get("model", {}).get("source", arch)
+    if files.exists(recorded):
+        arch = files.read_json(recorded).get("model", {}).get("source", arch)
     base = load.load_model(arch, **kw)  # the architecture and tokenizer (weights replaced)
     shapes = llama.abstract_model(base.cfg)[1]
     abstract = checkpoint.with_shardings(
@@ -532,13 +531,10 @@ def markdown(results: dict) -> str:
 
 
 def write_reports(out_dir: str, results: dict, rows: list[dict]) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown(results))
-    with open(os.path.join(out_dir, "examples.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    files.makedirs(out_dir)
+    files.write_json(os.path.join(out_dir, "results.json"), results)
+    files.write_text(os.path.join(out_dir, "results.md"), markdown(results))
+    files.write_jsonl(os.path.join(out_dir, "examples.jsonl"), rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,10 +634,9 @@ def plot_pareto(result_paths: list[str], output: str, classifier_name: str = "ju
         raise ValueError("no results given; pass --results a/results.json,b/results.json.")
     points = []
     for path in result_paths:
-        if not os.path.exists(path):
+        if not files.exists(path):
             raise FileNotFoundError(f"{path} does not exist; run the eval first.")
-        with open(path) as f:
-            res = json.load(f)
+        res = files.read_json(path)
         for variant, s in res.get("summary", {}).items():
             asr = s.get(f"asr_{classifier_name}")
             if asr is None:
@@ -674,9 +669,11 @@ def plot_pareto(result_paths: list[str], output: str, classifier_name: str = "ju
         ax.legend(loc="best", fontsize=8)
     fig.suptitle("Attack success vs false refusal / helpfulness")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format=os.path.splitext(output)[1][1:] or "png", dpi=120)
     plt.close(fig)
+    files.makedirs(os.path.dirname(output) or ".")
+    files.write_bytes(output, image.getvalue())
     return points
 
 

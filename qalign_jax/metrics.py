@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from qalign_jax import files
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -79,15 +81,17 @@ class MetricsWriter:
         self.active = jax.process_index() == 0
         self.path = os.path.join(workdir, METRICS_FILE)
         self._tb = None
+        # Lines go out at once to a local file; to a bucket at most every 30 s, at `flush` (the
+        # loops flush before each checkpoint) and at close, since an append there rewrites
+        # the object (`files.append_text`).
+        self._pending: list[str] = []
+        self._flush_every_s = 30.0 if files.is_url(workdir) else 0.0
+        self._flushed_at = time.monotonic()
         if not self.active:
             return
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                keep = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(self.path + ".tmp", self.path)
-        self._file = open(self.path, "a")
+        if files.exists(self.path):
+            rows = files.read_jsonl(self.path)
+            files.write_jsonl(self.path, [r for r in rows if r.get("step", 0) <= resume_step])
         if tensorboard:
             self._tb = _open_tensorboard(os.path.join(workdir, "tb"))
             if self._tb is None:
@@ -103,18 +107,26 @@ class MetricsWriter:
             return
         row = {"step": int(step), "time": round(time.time(), 3)}
         row.update({k: _to_python(v) for k, v in metrics.items()})
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        self._pending.append(json.dumps(row) + "\n")
+        if time.monotonic() - self._flushed_at >= self._flush_every_s:
+            self.flush()
         if self._tb is not None:
             add_scalar = self._tb[0]
             for k, v in row.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)):
                     add_scalar(k, v, int(step))
 
+    def flush(self) -> None:
+        """Appends the pending lines to the file."""
+        if self._pending:
+            files.append_text(self.path, "".join(self._pending))
+            self._pending = []
+        self._flushed_at = time.monotonic()
+
     def close(self) -> None:
         if not self.active:
             return
-        self._file.close()
+        self.flush()
         if self._tb is not None:
             self._tb[1]()
             self._tb[2]()
@@ -122,8 +134,7 @@ class MetricsWriter:
 
 def read_metrics(workdir: str) -> list[dict]:
     """Every line of `workdir/metrics.jsonl` (tests, notebooks)."""
-    with open(os.path.join(workdir, METRICS_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return files.read_jsonl(os.path.join(workdir, METRICS_FILE))
 
 
 def format_duration(seconds: float) -> str:

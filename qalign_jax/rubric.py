@@ -41,6 +41,8 @@ import math
 import os
 from collections.abc import Sequence
 
+from qalign_jax import files
+
 QUESTION_KINDS = ("gate", "graded", "condition")
 YES_NO = ("Yes", "No")
 DEFAULT_GRADES = {"A": 1.0, "B": 0.5, "C": 0.1, "D": -0.5, "F": -1.0}  # QA-LIGN's values
@@ -321,10 +323,9 @@ def _validate_graph(rubric: Rubric, source: str) -> None:
 
 def load_rubric(path: str) -> Rubric:
     """Reads a rubric from .yaml/.yml/.json (YAML with `safe_load`: data only)."""
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise FileNotFoundError(f"rubric file {path} does not exist (see qalign_jax/rubrics/).")
-    with open(path) as f:
-        text = f.read()
+    text = files.read_text(path)
     try:
         if path.endswith(".json"):
             raw = json.loads(text)

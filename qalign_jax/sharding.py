@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -223,6 +224,13 @@ def initialize_distributed(cfg) -> None:
 # Host <-> global arrays with several processes. Every process runs the same program and holds
 # the same host-side values (prompts, rollouts, rewards); each contributes only the rows its
 # devices hold, and reads results back with an all-gather when they are not replicated.
+
+
+def sync_processes(tag: str) -> None:
+    """Waits until every process gets here: after process 0 writes a file the others read next.
+    Every process must call it with the same `tag`; a no-op with one process."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(tag)
 
 
 def process_rows(sh: NamedSharding, shape: Sequence[int], axis: int = 0) -> slice:

@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qalign_jax import eval as eval_lib
-from qalign_jax import sharding
+from qalign_jax import files, sharding
 from qalign_jax.loops import dpo, generate, grpo, iteralign, pipeline, prime_data, sft
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,7 +23,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Output directory (every host must see it: a shared or gcsfuse-mounted path)."
+    "workdir",
+    None,
+    "Output directory: gs://bucket/path, or a local path (on a pod, one every host sees).",
 )
 
 # Every loop exposes `run(config, workdir)`.
@@ -44,18 +46,17 @@ def run(config, workdir: str) -> None:
         raise ValueError(
             f"config.loop={config.loop!r} is not a known loop; known loops: {sorted(LOOPS)}."
         )
-    if "://" in workdir:
-        # orbax could write gs:// itself, but metrics, rollouts and the HF export are local
-        # file writes: a mounted bucket serves every writer.
+    if files.is_url(workdir) and not workdir.startswith("gs://"):
         raise ValueError(
-            f"--workdir={workdir}: URL workdirs are not supported; mount the bucket on every "
-            "host (gcsfuse --implicit-dirs BUCKET /mnt/gcs) and pass a path under the mount."
+            f"--workdir={workdir}: the URL workdirs supported are Cloud Storage ones "
+            "(gs://bucket/path); use one of those or a local (or mounted) directory."
         )
     sharding.initialize_distributed(config)
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(json.dumps(json.loads(config.to_json_best_effort()), indent=1))
+        files.write_json(
+            os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort())
+        )
     logging.info("loop %s, workdir %s", config.loop, workdir)
     LOOPS[config.loop](config, workdir)
 

@@ -9,6 +9,7 @@ The SFT smoke run does the same with per-process data: each process tokenizes an
 the rows of each batch that its devices hold.
 """
 
+import functools
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from qalign_jax import sharding, train
+from tests import fake_gcs
 from tests.test_grpo import ROOT, smoke_config
 from tests.test_sft import load_config as load_sft_config
 
@@ -33,7 +35,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(tmp_path, workdir, config: str, *overrides: str) -> list:
+def run_two_processes(
+    tmp_path, workdir, config: str, *overrides: str, module="qalign_jax.train", extra_env=None
+) -> list:
     """`python -m qalign_jax.train` as 2 processes x 4 CPU devices; returns their log files."""
     port = free_port()
     procs, logs = [], []
@@ -41,10 +45,10 @@ def run_two_processes(tmp_path, workdir, config: str, *overrides: str) -> list:
         env = dict(
             os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
             JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
-            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            XLA_FLAGS="--xla_force_host_platform_device_count=4", **(extra_env or {}),
         )  # fmt: skip
-        logs.append(tmp_path / f"{os.path.basename(workdir)}_proc{pid}.log")
-        cmd = [sys.executable, "-m", "qalign_jax.train", "--config", config,
+        logs.append(tmp_path / f"{os.path.basename(str(workdir))}_proc{pid}.log")
+        cmd = [sys.executable, "-m", module, "--config", config,
                "--workdir", str(workdir), *overrides, "--alsologtostderr"]  # fmt: skip
         out = open(logs[-1], "w")
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out))
@@ -126,6 +130,35 @@ def test_sft_two_processes_each_tokenize_their_rows_and_match_one_process(tmp_pa
                 assert r2[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
 
 
+def test_sft_two_processes_on_a_gs_workdir(tmp_path):
+    """Both processes write checkpoints (through orbax), process 0 alone every other file, all
+    of it on the (fake, see tests/fake_gcs.py) bucket; a rerun resumes from the bucket."""
+    root = tmp_path / "gcs"
+    overrides = ["--config.sft.num_steps=3", "--config.sft.eval_every=0",
+                 "--config.checkpoint.every_steps=2", "--config.metrics.tensorboard=False"]  # fmt: skip
+    run = functools.partial(
+        run_two_processes, tmp_path, "gs://b/sft", "configs/sft_prime_smol.py:smoke",
+        module="tests.fake_gcs", extra_env={"FAKE_GCS_ROOT": str(root)},
+    )  # fmt: skip
+
+    def train_steps():
+        text = (root / "b" / "sft" / "metrics.jsonl").read_text()
+        return [r["step"] for r in map(json.loads, text.splitlines()) if "train/loss" in r]
+
+    run(*overrides)
+    names = fake_gcs.objects(str(root), "b/sft")
+    assert {"config.json", "metrics.jsonl", "hf/config.json", "hf/model.safetensors"} <= set(
+        names
+    ), names
+    assert sorted(os.listdir(root / ".orbax" / "b" / "sft" / "ckpt")) == ["2", "3"]
+    assert train_steps() == [1, 2, 3]
+
+    logs = run(*overrides[1:], "--config.sft.num_steps=4")  # resumes at 3
+    text = logs[0].read_text()
+    assert "sft: resumed from" in text and "steps 3 -> 4" in text, text[-2000:]
+    assert train_steps() == [1, 2, 3, 4]  # the first run's lines kept, none repeated
+
+
 def test_put_global_and_to_host_round_trip_on_one_process():
     mesh = sharding.make_mesh((2, 4, 1))
     x = np.arange(8 * 3 * 5, dtype=np.float32).reshape(8, 3, 5)
@@ -150,8 +183,3 @@ def test_distributed_env_errors(monkeypatch, env, message):
     config = smoke_config()
     with pytest.raises(ValueError, match=message):
         sharding.initialize_distributed(config)
-
-
-def test_url_workdir_is_refused_with_the_mount_advice(tmp_path):
-    with pytest.raises(ValueError, match="gcsfuse --implicit-dirs"):
-        train.run(smoke_config(), "gs://bucket/workdirs/x")

@@ -41,7 +41,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qalign_jax import checkpoint, losses, metrics, sampler, sharding
+from qalign_jax import checkpoint, files, losses, metrics, sampler, sharding
 from qalign_jax import judge as judge_lib
 from qalign_jax.checkpoint import TrainState
 from qalign_jax.loops import grpo, prime_data, sft
@@ -125,20 +125,17 @@ def make_pairs(config, policy, judge, records, prompt_ids, rng) -> tuple[list[di
 def read_pairs(path: str) -> list[dict]:
     """The pairs of an earlier run of this workdir; a broken file is an error, not resampled."""
     pairs = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e}); delete the file to resample.") from e
-            missing = [
-                k for k in ("id", "prompt_ids", "chosen_ids", "rejected_ids") if k not in row
-            ]
-            if missing:
-                raise ValueError(f"{path}:{n}: missing fields {missing}; delete it to resample.")
-            pairs.append(row)
+    for n, line in enumerate(files.read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e}); delete the file to resample.") from e
+        missing = [k for k in ("id", "prompt_ids", "chosen_ids", "rejected_ids") if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{n}: missing fields {missing}; delete it to resample.")
+        pairs.append(row)
     if not pairs:
         raise ValueError(f"{path} holds no pairs; delete it to resample.")
     return pairs
@@ -278,7 +275,7 @@ def run(config, workdir: str) -> None:
 
     # Stage 1: pairs (reused when the workdir has them).
     pairs_path = os.path.join(workdir, PAIRS_FILE)
-    if os.path.exists(pairs_path):
+    if files.exists(pairs_path):
         pairs = read_pairs(pairs_path)
         logging.info("dpo: %d pairs from %s", len(pairs), pairs_path)
     else:
@@ -295,11 +292,8 @@ def run(config, workdir: str) -> None:
                 f"dpo.min_margin={d.min_margin}); raise dpo.num_generations or the temperature."
             )
         if jax.process_index() == 0:
-            with open(pairs_path + ".tmp", "w") as f:
-                f.writelines(json.dumps(p) + "\n" for p in pairs)
-            os.replace(pairs_path + ".tmp", pairs_path)
-            with open(os.path.join(workdir, "pairs_summary.json"), "w") as f:
-                json.dump(stats, f, indent=1)
+            files.write_jsonl(pairs_path, pairs)
+            files.write_json(os.path.join(workdir, "pairs_summary.json"), stats)
         print("dpo pairs: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
     if len(pairs) < d.pairs_per_step:
         raise ValueError(f"{len(pairs)} pairs < dpo.pairs_per_step={d.pairs_per_step}.")
@@ -378,6 +372,7 @@ def run(config, workdir: str) -> None:
             if done == total_steps or (
                 config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0
             ):
+                writer.flush()  # the metric lines up to a checkpoint survive a kill
                 checkpoint.save(manager, state, {
                     "step": done, "rng": np.asarray(jax.random.key_data(base_rng)).tolist(),
                     "num_pairs": len(pairs), "total_steps": total_steps,

@@ -7,14 +7,13 @@ bottom: mesh, model, prompts, sampling in batches, results.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import jax
 from absl import logging
 
-from qalign_jax import data, sampler, sharding
+from qalign_jax import data, files, sampler, sharding
 from qalign_jax.models import load
 
 
@@ -86,9 +85,10 @@ def run(config, workdir: str) -> None:
     if jax.process_index() != 0:
         return
     path = os.path.join(workdir, "generations.jsonl")
-    with open(path, "w") as f:
-        for conv, res in zip(conversations, results):
-            f.write(json.dumps({"prompt": conv[-1]["content"], **res}) + "\n")
-            print(f"\n>>> {conv[-1]['content']}\n{res['answer']}  [{res['finish_reason']}]")
+    files.write_jsonl(
+        path, ({"prompt": c[-1]["content"], **res} for c, res in zip(conversations, results))
+    )
+    for conv, res in zip(conversations, results):
+        print(f"\n>>> {conv[-1]['content']}\n{res['answer']}  [{res['finish_reason']}]")
     tokens = sum(r["num_tokens"] for r in results)
     print(f"\n{len(results)} answers, {tokens} tokens in {elapsed:.1f}s -> {path}")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 
@@ -45,7 +44,17 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qalign_jax import checkpoint, data, losses, metrics, reflection, rewards, sampler, sharding
+from qalign_jax import (
+    checkpoint,
+    data,
+    files,
+    losses,
+    metrics,
+    reflection,
+    rewards,
+    sampler,
+    sharding,
+)
 from qalign_jax import judge as judge_lib
 from qalign_jax.checkpoint import TrainState
 from qalign_jax.loops import prime_data, sft
@@ -66,7 +75,7 @@ def read_prompts(config) -> list[data.PromptRecord]:
         raise ValueError(f"grpo.on_overlap={g.on_overlap!r}; use one of {OVERLAP_MODES}.")
     records = prime_data.select_prompts(g.sources, config.seed)
     if g.priming_data:
-        if not os.path.exists(g.priming_data):
+        if not files.exists(g.priming_data):
             raise FileNotFoundError(
                 f"grpo.priming_data={g.priming_data} does not exist; run the priming stage "
                 "first, or set grpo.priming_data='' to skip the disjointness check."
@@ -540,12 +549,11 @@ def run(config, workdir: str) -> None:
                 and g.rollouts_every
                 and (done % g.rollouts_every == 0 or done == g.num_steps)
             ):
-                with open(rollouts_path, "a") as f:
-                    for r in rollout_rows(ro, judge, done, 2):
-                        f.write(json.dumps(r) + "\n")
+                files.append_jsonl(rollouts_path, rollout_rows(ro, judge, done, 2))
             if done == g.num_steps or (
                 config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0
             ):
+                writer.flush()  # the metric lines up to a checkpoint survive a kill
                 checkpoint.save(manager, state, {
                     "step": done, "rng": np.asarray(jax.random.key_data(base_rng)).tolist(),
                     "num_prompts": len(records), "total_steps": g.num_steps,

@@ -62,7 +62,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from qalign_jax import checkpoint, metrics, rubric_draft, sampler, sharding
+from qalign_jax import checkpoint, files, metrics, rubric_draft, sampler, sharding
 from qalign_jax import judge as judge_lib
 from qalign_jax import rubric as rubric_lib
 from qalign_jax.loops import prime_data, sft
@@ -78,29 +78,19 @@ REVISIONS, SFT_DATA, SFT_DONE, SUMMARY = (
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: JSON written atomically (a stage's marker), JSONL appended a batch at a time.
+# Files: JSON written atomically (a stage's marker), JSONL appended a batch at a time. Every
+# process calls these; process 0 writes and the others wait for it, since they read it next.
 
 
 def write_json(path: str, obj) -> None:
-    if jax.process_index() != 0:
-        return
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    if jax.process_index() == 0:
+        files.write_json(path, obj)
+    sharding.sync_processes(f"write {path}")
 
 
 def append_rows(path: str, rows: list[dict]) -> None:
-    if jax.process_index() != 0:
-        return
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
+    if jax.process_index() == 0:  # every process holds the rows; the file is for a resume
+        files.append_jsonl(path, rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,12 +369,11 @@ def read_rubric_dict(name_or_path: str) -> dict:
     """The raw dict of a rubric file (validated by loading it first)."""
     path = rubric_path(name_or_path)
     rubric_lib.load_rubric(path)
-    with open(path) as f:
-        if path.endswith(".json"):
-            return json.load(f)
-        import yaml
+    if path.endswith(".json"):
+        return files.read_json(path)
+    import yaml
 
-        return yaml.safe_load(f)
+    return yaml.safe_load(files.read_text(path))
 
 
 def draft_gates(config, generate_fn, library: list[dict], base: dict) -> dict:
@@ -663,7 +652,7 @@ def run(config, workdir: str) -> None:
     round_prompts(pool, 1, ia.prompts_per_round)  # checks the size before loading anything
     base_rubric_name = ia.base_rubric or config.judge.rubric
     base_rubric = read_rubric_dict(base_rubric_name) if ia.compile_rubric else None
-    os.makedirs(os.path.join(workdir, "rubrics"), exist_ok=True)
+    files.makedirs(os.path.join(workdir, "rubrics"))
 
     mesh = sharding.make_mesh(config.mesh.shape)
     base = load.from_config(config, mesh)
@@ -677,11 +666,11 @@ def run(config, workdir: str) -> None:
     rounds_done, library, init, stop = [], [], config.checkpoint.init, None
     for r in range(1, ia.max_rounds + 1):
         path = os.path.join(workdir, f"round_{r}", SUMMARY)
-        if not os.path.exists(path):
+        if not files.exists(path):
             break
-        s = read_json(path)
+        s = files.read_json(path)
         rounds_done.append(s)
-        library = read_json(os.path.join(workdir, f"round_{r}", s["library_file"]))
+        library = files.read_json(os.path.join(workdir, f"round_{r}", s["library_file"]))
         init, stop = s["policy_after"], s["stop_reason"]
     writer = metrics.MetricsWriter(
         workdir, resume_step=len(rounds_done), tensorboard=config.metrics.tensorboard
@@ -693,7 +682,7 @@ def run(config, workdir: str) -> None:
             if stop:
                 break
             rdir = os.path.join(workdir, f"round_{r}")
-            os.makedirs(rdir, exist_ok=True)
+            files.makedirs(rdir)
             times = {}
             rkey = jax.random.fold_in(seed_key, r)
             policy = load_policy(config, base, init)
@@ -724,8 +713,8 @@ def run(config, workdir: str) -> None:
             prop_path = os.path.join(rdir, PROPOSALS)
             t0 = time.time()
             if not stop:
-                if os.path.exists(prop_path):
-                    proposed = read_json(prop_path)
+                if files.exists(prop_path):
+                    proposed = files.read_json(prop_path)
                 else:
                     proposer = proposer or make_proposer(config, base, mesh)
                     new_library, log = propose(config, proposer, failures, library, r)
@@ -751,11 +740,11 @@ def run(config, workdir: str) -> None:
             # 4. Compile the rubric (the library with gate questions is the stage's output).
             lib_path = os.path.join(rdir, ROUND_LIBRARY)
             t0 = time.time()
-            if os.path.exists(lib_path):
-                library = read_json(lib_path)
+            if files.exists(lib_path):
+                library = files.read_json(lib_path)
             else:
-                if os.path.exists(prop_path):
-                    library = read_json(prop_path)["library"]
+                if files.exists(prop_path):
+                    library = files.read_json(prop_path)["library"]
                 if ia.compile_rubric and not stop:
                     proposer = proposer or make_proposer(config, base, mesh)
                     glog = draft_gates(config, proposer, library, base_rubric)
@@ -771,7 +760,7 @@ def run(config, workdir: str) -> None:
                     write_json(os.path.join(rdir, "gates_log.json"), glog)
                 write_json(lib_path, library)
             if ia.compile_rubric and not stop:
-                glog = read_json(os.path.join(rdir, "gates_log.json"))
+                glog = files.read_json(os.path.join(rdir, "gates_log.json"))
                 row.update({
                     "rubric/version": r,
                     "rubric/gates_drafted": glog["items"] - len(glog["skipped"]),
@@ -806,10 +795,11 @@ def run(config, workdir: str) -> None:
                 t0 = time.time()
                 sft_path = os.path.join(rdir, SFT_DATA)
                 if jax.process_index() == 0:
-                    with open(sft_path, "w") as f:
-                        for x in kept:
-                            f.write(json.dumps({"id": x["id"], "prompt": x["prompt"],
-                                                "completion": x["revision"]}) + "\n")  # fmt: skip
+                    files.write_jsonl(sft_path, [
+                        {"id": x["id"], "prompt": x["prompt"], "completion": x["revision"]}
+                        for x in kept
+                    ])  # fmt: skip
+                sharding.sync_processes(f"write {sft_path}")
                 row["sft/examples"] = len(kept)
                 done_path = os.path.join(rdir, SFT_DONE)
                 if not ia.train:
@@ -819,11 +809,11 @@ def run(config, workdir: str) -> None:
                     logging.warning("iteralign round %d: no revision kept; no SFT", r)
                 else:
                     sft_dir = os.path.join(rdir, "sft")
-                    if not os.path.exists(done_path):
+                    if not files.exists(done_path):
                         policy = None  # free the old weights before training
                         round_sft(config, sft_path, init, sft_dir)
                         write_json(done_path, {"policy_after": sft_dir})
-                    policy_after = read_json(done_path)["policy_after"]
+                    policy_after = files.read_json(done_path)["policy_after"]
                     sft_rows = metrics.read_metrics(sft_dir)
                     losses = [x["train/loss"] for x in sft_rows if "train/loss" in x]
                     row.update({"sft/steps": len(losses), "sft/loss_first": losses[0],
@@ -854,7 +844,7 @@ def run(config, workdir: str) -> None:
             (
                 os.path.join(workdir, "rubrics", f"rubric_v{s['round']}.json")
                 for s in reversed(rounds_done)
-                if os.path.exists(os.path.join(workdir, "rubrics", f"rubric_v{s['round']}.json"))
+                if files.exists(os.path.join(workdir, "rubrics", f"rubric_v{s['round']}.json"))
             ),
             None,
         ),  # fmt: skip

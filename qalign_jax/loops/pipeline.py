@@ -22,13 +22,12 @@ rerunning the same command continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
 import jax
 
-from qalign_jax import checkpoint, metrics, sharding
+from qalign_jax import checkpoint, files, metrics, sharding
 from qalign_jax import config as config_lib
 from qalign_jax import judge as judge_lib
 from qalign_jax.loops import grpo, prime_data, sft
@@ -72,8 +71,7 @@ def stage_configs(config, workdir: str) -> dict:
 def _stage_summary(stage: str, workdir: str) -> dict:
     """A few numbers that say what a finished stage did."""
     if stage == "prime":
-        with open(os.path.join(workdir, "summary.json")) as f:
-            s = json.load(f)
+        s = files.read_json(os.path.join(workdir, "summary.json"))
         return {k: s[k] for k in ("prompts", "kept", "draft_reward_mean", "revision_reward_mean")}
     rows = metrics.read_metrics(workdir)
     if stage == "sft":
@@ -91,9 +89,7 @@ def _stage_summary(stage: str, workdir: str) -> dict:
 
 def _check_prime_output(workdir: str) -> None:
     path = os.path.join(workdir, "prime_sft.jsonl")
-    with open(path) as f:
-        kept = sum(1 for line in f if line.strip())
-    if kept == 0:
+    if not files.read_jsonl(path):
         raise ValueError(
             f"the priming stage kept no examples ({path} is empty), so there is nothing to "
             "prime on; use more prime.sources prompts or prime.keep='all' in its config."
@@ -122,15 +118,16 @@ def evaluate(config, eval_sources, final: str, workdir: str) -> dict:
     )  # fmt: skip
     policies = {"base": base, "final": dataclasses.replace(base, params=final_params)}
     results = {"prompts": len(records), "final_params": origin, "policies": {}}
-    with open(os.path.join(workdir, "eval.jsonl"), "w") as f:
-        for name, policy in policies.items():
-            ro = grpo.rollout(
-                c, policy, judge, records, [prompt_ids[r.id] for r in records],
-                jax.random.key(c.seed), cache_len,
-            )  # fmt: skip
-            results["policies"][name] = grpo.rollout_metrics(ro, judge.rubric)
-            for row in grpo.rollout_rows(ro, judge, 0, len(records)):
-                f.write(json.dumps({"policy": name, **row}) + "\n")
+    rows = []
+    for name, policy in policies.items():
+        ro = grpo.rollout(
+            c, policy, judge, records, [prompt_ids[r.id] for r in records],
+            jax.random.key(c.seed), cache_len,
+        )  # fmt: skip
+        results["policies"][name] = grpo.rollout_metrics(ro, judge.rubric)
+        rows += [{"policy": name, **row} for row in grpo.rollout_rows(ro, judge, 0, len(records))]
+    if jax.process_index() == 0:
+        files.write_jsonl(os.path.join(workdir, "eval.jsonl"), rows)
     return results
 
 
@@ -160,35 +157,36 @@ def run(config, workdir: str) -> None:
         done = os.path.join(stage_dir, "done.json")
         if stage == "sft":
             _check_prime_output(stages["prime"][0])
-        if os.path.exists(done):
+        if files.exists(done):
             print(f"pipeline [{i + 1}/4] {stage}: done already ({stage_dir}), skipped")
         else:
             print(f"pipeline [{i + 1}/4] {stage} -> {stage_dir}")
             t0 = time.perf_counter()
-            os.makedirs(stage_dir, exist_ok=True)
-            with open(os.path.join(stage_dir, "config.json"), "w") as f:
-                f.write(stage_cfg.to_json_best_effort(indent=1))
+            files.makedirs(stage_dir)
+            if jax.process_index() == 0:
+                files.write_text(
+                    os.path.join(stage_dir, "config.json"), stage_cfg.to_json_best_effort(indent=1)
+                )
             loops[stage](stage_cfg, stage_dir)
             if jax.process_index() == 0:
-                with open(done, "w") as f:
-                    json.dump({"seconds": time.perf_counter() - t0}, f)
-        with open(done) as f:
-            seconds = json.load(f)["seconds"]
+                files.write_json(done, {"seconds": time.perf_counter() - t0})
+            sharding.sync_processes(f"pipeline {stage} done")  # its outputs are all written
+        seconds = files.read_json(done)["seconds"]
         summary["stages"][stage] = {"seconds": seconds, **_stage_summary(stage, stage_dir)}
 
     eval_dir = os.path.join(workdir, "4_eval")
-    os.makedirs(eval_dir, exist_ok=True)
+    files.makedirs(eval_dir)
     print(f"pipeline [4/4] eval -> {eval_dir}")
     t0 = time.perf_counter()
     grpo_dir, grpo_cfg = stages["grpo"]
-    final = os.path.join(grpo_dir, "hf")  # the export; without one, the newest checkpoint
-    final = final if os.path.isdir(final) else grpo_dir
+    # The export (read from local disk only); else the newest checkpoint, wherever it is.
+    final = os.path.join(grpo_dir, "hf")
+    final = final if not files.is_url(final) and os.path.isdir(final) else grpo_dir
     summary["eval"] = evaluate(grpo_cfg, config.pipeline.eval_sources, final, eval_dir)
     summary["eval"]["seconds"] = time.perf_counter() - t0
     summary["seconds"] = time.perf_counter() - t_start
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        files.write_json(os.path.join(workdir, "summary.json"), summary)
         print(report(summary, workdir))
 
 

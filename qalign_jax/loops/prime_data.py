@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from qalign_jax import data, reflection, rewards, sampler, sharding
+from qalign_jax import data, files, reflection, rewards, sampler, sharding
 from qalign_jax import judge as judge_lib
 from qalign_jax.metrics import format_duration
 from qalign_jax.models import load
@@ -64,10 +64,9 @@ def select_prompts(sources, seed: int) -> list[data.PromptRecord]:
 
 def read_done(path: str) -> list[dict]:
     """Rows already written; a torn last line (killed mid-write) is dropped from the file."""
-    if not os.path.exists(path):
+    if not files.exists(path):
         return []
-    with open(path) as f:
-        lines = f.read().split("\n")
+    lines = files.read_text(path).split("\n")
     rows = []
     for n, line in enumerate(lines):
         if not line.strip():
@@ -80,8 +79,8 @@ def read_done(path: str) -> list[dict]:
                     f"{path}:{n + 1} is not JSON; delete the file to start over."
                 ) from e
             logging.warning("%s: dropping a torn last line", path)
-            with open(path, "w") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in rows))
+            if jax.process_index() == 0:
+                files.write_jsonl(path, rows)
     return rows
 
 
@@ -252,10 +251,7 @@ def run(config, workdir: str) -> None:
         rng = jax.random.fold_in(base, batch[0][0])
         rows = process_batch(config, policy, reviser, judge, [r for _, r in batch], rng)
         if jax.process_index() == 0:
-            with open(rows_path, "a") as f:
-                f.write("".join(json.dumps(row) + "\n" for row in rows))
-                f.flush()
-                os.fsync(f.fileno())
+            files.append_jsonl(rows_path, rows)
         done += rows
         elapsed = time.time() - t0
         left = len(todo) - start - len(batch)
@@ -273,16 +269,11 @@ def run(config, workdir: str) -> None:
     done = sorted((r for r in done if r["id"] in order), key=lambda r: order[r["id"]])
     summary = summarize(done)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, SFT), "w") as f:
-            for r in done:
-                if r["kept"]:
-                    f.write(
-                        json.dumps(
-                            {"id": r["id"], "prompt": r["prompt"], "segments": r["segments"]}
-                        )
-                        + "\n"
-                    )
-        with open(os.path.join(workdir, SUMMARY), "w") as f:
-            json.dump(summary, f, indent=1)
+        files.write_jsonl(
+            os.path.join(workdir, SFT),
+            ({"id": r["id"], "prompt": r["prompt"], "segments": r["segments"]}
+             for r in done if r["kept"]),
+        )  # fmt: skip
+        files.write_json(os.path.join(workdir, SUMMARY), summary)
     print(json.dumps(summary, indent=1))
     print(f"-> {os.path.join(workdir, SFT)} ({summary['kept']} examples)")

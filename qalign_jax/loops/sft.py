@@ -396,6 +396,7 @@ def run(config, workdir: str) -> None:
                 progress.print(done, eval_row)
 
             if is_last or (save_every and done % save_every == 0):
+                writer.flush()  # the metric lines up to a checkpoint survive a kill
                 checkpoint.save(manager, state, {
                     "step": done, "data": batches.position.to_json(),
                     "rng": np.asarray(jax.random.key_data(rng)).tolist(),

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 
 import jax
@@ -25,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from qalign_jax import sharding
+from qalign_jax import files, sharding
 from qalign_jax.models import llama
 
 # ---------------------------------------------------------------------------------------------
@@ -373,16 +374,16 @@ def safetensors_index(model_dir: str) -> dict[str, tuple[str, dict]]:
     index_path = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index_path):
         with open(index_path) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+            names = sorted(set(json.load(f)["weight_map"].values()))
     else:
-        files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-    if not files:
+        names = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not names:
         raise FileNotFoundError(
             f"{model_dir} has no *.safetensors weights (PyTorch .bin files are not loaded: "
             "they are pickles; convert them to safetensors first)."
         )
     out = {}
-    for name in files:
+    for name in names:
         path = os.path.join(model_dir, name)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} is listed in the index but missing: incomplete copy?")
@@ -410,7 +411,15 @@ def export_hf(
 
     Only process 0 writes; every process must call this (gathering a sharded tensor is a
     collective). Tensors stream one at a time, so host memory holds at most one shard file.
+    A gs:// `out_dir` is written to a local temporary directory first, then copied up (the
+    local disk needs room for the export).
     """
+    if files.is_url(out_dir):
+        with tempfile.TemporaryDirectory(prefix="hf_export_") as tmp:
+            export_hf(tmp, cfg, params, tokenizer, dtype=dtype, max_shard_bytes=max_shard_bytes)
+            if jax.process_index() == 0:
+                files.copy_dir(tmp, out_dir)
+        return
     out_dtype = np.dtype(
         getattr(ml_dtypes, dtype or cfg.param_dtype, None) or dtype or cfg.param_dtype
     )
@@ -419,13 +428,13 @@ def export_hf(
         os.makedirs(out_dir, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     weight_map, size, total = {}, 0, 0
-    files = []
+    shard_names = []
 
     def flush():
-        name = f"model-{len(files) + 1:05d}.safetensors"
+        name = f"model-{len(shard_names) + 1:05d}.safetensors"
         if write:
             write_safetensors(os.path.join(out_dir, name), shards[-1])
-        files.append(name)
+        shard_names.append(name)
         for t in shards[-1]:
             weight_map[t] = name
         shards[-1] = {}
@@ -441,11 +450,15 @@ def export_hf(
     flush()
     if not write:
         return
-    if len(files) == 1:
-        os.replace(os.path.join(out_dir, files[0]), os.path.join(out_dir, "model.safetensors"))
+    if len(shard_names) == 1:
+        os.replace(
+            os.path.join(out_dir, shard_names[0]), os.path.join(out_dir, "model.safetensors")
+        )
     else:
-        count = len(files)
-        renames = {f: re.sub(r"\.safetensors$", f"-of-{count:05d}.safetensors", f) for f in files}
+        count = len(shard_names)
+        renames = {
+            f: re.sub(r"\.safetensors$", f"-of-{count:05d}.safetensors", f) for f in shard_names
+        }
         for old, new in renames.items():
             os.replace(os.path.join(out_dir, old), os.path.join(out_dir, new))
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:

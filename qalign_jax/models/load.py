@@ -48,6 +48,12 @@ def resolve_source(source: str) -> tuple[str, str]:
         return "gguf", tokenizer_lib.find_embedded_gguf()
     if source.startswith("random:"):
         return "random", source.split(":", 1)[1]
+    if "://" in source:
+        raise ValueError(
+            f"model source {source!r}: models are read from local disk only (a pod reads them "
+            "on every host); copy it down first, e.g. `gcloud storage cp -r` in launch/tpu.sh "
+            "setup, and pass the local path."
+        )
     if source.endswith(".gguf"):
         return "gguf", source
     if os.path.isdir(source):
