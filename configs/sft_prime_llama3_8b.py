@@ -3,15 +3,16 @@
 Run on every host of the slice (all hosts take part in every program):
   gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=all --command "cd qalign_jax && \
     .venv/bin/python -m qalign_jax.train --config configs/sft_prime_llama3_8b.py \
-    --workdir /mnt/shared/workdirs/sft_prime_8b \
+    --workdir gs://BUCKET/workdirs/sft_prime_8b \
     --config.model.source=/mnt/shared/models/Llama-3.1-8B-Instruct \
     --config.data.train_path=/mnt/shared/data/qalign_priming.jsonl"
 The model source is a local Hugging Face directory (safetensors) on every host and the workdir
 gs://BUCKET/... or a filesystem every host sees (NFS/Filestore): orbax writes each host's
-shards there and process 0 writes metrics.jsonl and the final bf16 Hugging Face export, workdir/hf. The
-training set is the priming-data stage's output (configs/prime_data_llama3_8b.py writes
-<workdir>/prime_sft.jsonl); without the flag, train_path defaults to the 40 hand-written
-examples in configs/data/ (a 2-step run that only checks the plumbing).
+shards there and process 0 writes metrics.jsonl and the final bf16 Hugging Face export,
+workdir/hf. The training set is the priming-data stage's output
+(configs/prime_data_llama3_8b.py writes <workdir>/prime_sft.jsonl); without the flag,
+train_path defaults to the 40 hand-written examples in configs/data/ (a 2-step run that only
+checks the plumbing).
 
 Mesh: v5p-64 = 32 chips (4 per host, 8 hosts), each 95 GB HBM and 459 TFLOP/s dense bf16.
 Pure FSDP: mesh (data, fsdp, tensor) = (1, 32, 1); every parameter and Adam moment is split 32
