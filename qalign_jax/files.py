@@ -31,25 +31,18 @@ def is_url(path: str) -> bool:
     return "://" in str(path)
 
 
-def _epath(path: str) -> epath.Path:
-    try:
-        return epath.Path(path)
-    except ImportError as e:  # fsspec names the missing package (gcsfs for gs://)
-        raise ImportError(f"{path}: {e} (pip install -r requirements.txt installs gcsfs).") from e
-
-
 def exists(path: str) -> bool:
-    return _epath(path).exists() if is_url(path) else os.path.exists(path)
+    return epath.Path(path).exists() if is_url(path) else os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
-    return _epath(path).is_dir() if is_url(path) else os.path.isdir(path)
+    return epath.Path(path).is_dir() if is_url(path) else os.path.isdir(path)
 
 
 def listdir(path: str) -> list[str]:
     """Names (not paths) of the entries in directory `path`."""
     if is_url(path):
-        return [p.name for p in _epath(path).iterdir()]
+        return [p.name for p in epath.Path(path).iterdir()]
     return os.listdir(path)
 
 
@@ -60,7 +53,7 @@ def makedirs(path: str) -> None:
 
 def read_text(path: str) -> str:
     if is_url(path):
-        return _epath(path).read_text()
+        return epath.Path(path).read_text()
     with open(path, encoding="utf-8") as f:
         return f.read()
 
@@ -73,7 +66,7 @@ def write_text(path: str, text: str) -> None:
 def write_bytes(path: str, data: bytes) -> None:
     """`write_text` for bytes (an image, say)."""
     if is_url(path):
-        _epath(path).write_bytes(data)
+        epath.Path(path).write_bytes(data)
         return
     with open(path + ".tmp", "wb") as f:
         f.write(data)
@@ -84,7 +77,7 @@ def append_text(path: str, text: str) -> None:
     """Appends `text` (whole lines) to `path`, creating it; on a URL a read and a rewrite."""
     if is_url(path):
         old = read_text(path) if exists(path) else ""
-        _epath(path).write_text(old + text)
+        epath.Path(path).write_text(old + text)
         return
     with open(path, "a", encoding="utf-8") as f:
         f.write(text)
@@ -118,9 +111,6 @@ def copy_dir(src: str, dst: str) -> None:
         out = os.path.join(dst, os.path.relpath(root, src)) if root != src else dst
         makedirs(out)
         for name in sorted(names):
-            if is_url(out):
-                with open(os.path.join(root, name), "rb") as fin:
-                    with _epath(os.path.join(out, name)).open("wb") as fout:
-                        shutil.copyfileobj(fin, fout, 64 << 20)  # shards are GBs
-            else:
-                shutil.copyfile(os.path.join(root, name), os.path.join(out, name))
+            with open(os.path.join(root, name), "rb") as fin:
+                with epath.Path(os.path.join(out, name)).open("wb") as fout:
+                    shutil.copyfileobj(fin, fout, 64 << 20)  # shards are GBs

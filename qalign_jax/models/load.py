@@ -20,7 +20,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from qalign_jax import sharding
+from qalign_jax import files, sharding
 from qalign_jax.models import gguf, hf, llama
 from qalign_jax.models import tokenizer as tokenizer_lib
 
@@ -48,7 +48,7 @@ def resolve_source(source: str) -> tuple[str, str]:
         return "gguf", tokenizer_lib.find_embedded_gguf()
     if source.startswith("random:"):
         return "random", source.split(":", 1)[1]
-    if "://" in source:
+    if files.is_url(source):
         raise ValueError(
             f"model source {source!r}: models are read from local disk only (a pod reads them "
             "on every host); copy it down first, e.g. `gcloud storage cp -r` in launch/tpu.sh "
