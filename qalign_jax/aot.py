@@ -132,8 +132,8 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
         max_new_tokens=g.draft_max_tokens, max_cache_len=cache_len, stop_ids=(0,),
         batch_buckets=(rows,),  # as grpo's sampler: every rollout batch has B x G rows
     )  # fmt: skip
-    batch_rows = sampler._bucket(rows, scfg.batch_buckets, sampler._batch_multiple(mesh))
-    width = sampler._bucket(g.max_prompt_tokens, scfg.prompt_buckets)
+    batch_rows = sampler.bucket(rows, scfg.batch_buckets, sampler.batch_multiple(mesh))
+    width = sampler.bucket(g.max_prompt_tokens, scfg.prompt_buckets)
     rsh = lambda nd: sharding.batch_sharding(mesh, nd)  # noqa: E731
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = _sds(key.shape, key.dtype, sharding.replicated(mesh))
@@ -158,7 +158,7 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     weights = run("prepare", sampler.prepare_weights, (graphdef,), {}, (params,))
     state = run("decode", sampler.decode, (cfg,), {"cfg": scfg}, (weights, state), state_arg=1)
     if g.two_pass and _wanted(compile_, "sampler_extend"):
-        w2 = sampler._bucket(block, scfg.prompt_buckets)
+        w2 = sampler.bucket(block, scfg.prompt_buckets)
         ext = (params, state, _sds((batch_rows, w2), jnp.int32, rsh(2)),
                _sds((batch_rows, w2), jnp.int32, rsh(2)), _sds((batch_rows,), jnp.int32, rsh(1)),
                _sds((batch_rows,), bool, rsh(1)), key)  # fmt: skip

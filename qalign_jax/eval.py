@@ -206,7 +206,7 @@ def answer(ctx: Context, records, rng) -> Answers:
             rubric = ctx.judge("rubric").rubric
             block = reflection.findings_block_max_tokens(rubric, tok.encode, e.max_findings)
             bucket = functools.partial(
-                sampler._bucket, buckets=sampler.SamplerConfig.prompt_buckets
+                sampler.bucket, buckets=sampler.SamplerConfig.prompt_buckets
             )
             cache_len = bucket(max(map(len, batch_ids))) + e.max_new_tokens + bucket(block)
             cache_len += e.revision_max_tokens

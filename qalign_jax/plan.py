@@ -153,9 +153,9 @@ def grpo_lengths(config) -> tuple[int, int, int]:
     g = config.grpo
     block = 48 * g.max_findings + 16 if g.two_pass else 0
     buckets = sampler.SamplerConfig.prompt_buckets
-    cache_len = sampler._bucket(g.max_prompt_tokens, buckets) + g.draft_max_tokens
+    cache_len = sampler.bucket(g.max_prompt_tokens, buckets) + g.draft_max_tokens
     if g.two_pass:
-        cache_len += sampler._bucket(block, buckets) + g.revision_max_tokens
+        cache_len += sampler.bucket(block, buckets) + g.revision_max_tokens
     seq_len = g.max_prompt_tokens + g.draft_max_tokens + block
     seq_len = -(-(seq_len + (g.revision_max_tokens if g.two_pass else 0)) // 64) * 64
     return seq_len, cache_len, block
@@ -244,7 +244,7 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
         train += frozen
         rollout_rows = g.prompts_per_step * g.num_generations
         batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
-        bucket = sampler._bucket(rollout_rows, (rollout_rows,), batch_ways)  # grpo's buckets
+        bucket = sampler.bucket(rollout_rows, (rollout_rows,), batch_ways)  # grpo's buckets
         rows["decode weights (compute dtype)"] = compute_elems
         pass1 = kv_cache_bytes(cfg, bucket, cache_len - g.revision_max_tokens - block, mesh_shape)
         both = kv_cache_bytes(cfg, bucket, cache_len, mesh_shape)

@@ -714,7 +714,7 @@ def encode_stop_sequences(tokenizer, texts: Sequence[str]) -> tuple[tuple[int, .
     return tuple(out)
 
 
-def _bucket(n: int, buckets: Sequence[int], multiple: int = 1) -> int:
+def bucket(n: int, buckets: Sequence[int], multiple: int = 1) -> int:
     """The smallest bucket >= n (past the largest: a multiple of it), then a multiple of
     `multiple` (the batch is split over data x fsdp devices)."""
     size = next((b for b in buckets if b >= n), None)
@@ -732,7 +732,7 @@ def _mesh_and_rules(model, mesh, rules):
     return mesh, tuple((name, as_axes(axes)) for name, axes in rules)
 
 
-def _batch_multiple(mesh) -> int:
+def batch_multiple(mesh) -> int:
     return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
 
@@ -839,8 +839,8 @@ def generate(
                     f"its last {budget} tokens."
                 )
             prompts[i] = p[-budget:]
-    batch = _bucket(len(prompts), cfg.batch_buckets, _batch_multiple(mesh))
-    width = _bucket(max(len(p) for p in prompts), cfg.prompt_buckets)
+    batch = bucket(len(prompts), cfg.batch_buckets, batch_multiple(mesh))
+    width = bucket(max(len(p) for p in prompts), cfg.prompt_buckets)
     cache_len = cfg.max_cache_len or width + cfg.max_new_tokens
     if cache_len < width + cfg.max_new_tokens:
         raise ValueError(
@@ -887,7 +887,7 @@ def continue_generation(
         )
     state = previous.state
     batch, cache_len = state.cache.positions.shape
-    width = _bucket(max(len(s) for s in suffixes), cfg.prompt_buckets)
+    width = bucket(max(len(s) for s in suffixes), cfg.prompt_buckets)
     index = int(state.cache.index)
     if index + width + cfg.max_new_tokens > cache_len:
         raise ValueError(
@@ -933,5 +933,6 @@ def num_compiles() -> int:
 __all__ = [
     "SamplerConfig", "SamplerState", "DecodeWeights", "Result", "SAMPLERS", "FINISH_REASONS",
     "prefill", "extend", "decode", "prepare_weights", "generate", "continue_generation",
-    "encode_stop_sequences", "compile_stats", "num_compiles", "top_p_mask",
+    "encode_stop_sequences", "compile_stats", "num_compiles", "top_p_mask", "bucket",
+    "batch_multiple",
 ]  # fmt: skip

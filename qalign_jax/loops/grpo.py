@@ -168,10 +168,10 @@ def rollout_lengths(g, tok, judge, prompt_ids) -> tuple[int, int]:
         else 0
     )
     longest_prompt = max(len(ids) for ids in prompt_ids)
-    cache_len = sampler._bucket(longest_prompt, sampler.SamplerConfig.prompt_buckets)
+    cache_len = sampler.bucket(longest_prompt, sampler.SamplerConfig.prompt_buckets)
     cache_len += g.draft_max_tokens
     if g.two_pass:
-        cache_len += sampler._bucket(block, sampler.SamplerConfig.prompt_buckets)
+        cache_len += sampler.bucket(block, sampler.SamplerConfig.prompt_buckets)
         cache_len += g.revision_max_tokens
     seq_len = -(-(longest_prompt + g.draft_max_tokens + block + g.revision_max_tokens) // 64) * 64
     return cache_len, seq_len
