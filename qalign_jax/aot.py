@@ -149,7 +149,8 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
 
     def run(name, fn, leading, static, args, state_arg=None):
         t0 = time.perf_counter()
-        c = sampler.compile_fn(name, fn, leading, static, args, state_arg=state_arg, **kw)
+        c = sampler.jitted(name, fn, leading, static, args, state_arg=state_arg, **kw)
+        c = c.lower(*args).compile()
         out[f"sampler_{name}"] = c
         print(f"aot: sampler_{name}: compiled in {time.perf_counter() - t0:.1f}s", flush=True)
         return abstract_out(c)
@@ -175,24 +176,24 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     bp, p_len = config.judge.batch_size, config.judge.max_context_tokens
     qc, s_len = config.judge.question_chunk, 48
     repl = sharding.replicated(mesh)
-    with sharding.use_rules(mesh, rules):
-        t0 = time.perf_counter()
-        ids = _sds((bp, p_len), jnp.int32, repl)
-        header = _sds((2, bp, 8), jnp.int32, repl)
-        out["judge_prefill"] = judge._prefill.lower(jgraphdef, jparams, ids, ids, header, header)
-        prefix = jax.tree.map(lambda x: _sds(x.shape, x.dtype, repl), out["judge_prefill"].out_info)
-        if _wanted(compile_, "judge_prefill"):  # then the scoring takes the cache as placed
-            out["judge_prefill"] = out["judge_prefill"].compile()
-            prefix = abstract_out(out["judge_prefill"])
-        prefix = prefix[0]  # a chunk reads one option set's prefix
-        options = 6
-        out["judge_score"] = judge._score_chunk.lower(
-            jgraphdef, jparams, prefix, _sds((bp * qc, s_len), jnp.int32, repl),
-            _sds((bp * qc, s_len), jnp.int32, repl), _sds((bp * qc,), jnp.int32, repl),
-            _sds((qc, options), jnp.int32, repl), _sds((qc, options), bool, repl),
-        )  # fmt: skip
-        if _wanted(compile_, "judge_score"):
-            out["judge_score"] = out["judge_score"].compile()
+    programs = judge.jit_programs(jgraphdef, mesh, rules)
+    t0 = time.perf_counter()
+    ids = _sds((bp, p_len), jnp.int32, repl)
+    header = _sds((2, bp, 8), jnp.int32, repl)
+    out["judge_prefill"] = programs["prefill_fn"].lower(jparams, ids, ids, header, header)
+    prefix = jax.tree.map(lambda x: _sds(x.shape, x.dtype, repl), out["judge_prefill"].out_info)
+    if _wanted(compile_, "judge_prefill"):  # then the scoring takes the cache as placed
+        out["judge_prefill"] = out["judge_prefill"].compile()
+        prefix = abstract_out(out["judge_prefill"])
+    prefix = prefix[0]  # a chunk reads one option set's prefix
+    options = 6
+    out["judge_score"] = programs["score_fn"].lower(
+        jparams, prefix, _sds((bp * qc, s_len), jnp.int32, repl),
+        _sds((bp * qc, s_len), jnp.int32, repl), _sds((bp * qc,), jnp.int32, repl),
+        _sds((qc, options), jnp.int32, repl), _sds((qc, options), bool, repl),
+    )  # fmt: skip
+    if _wanted(compile_, "judge_score"):
+        out["judge_score"] = out["judge_score"].compile()
     print(f"aot: judge prefill + score: {time.perf_counter() - t0:.1f}s", flush=True)
     return out
 
