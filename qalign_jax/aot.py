@@ -103,7 +103,8 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     g, rules = config.grpo, tuple(config.sharding.rules)
     rows = g.prompts_per_step * g.num_generations
     sharding.check_batch_divisible(rows // g.grad_accum_steps, mesh)
-    seq_len, cache_len, block = plan.grpo_lengths(config)
+    lengths = plan.grpo_lengths(config)
+    seq_len, cache_len = lengths.seq_len, lengths.cache_len
     graphdef, tx, schedule, abstract_state, state_sh = _state(config, cfg, mesh, g.num_steps)
     out = {}
 
@@ -133,7 +134,7 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
         batch_buckets=(rows,),  # as grpo's sampler: every rollout batch has B x G rows
     )  # fmt: skip
     batch_rows = sampler.bucket(rows, scfg.batch_buckets, sampler.batch_multiple(mesh))
-    width = sampler.bucket(g.max_prompt_tokens, scfg.prompt_buckets)
+    width = lengths.prompt_width
     rsh = lambda nd: sharding.batch_sharding(mesh, nd)  # noqa: E731
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = _sds(key.shape, key.dtype, sharding.replicated(mesh))
@@ -159,7 +160,7 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     weights = run("prepare", sampler.prepare_weights, (graphdef,), {}, (params,))
     state = run("decode", sampler.decode, (cfg,), {"cfg": scfg}, (weights, state), state_arg=1)
     if g.two_pass and _wanted(compile_, "sampler_extend"):
-        w2 = sampler.bucket(block, scfg.prompt_buckets)
+        w2 = lengths.findings_width
         ext = (params, state, _sds((batch_rows, w2), jnp.int32, rsh(2)),
                _sds((batch_rows, w2), jnp.int32, rsh(2)), _sds((batch_rows,), jnp.int32, rsh(1)),
                _sds((batch_rows,), bool, rsh(1)), key)  # fmt: skip

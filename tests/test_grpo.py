@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from qalign_jax import judge as judge_lib
-from qalign_jax import sharding, train
+from qalign_jax import rollouts, sharding, train
 from qalign_jax.loops import grpo, sft
 from qalign_jax.models import llama, load
 from tests.test_sft import assert_trees_close
@@ -43,12 +43,18 @@ def setup():
     return config, policy, judge, records, ids
 
 
+def grpo_rollout(config, policy, judge, rows, ids, seed, cache_len):
+    """The GRPO loop's rollout call."""
+    opts = rollouts.from_grpo_config(config.grpo, cache_len=cache_len)
+    k_draft, k_revision = jax.random.split(jax.random.key(seed))
+    return rollouts.rollout(policy, judge, rows, ids, opts, k_draft, k_revision)
+
+
 def test_rollout_logprobs_and_mask_match_the_training_forward(setup):
     """The sampler's logprobs are the old policy: they must equal a training forward's."""
     config, policy, judge, records, ids = setup
     rows = [r for r in records[:2] for _ in range(4)]
-    ro = grpo.rollout(config, policy, judge, rows, [ids[r.id] for r in rows],
-                      jax.random.key(1), cache_len=512)  # fmt: skip
+    ro = grpo_rollout(config, policy, judge, rows, [ids[r.id] for r in rows], 1, cache_len=512)
     assert ro.rewards.shape == (8,) and all(len(s) > 0 for s in ro.suffix_ids)
     batch = grpo.training_batch(ro, np.ones(8), seq_len=384, pad_id=policy.tokenizer.pad_id)
     logits, _ = jax.jit(functools.partial(llama.forward, policy.graphdef))(
@@ -71,8 +77,7 @@ def test_single_pass_trains_the_draft_with_its_end_of_turn(setup):
     config, policy, judge, records, ids = setup
     single = smoke_config("single")
     rows = [r for r in records[:2] for _ in range(4)]
-    ro = grpo.rollout(single, policy, judge, rows, [ids[r.id] for r in rows],
-                      jax.random.key(2), cache_len=0)  # fmt: skip
+    ro = grpo_rollout(single, policy, judge, rows, [ids[r.id] for r in rows], 2, cache_len=0)
     assert all(not c for c in ro.cont_ids) and all(r is None for r in ro.revisions)
     np.testing.assert_allclose(ro.rewards, [v.scores.reward for v in ro.draft_verdicts])
 
@@ -212,8 +217,7 @@ def test_prompts_for_step_is_a_pure_function_of_step():
 def test_malformed_revision_counts_as_unchanged_minus_the_penalty(setup, monkeypatch):
     config, policy, judge, records, ids = setup
     rows = [r for r in records[:2] for _ in range(4)]
-    ro = grpo.rollout(config, policy, judge, rows, [ids[r.id] for r in rows],
-                      jax.random.key(1), cache_len=512)  # fmt: skip
+    ro = grpo_rollout(config, policy, judge, rows, [ids[r.id] for r in rows], 1, cache_len=512)
     r1 = np.array([v.scores.reward for v in ro.draft_verdicts])
     for i in range(8):
         if ro.revision_verdicts[i] is None:  # random text never closes </Think>

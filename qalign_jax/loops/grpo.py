@@ -5,11 +5,11 @@
 `run(config, workdir)` reads top to bottom: mesh, policy and reference, judge, prompts, state
 shapes and shardings, restore or init, jit, then `for step in range(first_step, num_steps)`:
 
-  rollouts  B prompts x G samples. Pass 1: the policy drafts (sampler, with per-token
-            logprobs). The judge scores the drafts (R1). Pass 2 (two_pass): each draft's
-            end-of-turn is dropped, the verbalized findings and a forced <Think> are appended,
-            and the policy continues from the draft's KV cache with its reflection, </Think>
-            and revision (`sampler.continue_generation`). The judge scores the revisions (R2).
+  rollouts  B prompts x G samples, `rollouts.rollout` (rollouts.py). Pass 1: the policy drafts
+            (sampler, with per-token logprobs); the judge scores the drafts (R1). Pass 2
+            (two_pass): the draft's end-of-turn gives way to the verbalized findings and a
+            forced <Think>, and the policy continues from the draft's KV cache with its
+            reflection, </Think> and revision; the judge scores the revisions (R2).
   rewards   `rewards.two_pass_reward(R1, R2, alpha, beta)` (single pass: R1); a revision that
             does not parse counts as R2 = R1 minus grpo.malformed_penalty. (With the paper's
             beta = 1 the reward is 2 * R2 whenever R2 <= R1, so a fixed floor for malformed
@@ -50,9 +50,7 @@ from qalign_jax import (
     files,
     losses,
     metrics,
-    reflection,
-    rewards,
-    sampler,
+    rollouts,
     sharding,
 )
 from qalign_jax import judge as judge_lib
@@ -125,119 +123,10 @@ def chat_ids(tokenizer, records, max_tokens: int, on_long: str) -> dict[str, lis
 
 
 # ---------------------------------------------------------------------------------------------
-# Rollouts and rewards (host side).
+# Training rows (host side); the rollouts themselves are `rollouts.rollout`.
 
 
-@dataclasses.dataclass
-class Rollouts:
-    """B * G rollouts of one step, in row order (the G samples of a prompt consecutive)."""
-
-    records: list
-    prompt_ids: list[list[int]]
-    draft_ids: list[list[int]]  # kept draft tokens (no end-of-turn in two-pass mode)
-    draft_logp: list[np.ndarray]
-    suffix_ids: list[list[int]]  # the inserted findings (+ <Think>); [] in single-pass mode
-    cont_ids: list[list[int]]  # pass-2 tokens (reflection, </Think>, revision, end of turn)
-    cont_logp: list[np.ndarray]
-    drafts: list[str]
-    revisions: list[str | None]
-    errors: list[str | None]
-    draft_verdicts: list
-    revision_verdicts: list  # None where malformed or single pass
-    rewards: np.ndarray
-    timings: dict
-
-
-def _sampler_cfg(config, tok, max_new_tokens: int, cache_len: int = 0) -> sampler.SamplerConfig:
-    g = config.grpo
-    return sampler.SamplerConfig(
-        batch_buckets=(g.prompts_per_step * g.num_generations,),  # every step: B x G rows
-        max_new_tokens=max_new_tokens,
-        temperature=config.grpo.temperature,
-        top_p=config.grpo.top_p,
-        stop_ids=tuple(tok.stop_ids),
-        max_cache_len=cache_len,
-    )
-
-
-def rollout_lengths(g, tok, judge, prompt_ids) -> tuple[int, int]:
-    """(sampler cache length, training row length) for rollouts of these prompts."""
-    block = (
-        reflection.findings_block_max_tokens(judge.rubric, tok.encode, g.max_findings)
-        if g.two_pass
-        else 0
-    )
-    longest_prompt = max(len(ids) for ids in prompt_ids)
-    cache_len = sampler.bucket(longest_prompt, sampler.SamplerConfig.prompt_buckets)
-    cache_len += g.draft_max_tokens
-    if g.two_pass:
-        cache_len += sampler.bucket(block, sampler.SamplerConfig.prompt_buckets)
-        cache_len += g.revision_max_tokens
-    seq_len = -(-(longest_prompt + g.draft_max_tokens + block + g.revision_max_tokens) // 64) * 64
-    return cache_len, seq_len
-
-
-def rollout(config, policy, judge, records, prompt_ids, rng, cache_len) -> Rollouts:
-    """Samples, judges and rewards B * G two-pass (or single-pass) rollouts."""
-    g, tok = config.grpo, policy.tokenizer
-    rcfg = judge.reward_cfg
-    timings = {"sampling": 0.0, "judging": 0.0}
-    k1, k2 = jax.random.split(rng)
-    t0 = time.perf_counter()
-    first = sampler.generate(
-        policy, prompt_ids, _sampler_cfg(config, tok, g.draft_max_tokens, cache_len), k1
-    )
-    timings["sampling"] += time.perf_counter() - t0
-    keep = [n - (r == "eos") for n, r in zip(first.lengths, first.finish_reasons)]
-    if not g.two_pass:  # the draft is the answer: train on it with its end of turn
-        keep = list(first.lengths)
-    draft_ids = [list(t[:k]) for t, k in zip(first.tokens, keep)]
-    draft_logp = [np.asarray(lp[:k]) for lp, k in zip(first.logprobs, keep)]
-    drafts = [tok.decode(t).strip() for t in draft_ids]
-    pairs = [(r.prompt, d) for r, d in zip(records, drafts)]
-    t0 = time.perf_counter()
-    v1 = judge_lib.score_pairs(judge, pairs)
-    timings["judging"] += time.perf_counter() - t0
-    r1 = np.array([v.scores.reward for v in v1])
-    n = len(records)
-    if not g.two_pass:
-        return Rollouts(
-            records, prompt_ids, draft_ids, draft_logp, [[]] * n, [[]] * n,
-            [np.zeros(0, np.float32)] * n, drafts, [None] * n, [None] * n, v1, [None] * n, r1,
-            timings,
-        )  # fmt: skip
-
-    blocks = [reflection.findings_block(judge.rubric, v, max_findings=g.max_findings) for v in v1]
-    suffix_ids = [tok.encode(b) for b in blocks]
-    t0 = time.perf_counter()
-    second = sampler.continue_generation(
-        policy, first, suffix_ids, _sampler_cfg(config, tok, g.revision_max_tokens), k2,
-        keep=np.asarray(keep),
-    )  # fmt: skip
-    timings["sampling"] += time.perf_counter() - t0
-    cont_ids = [list(t) for t in second.tokens]
-    cont_logp = [np.asarray(lp) for lp in second.logprobs]
-    parsed = [reflection.parse_continuation(tok.decode(t)) for t in cont_ids]
-    revisions = [rev if err is None else None for _, rev, err in parsed]
-    errors = [err for _, _, err in parsed]
-    ok = [i for i, rev in enumerate(revisions) if rev]
-    t0 = time.perf_counter()
-    scored = judge_lib.score_pairs(judge, [(records[i].prompt, revisions[i]) for i in ok])
-    timings["judging"] += time.perf_counter() - t0
-    v2 = [None] * n
-    r2 = r1.copy()  # a malformed revision counts as no change ...
-    for i, v in zip(ok, scored):
-        v2[i], r2[i] = v, v.scores.reward
-    reward = np.asarray(rewards.two_pass_reward(r1, r2, rcfg.alpha, rcfg.beta), np.float64)
-    malformed = np.array([v is None for v in v2])
-    reward = reward - g.malformed_penalty * malformed  # ... and pays the penalty
-    return Rollouts(
-        records, prompt_ids, draft_ids, draft_logp, suffix_ids, cont_ids, cont_logp, drafts,
-        revisions, errors, v1, v2, reward, timings,
-    )  # fmt: skip
-
-
-def training_batch(ro: Rollouts, advantages: np.ndarray, seq_len: int, pad_id: int):
+def training_batch(ro: rollouts.Rollouts, advantages: np.ndarray, seq_len: int, pad_id: int):
     """[rows, seq_len] next-token arrays; the loss mask covers draft and continuation only."""
     n = len(ro.prompt_ids)
     tokens = np.full((n, seq_len), pad_id, np.int32)
@@ -246,19 +135,9 @@ def training_batch(ro: Rollouts, advantages: np.ndarray, seq_len: int, pad_id: i
     mask = np.zeros((n, seq_len), np.float32)
     old = np.zeros((n, seq_len), np.float32)
     for i in range(n):
-        parts = [  # (ids, trained, old logprobs)
-            (ro.prompt_ids[i], False, None),
-            (ro.draft_ids[i], True, ro.draft_logp[i]),
-            (ro.suffix_ids[i], False, None),
-            (ro.cont_ids[i], True, ro.cont_logp[i]),
-        ]
-        seq = [t for ids, _, _ in parts for t in ids]
+        seq, trained, logp = ro.sequence_ids[i], ro.trained_mask[i], ro.sampler_logp[i]
         if len(seq) - 1 > seq_len:
             raise ValueError(f"rollout {i} has {len(seq)} tokens > seq_len {seq_len} + 1.")
-        trained = np.concatenate([np.full(len(ids), t, bool) for ids, t, _ in parts])
-        logp = np.concatenate(
-            [lp if lp is not None else np.zeros(len(ids), np.float32) for ids, _, lp in parts]
-        )
         length = len(seq) - 1
         tokens[i, :length] = seq[:-1]
         targets[i, :length] = seq[1:]
@@ -356,67 +235,6 @@ def batch_shardings(mesh) -> dict[str, NamedSharding]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging helpers.
-
-
-def rollout_metrics(ro: Rollouts, rubric) -> dict[str, float]:
-    """Reward statistics, per-principle draft/revision scores, gates, lengths, malformed."""
-    m = {
-        "rollout/reward_mean": float(ro.rewards.mean()),
-        "rollout/reward_std": float(ro.rewards.std()),
-    }
-    m["rollout/draft_score"] = float(np.mean([v.scores.reward for v in ro.draft_verdicts]))
-    m["rollout/draft_gate_violation_rate"] = float(
-        np.mean([bool(v.scores.violated_gates) for v in ro.draft_verdicts])
-    )
-    m["rollout/draft_tokens"] = float(np.mean([len(t) for t in ro.draft_ids]))
-    revised = [v for v in ro.revision_verdicts if v is not None]
-    for p in rubric.principles:
-        vals = [v.scores.principles[p.id] for v in ro.draft_verdicts]
-        vals = [x for x in vals if x is not None]
-        if vals:
-            m[f"draft/{p.id}"] = float(np.mean(vals))
-        vals = [v.scores.principles[p.id] for v in revised]
-        vals = [x for x in vals if x is not None]
-        if vals:
-            m[f"revision/{p.id}"] = float(np.mean(vals))
-    if any(ro.cont_ids):
-        m["rollout/continuation_tokens"] = float(np.mean([len(t) for t in ro.cont_ids]))
-        m["rollout/malformed_fraction"] = float(np.mean([e is not None for e in ro.errors]))
-    if revised:
-        pairs = [
-            (d.scores.reward, v.scores.reward)
-            for d, v in zip(ro.draft_verdicts, ro.revision_verdicts)
-            if v is not None
-        ]
-        m["rollout/revision_score"] = float(np.mean([r2 for _, r2 in pairs]))
-        m["rollout/improved_fraction"] = float(np.mean([r2 > r1 for r1, r2 in pairs]))
-        m["rollout/revision_gate_violation_rate"] = float(
-            np.mean([bool(v.scores.violated_gates) for v in revised])
-        )
-    return m
-
-
-def rollout_rows(ro: Rollouts, judge, step: int, count: int) -> list[dict]:
-    """A few rollouts with their judge reports, for rollouts.jsonl."""
-    rows = []
-    for i in range(min(count, len(ro.records))):
-        r = ro.records[i]
-        rows.append({
-            "step": step, "id": r.id, "prompt": r.prompt, "draft": ro.drafts[i],
-            "revision": ro.revisions[i], "error": ro.errors[i], "reward": float(ro.rewards[i]),
-            "draft_report": judge_lib.report_row(
-                judge, r.prompt, ro.drafts[i], ro.draft_verdicts[i]
-            ),
-            "revision_report": (
-                judge_lib.report_row(judge, r.prompt, ro.revisions[i], ro.revision_verdicts[i])
-                if ro.revision_verdicts[i] is not None else None
-            ),
-        })  # fmt: skip
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop.
 
 
@@ -450,7 +268,10 @@ def run(config, workdir: str) -> None:
     records = read_prompts(config)
     prompt_ids = chat_ids(tok, records, g.max_prompt_tokens, g.on_long_prompt)
     records = [r for r in records if r.id in prompt_ids]
-    cache_len, seq_len = rollout_lengths(g, tok, judge, prompt_ids.values())
+    opts = rollouts.from_grpo_config(g)
+    lengths = rollouts.measure_lengths(opts, tok, judge.rubric, prompt_ids.values())
+    cache_len, seq_len = lengths.cache_len, lengths.seq_len
+    opts = dataclasses.replace(opts, cache_len=cache_len)  # one cache size: one compile
     logging.info("grpo: %d prompts, seq_len %d, cache %d", len(records), seq_len, cache_len)
 
     # Optimizer and state shapes; restore or init.
@@ -506,10 +327,10 @@ def run(config, workdir: str) -> None:
             batch_records = prompts_for_step(records, step, g.prompts_per_step, config.seed)
             rows = [r for r in batch_records for _ in range(g.num_generations)]
             policy = dataclasses.replace(initial, params=state.params)
-            ro = rollout(
-                config, policy, judge, rows, [prompt_ids[r.id] for r in rows],
-                jax.random.fold_in(base_rng, step), cache_len,
-            )  # fmt: skip
+            k_draft, k_revision = jax.random.split(jax.random.fold_in(base_rng, step))
+            ro = rollouts.rollout(
+                policy, judge, rows, [prompt_ids[r.id] for r in rows], opts, k_draft, k_revision
+            )
             adv = np.asarray(
                 losses.group_advantages(
                     ro.rewards, g.num_generations, eps=g.adv_eps, scale_by_std=g.scale_adv_by_std
@@ -535,7 +356,7 @@ def run(config, workdir: str) -> None:
                 )  # fmt: skip
             done = step + 1
             row = {f"train/{k}": float(v) for k, v in m.items()}
-            row.update(rollout_metrics(ro, judge.rubric))
+            row.update(rollouts.rollout_metrics(ro, judge.rubric))
             row.update({
                 "time/step_s": time.perf_counter() - t0,
                 "time/sampling_s": ro.timings["sampling"], "time/judging_s": ro.timings["judging"],
@@ -549,7 +370,7 @@ def run(config, workdir: str) -> None:
                 and g.rollouts_every
                 and (done % g.rollouts_every == 0 or done == g.num_steps)
             ):
-                files.append_jsonl(rollouts_path, rollout_rows(ro, judge, done, 2))
+                files.append_jsonl(rollouts_path, rollouts.rollout_rows(ro, judge, done, 2))
             if done == g.num_steps or (
                 config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0
             ):
