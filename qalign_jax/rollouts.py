@@ -306,7 +306,10 @@ def _second_pass(ro: Rollouts, policy, judge, opts, first, keep, rng, reviser) -
     for i, v in zip(ok, scored):
         ro.revision_verdicts[i], r2[i] = v, v.scores.reward
     rcfg = judge.reward_cfg
-    reward = np.asarray(rewards_lib.two_pass_reward(r1, r2, rcfg.alpha, rcfg.beta), np.float64)
+    reward = np.asarray(
+        rewards_lib.two_pass_reward(r1, r2, rcfg.improvement_weight, rcfg.regression_weight),
+        np.float64,
+    )
     malformed = np.array([v is None for v in ro.revision_verdicts])
     ro.rewards = reward - opts.malformed_penalty * malformed  # ... and pays the penalty
 

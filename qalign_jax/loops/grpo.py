@@ -10,7 +10,7 @@ shapes and shardings, restore or init, jit, then `for step in range(first_step, 
             (two_pass): the draft's end-of-turn gives way to the verbalized findings and a
             forced <Think>, and the policy continues from the draft's KV cache with its
             reflection, </Think> and revision; the judge scores the revisions (R2).
-  rewards   `rewards.two_pass_reward(R1, R2, alpha, beta)` (single pass: R1); a revision that
+  rewards   `rewards.two_pass_reward(R1, R2, ...)` (single pass: R1); a revision that
             does not parse counts as R2 = R1 minus grpo.malformed_penalty. (With the paper's
             beta = 1 the reward is 2 * R2 whenever R2 <= R1, so a fixed floor for malformed
             revisions would give every malformed rollout the same reward and no signal.)

@@ -127,7 +127,7 @@ def process_batch(config, policy, reviser, judge, records, rng) -> list[dict]:
                 revision_principles=rev_v[i].scores.principles,
                 revision_violated_gates=list(rev_v[i].scores.violated_gates),
                 two_pass_reward=rewards.two_pass_reward(
-                    r1, r2, judge.reward_cfg.alpha, judge.reward_cfg.beta
+                    r1, r2, judge.reward_cfg.improvement_weight, judge.reward_cfg.regression_weight
                 ),
                 kept=keep_example(config.prime.keep, r1, r2),
                 segments=reflection.segments(drafts[i], ro.findings[i], think, revision),
