@@ -120,7 +120,7 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     _timed(out, "grpo_step", step.lower(abstract_state, batch), compile_)
     row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
     ref_fn = jax.jit(
-        functools.partial(grpo.ref_logprobs, graphdef=graphdef, mesh=mesh, rules=rules),
+        functools.partial(grpo.token_logprobs, graphdef=graphdef, mesh=mesh, rules=rules),
         in_shardings=(state_sh.params, row_sh, row_sh, row_sh),
         out_shardings=row_sh,
     )

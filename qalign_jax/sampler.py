@@ -15,7 +15,7 @@ Invariants:
   (the one that finished a row too). Slot `state.start + j` holds row b's generated token j.
   So a continuation is exact: masking slots (position -1) drops tokens, appending extends.
 - `logprobs` are log-softmax of the raw model logits (temperature 1, no filtering) at the
-  sampled tokens: the old-policy log-probabilities GRPO needs, never recomputed.
+  sampled tokens (GRPO logs their gap to its training forward; its ratio uses the latter).
 - Finish reasons: 'eos' (a token in `stop_ids`), 'stop_sequence' (the row's last generated
   tokens equal one of `stop_sequences`), 'length' (`max_new_tokens`). Generated tokens include
   the stop token/sequence.
@@ -473,7 +473,7 @@ class Result:
     """What `generate` returns, per real (non-padding) row.
 
     tokens: generated ids, up to and including the stop token or sequence.
-    logprobs: float32 [len] log p(token) under the raw model (GRPO's old-policy logprobs).
+    logprobs: float32 [len] log p(token) under the raw model (temperature 1, no filtering).
     finish_reasons: 'eos' | 'stop_sequence' | 'length'.
     state, weights: the device state and decode weights, for `continue_generation` (which
       consumes `state`).

@@ -17,7 +17,9 @@ shapes and shardings, restore or init, jit, then `for step in range(first_step, 
   update    group-normalized advantages (`losses.group_advantages`), then `num_iterations`
             optimizer updates of the clipped objective with the k3 KL to the frozen reference
             (`losses.grpo_loss`), on the policy's own tokens only (draft and continuation; not
-            the prompt, not the inserted findings). The sampler's logprobs are the old policy.
+            the prompt, not the inserted findings). The old policy's log-probabilities come
+            from the training forward (`grpo_step`); the sampler's are only compared with
+            them (`train/sampler_logp_gap`).
 
 The scalar-reward baseline of the paper is the same loop with `judge.rubric='scalar'` (one
 holistic 0-9 question instead of the rubric). The judge is frozen: `judge.source=''` judges
@@ -58,7 +60,10 @@ from qalign_jax.checkpoint import TrainState
 from qalign_jax.loops import prime_data, sft
 from qalign_jax.models import hf, llama
 
-BATCH_KEYS = ("tokens", "positions", "targets", "loss_mask", "old_logp", "ref_logp", "advantages")
+BATCH_KEYS = (
+    "tokens", "positions", "targets", "loss_mask", "old_logp", "sampler_logp", "ref_logp",
+    "advantages",
+)  # fmt: skip
 OVERLAP_MODES = ("error", "exclude")
 
 
@@ -127,13 +132,18 @@ def chat_ids(tokenizer, records, max_tokens: int, on_long: str) -> dict[str, lis
 
 
 def training_batch(ro: rollouts.Rollouts, advantages: np.ndarray, seq_len: int, pad_id: int):
-    """[rows, seq_len] next-token arrays; the loss mask covers draft and continuation only."""
+    """[rows, seq_len] next-token arrays; the loss mask covers draft and continuation only.
+
+    `sampler_logp` holds the sampler's log-probabilities of the trained tokens: a diagnostic
+    (their gap to the training forward is logged); `old_logp` is filled by the loop when
+    num_iterations > 1 (see `grpo_step`).
+    """
     n = len(ro.prompt_ids)
     tokens = np.full((n, seq_len), pad_id, np.int32)
     targets = np.full((n, seq_len), pad_id, np.int32)
     positions = np.full((n, seq_len), -1, np.int32)
     mask = np.zeros((n, seq_len), np.float32)
-    old = np.zeros((n, seq_len), np.float32)
+    sampled = np.zeros((n, seq_len), np.float32)
     for i in range(n):
         seq, trained, logp = ro.sequence_ids[i], ro.trained_mask[i], ro.sampler_logp[i]
         if len(seq) - 1 > seq_len:
@@ -143,10 +153,11 @@ def training_batch(ro: rollouts.Rollouts, advantages: np.ndarray, seq_len: int, 
         targets[i, :length] = seq[1:]
         positions[i, :length] = np.arange(length)
         mask[i, :length] = trained[1:]
-        old[i, :length] = logp[1:]
+        sampled[i, :length] = logp[1:]
     return {
         "tokens": tokens, "positions": positions, "targets": targets, "loss_mask": mask,
-        "old_logp": old, "advantages": np.asarray(advantages, np.float32),
+        "sampler_logp": sampled, "old_logp": np.zeros_like(sampled),
+        "advantages": np.asarray(advantages, np.float32),
     }  # fmt: skip
 
 
@@ -159,15 +170,22 @@ def split_micro(batch: dict, accum: int) -> dict:
 # The jitted pieces.
 
 
-def ref_logprobs(params, tokens, positions, targets, *, graphdef, mesh, rules):
-    """[rows, T] log p(target) under the frozen reference."""
+def token_logprobs(params, tokens, positions, targets, *, graphdef, mesh, rules):
+    """[rows, T] log p(target) under `params` (the frozen reference, or the policy before its
+    first update when num_iterations > 1)."""
     with sharding.use_rules(mesh, rules):
         logits, _ = llama.forward(graphdef, params, tokens, positions)
         return losses.token_log_likelihood(logits, targets)
 
 
 def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, g, mesh, rules):
-    """One optimizer update on the step's micro-batches; metrics are step totals."""
+    """One optimizer update on the step's micro-batches; metrics are step totals.
+
+    The importance ratio's denominator comes from the training forward, never the sampler's
+    decode path: with one update per batch (num_iterations = 1) it is this forward itself under
+    `stop_gradient`, so the ratio is exactly 1 (the policy gradient); with more, the loop fills
+    `old_logp` with `token_logprobs` of the policy before the first update.
+    """
     with sharding.use_rules(mesh, rules):
         num_tokens = jnp.sum(batch["loss_mask"])
         num_seqs = jnp.sum(jnp.any(batch["loss_mask"] > 0, axis=-1)).astype(jnp.float32)
@@ -181,8 +199,10 @@ def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, g, 
         def loss_fn(params, micro):
             logits, _ = llama.forward(graphdef, params, micro["tokens"], micro["positions"])
             logp = losses.token_log_likelihood(logits, micro["targets"])
+            fixed = jax.lax.stop_gradient(logp)
+            old_logp = fixed if g.num_iterations == 1 else micro["old_logp"]
             loss, sums = losses.grpo_loss(
-                logp, micro["old_logp"], micro["advantages"], micro["loss_mask"],
+                logp, old_logp, micro["advantages"], micro["loss_mask"],
                 ref_logp=micro["ref_logp"] if g.kl_beta > 0 else None, kl_beta=g.kl_beta,
                 clip_low=g.clip_low, clip_high=g.clip_high, aggregation=g.aggregation,
                 normalizer=normalizer,
@@ -191,6 +211,8 @@ def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, g, 
             entropy = -jnp.sum(probs * jax.nn.log_softmax(logits.astype(jnp.float32)), -1)
             sums["entropy_sum"] = jax.lax.stop_gradient(jnp.sum(entropy * micro["loss_mask"]))
             sums["loss_sum"] = loss
+            gap = jnp.abs(fixed - micro["sampler_logp"]) * micro["loss_mask"]
+            sums["sampler_gap_sum"] = jnp.sum(gap)  # the decode path against this forward
             return loss, sums
 
         grads, sums = sft.accumulate_grads(loss_fn, state.params, batch, param_sh)
@@ -206,6 +228,7 @@ def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, g, 
         "clip_fraction": sums["clipped_sum"] / denom,
         "ratio_mean": sums["ratio_sum"] / denom,
         "entropy": sums["entropy_sum"] / denom,
+        "sampler_logp_gap": sums["sampler_gap_sum"] / denom,
         "trained_tokens": sums["num_tokens"],
     }
     return TrainState(state.step + 1, params, opt_state), step_metrics
@@ -304,8 +327,8 @@ def run(config, workdir: str) -> None:
     batch_sh = batch_shardings(mesh)
     step_fn = jit_grpo_step(graphdef, tx, schedule, state_sh, g, mesh, rules)
     row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
-    ref_fn = jax.jit(
-        functools.partial(ref_logprobs, graphdef=graphdef, mesh=mesh, rules=rules),
+    logp_fn = jax.jit(
+        functools.partial(token_logprobs, graphdef=graphdef, mesh=mesh, rules=rules),
         in_shardings=(state_sh.params, row_sh, row_sh, row_sh),
         out_shardings=row_sh,
     )
@@ -338,24 +361,30 @@ def run(config, workdir: str) -> None:
             )
             t_train = time.perf_counter()
             host = training_batch(ro, adv, seq_len, tok.pad_id)
-            if g.kl_beta > 0:
-                rows_in = sft.put_batch(
-                    {k: host[k] for k in ("tokens", "positions", "targets")},
-                    dict.fromkeys(("tokens", "positions", "targets"), row_sh),
-                )
-                host["ref_logp"] = sharding.to_host(ref_fn(reference.params, *rows_in.values()))
-            else:
-                host["ref_logp"] = np.zeros_like(host["old_logp"])
+            rows_in = tuple(sft.put_batch(
+                {k: host[k] for k in ("tokens", "positions", "targets")},
+                dict.fromkeys(("tokens", "positions", "targets"), row_sh),
+            ).values())  # fmt: skip
+            if g.num_iterations > 1:  # the old policy: the training forward before any update
+                host["old_logp"] = sharding.to_host(logp_fn(state.params, *rows_in))
+            host["ref_logp"] = (
+                sharding.to_host(logp_fn(reference.params, *rows_in))
+                if g.kl_beta > 0
+                else np.zeros_like(host["old_logp"])
+            )
             micro = split_micro(host, g.grad_accum_steps)
-            for _ in range(g.num_iterations):
+            for iteration in range(g.num_iterations):
                 state, m = step_fn(state, sft.put_batch(micro, batch_sh))
                 m = jax.device_get(m)
+                if iteration == 0:  # before any update of this batch: the sampler's own gap
+                    sampler_gap = m["sampler_logp_gap"]
                 metrics.check_finite(
                     step + 1, float(m["loss"]), float(m["grad_norm"]),
                     last_checkpoint=lambda: checkpoint.latest_step(manager),
                 )  # fmt: skip
             done = step + 1
             row = {f"train/{k}": float(v) for k, v in m.items()}
+            row["train/sampler_logp_gap"] = float(sampler_gap)
             row.update(rollouts.rollout_metrics(ro, judge.rubric))
             row.update({
                 "time/step_s": time.perf_counter() - t0,
