@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qalign_jax import config as base
-from qalign_jax import sharding
+from qalign_jax import sharding, train_state
 from qalign_jax.loops import sft
 from qalign_jax.models import llama
 
@@ -148,16 +148,16 @@ def main():
     opt = base.base_config().optimizer
     opt.warmup_ratio = 0.0
     graphdef, abstract = llama.abstract_model(cfg)
-    tx, schedule = sft.make_optimizer(opt, total_steps=1000)
-    _, state_sh = sft.state_shardings(abstract, tx, mesh, rules)
+    tx, schedule = train_state.make_optimizer(opt, total_steps=1000)
+    _, state_sh = train_state.state_shardings(abstract, tx, mesh, rules)
     with sharding.use_rules(mesh, rules):
         params = llama.init_params(cfg, seed=0, shardings=state_sh.params)
-    state = jax.jit(functools.partial(sft.init_state, tx=tx), out_shardings=state_sh,
+    state = jax.jit(functools.partial(train_state.init_state, tx=tx), out_shardings=state_sh,
                     donate_argnums=(0,))(params)  # fmt: skip
     step = sft.jit_train_step(graphdef, tx, schedule, state_sh, mesh, rules)
     batch_sh = sft.batch_shardings(mesh)
     rows = opts["batch"] // opts["accum"]
-    batch = sft.put_batch(
+    batch = train_state.put_batch(
         full_batch(opts["accum"], rows, opts["seq_len"], cfg.vocab_size), batch_sh
     )
 
@@ -176,8 +176,8 @@ def main():
     step_s = float(np.median(times))
 
     # Forward only, same micro-batches (the loss, no gradient).
-    eval_fn = jax.jit(functools.partial(sft.eval_step, graphdef=graphdef, mesh=mesh, rules=rules),
-                      in_shardings=(state_sh.params, batch_sh))  # fmt: skip
+    eval_fn = sharding.jit(functools.partial(sft.eval_step, graphdef=graphdef), mesh=mesh,
+                           rules=rules, in_shardings=(state_sh.params, batch_sh))  # fmt: skip
     jax.block_until_ready(eval_fn(state.params, batch))
     fwd = []
     for _ in range(opts["steps"]):

@@ -33,14 +33,14 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from qalign_jax import checkpoint, judge, plan, sampler, sharding
+from qalign_jax import checkpoint, judge, plan, sampler, sharding, train_state
 from qalign_jax.loops import grpo, sft
-from qalign_jax.models import llama
+from qalign_jax.models import llama, load
 
 
 def model_config(config, preset: str = "", num_layers: int = 0) -> llama.LlamaConfig:
     """The architecture: a preset by name, else the config's model source (read, not loaded)."""
-    cfg = llama.get_preset(preset) if preset else checkpoint.describe_model(config.model)[0]
+    cfg = llama.get_preset(preset) if preset else load.describe_config(config.model)[0]
     cfg = cfg.replace(
         param_dtype=config.model.param_dtype, dtype=config.model.dtype, remat=config.model.remat
     )
@@ -53,9 +53,9 @@ def _sds(shape, dtype, sh):
 
 def _state(config, cfg, mesh, total_steps: int):
     rules = tuple(config.sharding.rules)
-    tx, schedule = sft.make_optimizer(config.optimizer, total_steps)
+    tx, schedule = train_state.make_optimizer(config.optimizer, total_steps)
     graphdef, abstract_params = llama.abstract_model(cfg)
-    abstract_state, state_sh = sft.state_shardings(abstract_params, tx, mesh, rules)
+    abstract_state, state_sh = train_state.state_shardings(abstract_params, tx, mesh, rules)
     return graphdef, tx, schedule, abstract_state, state_sh
 
 
@@ -119,11 +119,11 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
         batch[k] = _sds(shape, dtype, bsh[k])
     _timed(out, "grpo_step", step.lower(abstract_state, batch), compile_)
     row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
-    ref_fn = jax.jit(
-        functools.partial(grpo.token_logprobs, graphdef=graphdef, mesh=mesh, rules=rules),
-        in_shardings=(state_sh.params, row_sh, row_sh, row_sh),
-        out_shardings=row_sh,
-    )
+    ref_fn = sharding.jit(
+        functools.partial(grpo.token_logprobs, graphdef=graphdef), mesh=mesh, rules=rules,
+        in_shardings=(state_sh.params, row_sh, row_sh, row_sh), out_shardings=row_sh,
+        name="token_logprobs",
+    )  # fmt: skip
     ids = _sds((rows, seq_len), jnp.int32, row_sh)
     _timed(out, "ref_logprobs", ref_fn.lower(abstract_state.params, ids, ids, ids), compile_)
 
@@ -157,7 +157,7 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
         return abstract_out(c)
 
     state = run("prefill", sampler.prefill, (graphdef,), static, args)
-    weights = run("prepare", sampler.prepare_weights, (graphdef,), {}, (params,))
+    weights = run("prepare", sampler.prepare_weights, (graphdef,), kw, (params,))
     state = run("decode", sampler.decode, (cfg,), {"cfg": scfg}, (weights, state), state_arg=1)
     if g.two_pass and _wanted(compile_, "sampler_extend"):
         w2 = lengths.findings_width

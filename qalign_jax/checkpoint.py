@@ -36,9 +36,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from qalign_jax import files, sharding
-from qalign_jax.models import gguf, hf, llama, load
-from qalign_jax.models import tokenizer as tokenizer_lib
+from qalign_jax import files
 
 CKPT_DIR = "ckpt"
 
@@ -180,109 +178,6 @@ def restore_params(path: str, abstract_params: nnx.State) -> tuple[nnx.State, in
     return restored.params, step
 
 
-# ---------------------------------------------------------------------------------------------
-# The model's shapes and its first parameters.
-
-
-def base_weights_used(config) -> bool:
-    """Whether the RL loops (GRPO, DPO) read `config.model`'s own weights: they are the judge
-    unless `judge.source` is set, and the frozen reference unless `checkpoint.init` is set."""
-    return not (config.checkpoint.init and config.judge.source)
-
-
-def base_model(config, mesh) -> load.LoadedModel:
-    """`config.model` ready to run, for the RL loops. When nothing reads its weights
-    (`base_weights_used`) they are not loaded (`params` is None): the loops then hold two
-    frozen copies (reference and judge), not three."""
-    if not base_weights_used(config):
-        cfg, tokenizer = describe_model(config.model)
-        graphdef, _ = llama.abstract_model(cfg)
-        rules = tuple(config.sharding.rules)
-        return load.LoadedModel(cfg, graphdef, None, tokenizer, mesh, rules, config.model.source)
-    return load.from_config(config, mesh)
-
-
-def describe_model(model_cfg) -> tuple[llama.LlamaConfig, tokenizer_lib.Tokenizer | None]:
-    """Architecture and tokenizer of `config.model`, without reading any weights.
-
-    Mirrors `load.load_model`'s sources: a GGUF file (its metadata), a Hugging Face directory
-    (config.json and tokenizer files), or a `random:<preset>` (sized to `model_cfg.tokenizer`'s
-    vocabulary when one is given). Numerics (`param_dtype`, `dtype`, `remat`) come from the
-    config.
-    """
-    kind, path = load.resolve_source(model_cfg.source)
-    numerics = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat)
-    tokenizer = None
-    if kind == "gguf":
-        reader = gguf.open_reader(path)
-        cfg = gguf.config_from_gguf(reader, source=path)
-        tokenizer = tokenizer_lib.tokenizer_from_gguf(reader)
-    elif kind == "hf":
-        cfg = hf.read_hf_config(path)
-        tokenizer = tokenizer_lib.tokenizer_from_hf_dir(path)
-    else:
-        cfg = llama.get_preset(path)
-        if model_cfg.tokenizer:
-            tokenizer = load.load_tokenizer(model_cfg.tokenizer)
-            cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
-    if model_cfg.tokenizer and kind != "random":
-        tokenizer = load.load_tokenizer(model_cfg.tokenizer)
-    return cfg.replace(**numerics), tokenizer
-
-
-def _check_same_architecture(ours: llama.LlamaConfig, theirs: llama.LlamaConfig, source: str):
-    theirs = theirs.replace(param_dtype=ours.param_dtype, dtype=ours.dtype, remat=ours.remat)
-    if theirs != ours:
-        diff = {
-            k: (getattr(ours, k), getattr(theirs, k))
-            for k in ours.__dataclass_fields__
-            if getattr(ours, k) != getattr(theirs, k)
-        }
-        raise ValueError(
-            f"{source}: its architecture differs from config.model.source's in {diff} "
-            "(ours, theirs); point config.model.source at the same model family."
-        )
-
-
-def initial_params(
-    cfg: llama.LlamaConfig,
-    shardings: nnx.State,
-    *,
-    source: str,
-    init: str,
-    mesh,
-    rules,
-    seed: int,
-) -> tuple[nnx.State, str]:
-    """Steps 2-4 of the order in the module docstring: (params on `shardings`, origin text)."""
-    abstract = with_shardings(llama.abstract_model(cfg)[1], shardings)
-    with sharding.use_rules(mesh, rules):
-        if init:
-            if find_checkpoint_dir(init) is not None:
-                params, step = restore_params(init, abstract)
-                return params, f"params of {init} (step {step})"
-            if files.is_url(init):
-                raise FileNotFoundError(
-                    f"config.checkpoint.init={init!r} holds no orbax checkpoints (in {init} or "
-                    f"{init}/{CKPT_DIR}); Hugging Face directories are read from local disk only "
-                    "(copy one down with `gcloud storage cp -r`)."
-                )
-            if os.path.isfile(os.path.join(init, "config.json")):
-                _check_same_architecture(cfg, hf.read_hf_config(init), init)
-                return hf.load_hf_params(init, cfg, shardings), f"Hugging Face weights {init}"
-            raise FileNotFoundError(
-                f"config.checkpoint.init={init!r} is neither a directory of orbax checkpoints "
-                "(a previous stage's workdir or its ckpt/) nor a Hugging Face directory."
-            )
-        kind, path = load.resolve_source(source)
-        if kind == "gguf":
-            reader = gguf.open_reader(path)
-            return gguf.load_gguf_params(reader, cfg, shardings, path), f"GGUF {path}"
-        if kind == "hf":
-            return hf.load_hf_params(path, cfg, shardings), f"Hugging Face weights {path}"
-        return llama.init_params(cfg, seed, shardings), f"random init of {path} (seed {seed})"
-
-
 def restore_or_init(
     manager: ocp.CheckpointManager,
     abstract_state: TrainState,
@@ -295,8 +190,8 @@ def restore_or_init(
       manager: the run's checkpoint manager (`make_manager`).
       abstract_state: shapes and shardings of the train state (`with_shardings`).
       make_state: params -> a fresh `TrainState` (step 0, new optimizer state).
-      load_params: steps 2-4 of the order (see `initial_params`); called only without a
-        checkpoint to resume.
+      load_params: steps 2-4 of the order (`models/load.initial_params`); called only
+        without a checkpoint to resume.
 
     Returns:
       (state, meta of the restored checkpoint or None for a fresh start, origin text).

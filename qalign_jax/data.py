@@ -41,7 +41,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from absl import logging
 
 from qalign_jax import files
 
@@ -306,6 +308,80 @@ def read_prompt_set(path: str) -> list[PromptRecord]:
     if not records:
         raise ValueError(f"{path} holds no prompts.")
     return records
+
+
+def read_done(path: str) -> list[dict]:
+    """Rows already written; a torn last line (killed mid-write) is dropped from the file."""
+    if not files.exists(path):
+        return []
+    lines = files.read_text(path).split("\n")
+    rows = []
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n < len(lines) - 2:  # only the last line may be torn
+                raise ValueError(
+                    f"{path}:{n + 1} is not JSON; delete the file to start over."
+                ) from e
+            logging.warning("%s: dropping a torn last line", path)
+            if jax.process_index() == 0:
+                files.write_jsonl(path, rows)
+    return rows
+
+
+def select_prompts(sources, seed: int) -> list[PromptRecord]:
+    """The prompt mix: `count` prompts (or all, -1) of each (path, count) source."""
+    if not sources:
+        raise ValueError(
+            "config.prime.sources is empty; give ((prompt-set JSONL, count), ...), e.g. "
+            "(('configs/data/prime_prompts.jsonl', -1),)."
+        )
+    chosen, seen = [], {}
+    for entry in sources:
+        if len(entry) != 2 or not isinstance(entry[1], int):
+            raise ValueError(f"config.prime.sources entry {entry!r}; use (path, count).")
+        path, count = entry
+        records = read_prompt_set(path)
+        if count != -1 and not 0 < count <= len(records):
+            raise ValueError(f"{path} has {len(records)} prompts; cannot take {count}.")
+        part = records if count == -1 else split_by_hash(records, {"p": count}, seed)["p"]
+        for r in part:
+            if r.id in seen:
+                raise ValueError(f"prompt id {r.id!r} is in both {seen[r.id]} and {path}.")
+            seen[r.id] = path
+        chosen += part
+    return chosen
+
+
+def prompts_for_step(records, step: int, per_step: int, seed: int):
+    """The prompts of `step`: epochs of a (seed, epoch)-seeded permutation, a pure function."""
+    out, orders = [], {}
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, index = divmod(k, len(records))
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(len(records))
+        out.append(records[orders[epoch][index]])
+    return out
+
+
+def chat_ids(tokenizer, records, max_tokens: int, on_long: str) -> dict[str, list[int]]:
+    """Chat-template token ids per prompt id; over-long prompts are an error or dropped."""
+    out, long = {}, []
+    for r in records:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": r.prompt}])
+        if len(ids) > max_tokens:
+            long.append((r.id, len(ids)))
+        else:
+            out[r.id] = ids
+    if long and on_long == "error":
+        raise ValueError(
+            f"{len(long)} prompts exceed max_prompt_tokens={max_tokens} (e.g. "
+            f"{long[:3]}); raise it or set on_long_prompt='drop'."
+        )
+    return out
 
 
 def split_by_hash(

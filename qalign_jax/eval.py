@@ -49,11 +49,11 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qalign_jax import checkpoint, files, losses, rewards, rollouts, sharding
 from qalign_jax import eval_suites as es
+from qalign_jax import files, losses, rewards, rollouts, sharding
 from qalign_jax import judge as judge_lib
 from qalign_jax import rubric as rubric_lib
-from qalign_jax.models import llama, load
+from qalign_jax.models import load
 
 CLASSIFIER_SYSTEM = (
     "You are a careful safety evaluator. Read the user's prompt and the assistant's response, "
@@ -86,25 +86,9 @@ MC_FORMATS = ("harness", "chat")
 
 
 def load_eval_model(config, source: str, mesh) -> load.LoadedModel:
-    """The evaluated model: a `load.load_model` source, or a workdir of orbax checkpoints."""
-    m = config.model
-    kw = dict(mesh=mesh, rules=config.sharding.rules, param_dtype=m.param_dtype, dtype=m.dtype,
-              seed=config.seed, tokenizer_source=m.tokenizer or None)  # fmt: skip
-    if not checkpoint.find_checkpoint_dir(source):
-        return load.load_model(source, **kw)
-    arch = m.source
-    recorded = os.path.join(source, "config.json")
-    if files.exists(recorded):
-        arch = files.read_json(recorded).get("model", {}).get("source", arch)
-    base = load.load_model(arch, **kw)  # the architecture and tokenizer (weights replaced)
-    shapes = llama.abstract_model(base.cfg)[1]
-    abstract = checkpoint.with_shardings(
-        shapes, sharding.param_shardings(shapes, mesh, config.sharding.rules)
-    )
-    with sharding.use_rules(mesh, config.sharding.rules):
-        params, step = checkpoint.restore_params(source, abstract)
-    logging.info("eval: params of %s (step %d), architecture of %s", source, step, arch)
-    return dataclasses.replace(base, params=params, source=source)
+    """The evaluated model: any `load.load_model` source, a run's workdir included (its
+    newest params; the architecture it recorded, else `config.model.source`'s)."""
+    return load.from_config(config, mesh, source=source)
 
 
 def rubric_judge(config, judge_model, rubric) -> judge_lib.Judge:

@@ -33,9 +33,9 @@ import math
 from absl import app, flags
 from ml_collections import config_flags
 
-from qalign_jax import checkpoint, rollouts, sampler, sharding
+from qalign_jax import rollouts, sampler, sharding
 from qalign_jax import rubric as rubric_lib
-from qalign_jax.models import llama
+from qalign_jax.models import llama, load
 
 GB = 1e9
 
@@ -232,7 +232,7 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
         # The loop keeps model.source's weights as loaded all run when they are the judge
         # (judge.source='') or the KL reference (checkpoint.init=''), plus a primed reference
         # (checkpoint.init) and a separate judge (judge.source, assumed the policy's size).
-        if checkpoint.base_weights_used(config):
+        if load.base_weights_used(config):
             rows["frozen model.source weights"] = elems * pb
         if config.checkpoint.init:
             rows["frozen reference (checkpoint.init)"] = elems * pb
@@ -290,7 +290,7 @@ def main(argv):
     if flags.FLAGS.preset:
         cfg = llama.get_preset(flags.FLAGS.preset)
     else:
-        cfg = checkpoint.describe_model(config.model)[0]
+        cfg = load.describe_config(config.model)[0]
     cfg = cfg.replace(
         param_dtype=config.model.param_dtype, dtype=config.model.dtype, remat=config.model.remat
     )

@@ -181,3 +181,12 @@ def two_pass_reward(r1, r2, improvement_weight: float = 10.0, regression_weight:
     gain = r2 - r1
     out = r1 + r2 + np.where(gain > 0, improvement_weight * gain, regression_weight * gain)
     return float(out) if out.ndim == 0 else out
+
+
+def keep_revision(rule: str, r1: float, r2: float) -> bool:
+    """Keep a revision scored R2 over its draft's R1? 'improved' | 'not_worse' | 'all'."""
+    if rule == "improved":
+        return r2 > r1
+    if rule == "not_worse":
+        return r2 >= r1
+    return True

@@ -5,6 +5,7 @@ Loads the experiment's config file (locked: unknown keys are errors), applies
 it, records the resolved config in the workdir, and runs the loop that `config.loop` names.
 """
 
+import functools
 import json
 import os
 
@@ -28,14 +29,21 @@ _WORKDIR = flags.DEFINE_string(
     "Output directory: gs://bucket/path, or a local path (on a pod, one every host sees).",
 )
 
+
+def run_stage(config, workdir: str) -> None:
+    """Runs `config.loop` as a stage of a composing loop (the pipeline's stages, IterAlign's
+    SFT rounds). Loops never import each other; those two get this function instead."""
+    LOOPS[config.loop](config, workdir)
+
+
 # Every loop exposes `run(config, workdir)`.
 LOOPS = {
     "dpo": dpo.run,
     "eval": eval_lib.run,
     "generate": generate.run,
     "grpo": grpo.run,
-    "iteralign": iteralign.run,
-    "pipeline": pipeline.run,
+    "iteralign": functools.partial(iteralign.run, run_stage=run_stage),
+    "pipeline": functools.partial(pipeline.run, run_stage=run_stage),
     "prime_data": prime_data.run,
     "sft": sft.run,
 }

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from qalign_jax import checkpoint, metrics, sharding
-from qalign_jax.models import hf, llama
+from qalign_jax.models import hf, llama, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = llama.get_preset("tiny")
@@ -112,29 +112,29 @@ def test_next_stage_reads_params_from_a_workdir_or_a_hf_dir(tmp_path, monkeypatc
     manager.close()
     kw = dict(source="random:tiny", mesh=mesh, rules=sharding.DEFAULT_RULES, seed=0)
 
-    params, origin = checkpoint.initial_params(TINY, shardings, init=str(tmp_path / "sft"), **kw)
+    params, origin = load.initial_params(TINY, shardings, init=str(tmp_path / "sft"), **kw)
     assert origin.endswith("(step 7)")
     monkeypatch.chdir(tmp_path)  # a relative workdir, as on the command line
-    relative, _ = checkpoint.initial_params(TINY, shardings, init="sft", **kw)
+    relative, _ = load.initial_params(TINY, shardings, init="sft", **kw)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), relative, params))
     for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         assert x.sharding == y.sharding
 
     hf.export_hf(str(tmp_path / "hf"), TINY, state.params)
-    params, origin = checkpoint.initial_params(TINY, shardings, init=str(tmp_path / "hf"), **kw)
+    params, origin = load.initial_params(TINY, shardings, init=str(tmp_path / "hf"), **kw)
     assert origin.startswith("Hugging Face weights")
     for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
     other = TINY.replace(num_layers=3)
     with pytest.raises(ValueError, match=r"architecture differs .*num_layers"):
-        checkpoint.initial_params(other, shardings, init=str(tmp_path / "hf"), **kw)
+        load.initial_params(other, shardings, init=str(tmp_path / "hf"), **kw)
     with pytest.raises(FileNotFoundError, match="neither a directory of orbax checkpoints"):
-        checkpoint.initial_params(TINY, shardings, init=str(tmp_path), **kw)
+        load.initial_params(TINY, shardings, init=str(tmp_path), **kw)
 
     # No init: the model source (here a random init, seeded).
-    params, origin = checkpoint.initial_params(TINY, shardings, init="", **kw)
+    params, origin = load.initial_params(TINY, shardings, init="", **kw)
     assert origin == "random init of tiny (seed 0)"
 
 
@@ -184,10 +184,10 @@ def test_rl_base_model_is_not_loaded_when_reference_and_judge_are_both_separate(
 
     config = smoke_config()
     mesh = sharding.make_mesh(config.mesh.shape)
-    loaded = checkpoint.base_model(config, mesh)  # the judge and the reference: loaded
+    loaded = load.base_model(config, mesh)  # the judge and the reference: loaded
     assert loaded.params is not None
     config.checkpoint.init, config.judge.source = "some/primed/workdir", "random:tiny"
-    shapes_only = checkpoint.base_model(config, mesh)
+    shapes_only = load.base_model(config, mesh)
     assert shapes_only.params is None and shapes_only.cfg == loaded.cfg
     assert shapes_only.tokenizer.vocab_size == loaded.tokenizer.vocab_size
     _, abstract = llama.abstract_model(shapes_only.cfg)

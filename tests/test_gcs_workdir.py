@@ -10,8 +10,8 @@ import types
 
 import pytest
 
-from qalign_jax import checkpoint, files, metrics, sharding, train
 from qalign_jax import config as config_lib
+from qalign_jax import files, metrics, sharding, train
 from qalign_jax.models import llama, load
 from tests import fake_gcs
 
@@ -88,7 +88,7 @@ def test_url_errors_say_what_to_do(bucket):
     mesh = sharding.make_mesh((1, -1, 1))
     rules = sharding.DEFAULT_RULES
     with pytest.raises(FileNotFoundError, match="Hugging Face directories are read from local"):
-        checkpoint.initial_params(
+        load.initial_params(
             cfg, sharding.param_shardings(shapes, mesh, rules), source="random:tiny",
             init="gs://b/hf", mesh=mesh, rules=rules, seed=0,
         )  # fmt: skip

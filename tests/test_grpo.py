@@ -15,9 +15,9 @@ import jax
 import numpy as np
 import pytest
 
+from qalign_jax import data, rollouts, sharding, train, train_state
 from qalign_jax import judge as judge_lib
-from qalign_jax import rollouts, sharding, train
-from qalign_jax.loops import grpo, sft
+from qalign_jax.loops import grpo
 from qalign_jax.models import llama, load
 from tests.test_sft import assert_trees_close
 
@@ -39,7 +39,7 @@ def setup():
     policy = load.from_config(config, mesh)
     judge = judge_lib.from_config(config, policy)
     records = grpo.read_prompts(config)
-    ids = grpo.chat_ids(policy.tokenizer, records, 64, "error")
+    ids = data.chat_ids(policy.tokenizer, records, 64, "error")
     return config, policy, judge, records, ids
 
 
@@ -88,14 +88,16 @@ def run_steps(mesh, host_params, batches, g):
     opt = base.base_config().optimizer
     opt.lr, opt.warmup_ratio, opt.eps = 1e-3, 0.0, 1e-4  # eps: see tests/test_sft.py
     graphdef, abstract = llama.abstract_model(llama.get_preset("tiny"))
-    tx, schedule = sft.make_optimizer(opt, total_steps=10)
-    _, state_sh = sft.state_shardings(abstract, tx, mesh, sharding.DEFAULT_RULES)
+    tx, schedule = train_state.make_optimizer(opt, total_steps=10)
+    _, state_sh = train_state.state_shardings(abstract, tx, mesh, sharding.DEFAULT_RULES)
     params = jax.device_put(host_params, state_sh.params)
-    state = jax.jit(functools.partial(sft.init_state, tx=tx), out_shardings=state_sh)(params)
+    state = jax.jit(functools.partial(train_state.init_state, tx=tx), out_shardings=state_sh)(
+        params
+    )
     step = grpo.jit_grpo_step(graphdef, tx, schedule, state_sh, g, mesh, sharding.DEFAULT_RULES)
     out = []
     for b in batches:
-        state, m = step(state, sft.put_batch(b, grpo.batch_shardings(mesh)))
+        state, m = step(state, train_state.put_batch(b, grpo.batch_shardings(mesh)))
         out.append(jax.device_get(m))
     return jax.device_get(state.params), out
 
@@ -145,11 +147,10 @@ def training_forward_logprobs(cfg, params, batch):
     """`grpo.token_logprobs` (what the loop computes) of a [A, rows, T] batch."""
     graphdef, _ = llama.abstract_model(cfg)
     one = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    fn = functools.partial(
-        grpo.token_logprobs, graphdef=graphdef, mesh=one, rules=sharding.DEFAULT_RULES
-    )
+    fn = sharding.jit(functools.partial(grpo.token_logprobs, graphdef=graphdef), mesh=one,
+                      rules=sharding.DEFAULT_RULES)  # fmt: skip
     flat = [batch[k].reshape(-1, batch[k].shape[-1]) for k in ("tokens", "positions", "targets")]
-    return np.asarray(jax.jit(fn)(params, *flat)).reshape(batch["tokens"].shape)
+    return np.asarray(fn(params, *flat)).reshape(batch["tokens"].shape)
 
 
 def test_one_update_per_batch_has_ratio_exactly_one_and_no_clipping():
@@ -238,7 +239,7 @@ def test_config_errors(tmp_path, overrides, message):
 
 def test_overlap_with_priming_prompts(tmp_path):
     config = smoke_config()
-    records = grpo.prime_data.select_prompts(config.grpo.sources, config.seed)
+    records = data.select_prompts(config.grpo.sources, config.seed)
     primed = tmp_path / "prime_data.jsonl"
     primed.write_text(json.dumps({"id": records[0].id}) + "\n")
     config.grpo.priming_data = str(primed)
@@ -266,8 +267,8 @@ def test_judge_options_must_be_single_tokens(tmp_path):
 
 def test_prompts_for_step_is_a_pure_function_of_step():
     recs = list(range(5))
-    a = [grpo.prompts_for_step(recs, s, 2, seed=0) for s in range(5)]
-    assert a == [grpo.prompts_for_step(recs, s, 2, seed=0) for s in range(5)]
+    a = [data.prompts_for_step(recs, s, 2, seed=0) for s in range(5)]
+    assert a == [data.prompts_for_step(recs, s, 2, seed=0) for s in range(5)]
     flat = [x for batch in a for x in batch]
     assert sorted(flat[:5]) == recs and sorted(flat[5:]) == recs  # epochs cover every prompt
 

@@ -223,9 +223,9 @@ def resumed_run(tmp_path_factory):
             mp.setattr(iteralign, name, counting)
         original_sft = iteralign.round_sft
 
-        def counting_sft(config, path, init, wd):
+        def counting_sft(config, path, init, wd, **kw):
             calls["sft"].append(wd)
-            return original_sft(config, path, init, wd)
+            return original_sft(config, path, init, wd, **kw)
 
         mp.setattr(iteralign, "round_sft", counting_sft)
         gen = Scripted()

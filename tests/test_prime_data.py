@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from qalign_jax import reflection, train
+from qalign_jax import data, reflection, rewards, train
 from qalign_jax.loops import prime_data
 from tests.test_train import ROOT
 
@@ -77,28 +77,28 @@ def test_restart_skips_finished_ids_and_matches(full_run, tmp_path, monkeypatch)
 
 def test_prompt_mix_and_errors(tmp_path):
     cfg = smoke_config()
-    chosen = prime_data.select_prompts(cfg.prime.sources, seed=0)
+    chosen = data.select_prompts(cfg.prime.sources, seed=0)
     assert [r.label for r in chosen] == ["harmful", "harmful", "benign", "benign"]
-    assert chosen != prime_data.select_prompts(cfg.prime.sources, seed=1)
+    assert chosen != data.select_prompts(cfg.prime.sources, seed=1)
     with pytest.raises(ValueError, match="config.prime.sources is empty"):
-        prime_data.select_prompts((), 0)
+        data.select_prompts((), 0)
     harmful = cfg.prime.sources[0][0]
     with pytest.raises(ValueError, match="has 24 prompts; cannot take 99"):
-        prime_data.select_prompts(((harmful, 99),), 0)
+        data.select_prompts(((harmful, 99),), 0)
     with pytest.raises(ValueError, match="is in both"):
-        prime_data.select_prompts(((harmful, 1), (harmful, -1)), 0)
+        data.select_prompts(((harmful, 1), (harmful, -1)), 0)
     cfg.prime.keep = "best"
     with pytest.raises(ValueError, match="use one of"):
         prime_data.run(cfg, str(tmp_path))
     bad = tmp_path / prime_data.ROWS
     bad.write_text('{"id": 1}\nnot json\n{"id": 2}\n')
     with pytest.raises(ValueError, match="is not JSON; delete the file"):
-        prime_data.read_done(str(bad))
+        data.read_done(str(bad))
 
 
 def test_keep_rules():
-    assert prime_data.keep_example("improved", 0.1, 0.2)
-    assert not prime_data.keep_example("improved", 0.2, 0.2)
-    assert prime_data.keep_example("not_worse", 0.2, 0.2)
-    assert not prime_data.keep_example("not_worse", 0.3, 0.2)
-    assert prime_data.keep_example("all", 0.9, -1.0)
+    assert rewards.keep_revision("improved", 0.1, 0.2)
+    assert not rewards.keep_revision("improved", 0.2, 0.2)
+    assert rewards.keep_revision("not_worse", 0.2, 0.2)
+    assert not rewards.keep_revision("not_worse", 0.3, 0.2)
+    assert rewards.keep_revision("all", 0.9, -1.0)

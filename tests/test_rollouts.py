@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from qalign_jax import data, reflection, rollouts, sampler, sharding
 from qalign_jax import judge as judge_lib
-from qalign_jax import reflection, rollouts, sampler, sharding
 from qalign_jax.loops import grpo
 from qalign_jax.models import load
 from tests.test_grpo import smoke_config
@@ -25,7 +25,7 @@ def setup():
     policy = load.from_config(config, mesh)
     judge = judge_lib.from_config(config, policy)
     records = grpo.read_prompts(config)
-    ids = grpo.chat_ids(policy.tokenizer, records, 64, "error")
+    ids = data.chat_ids(policy.tokenizer, records, 64, "error")
     rows = [r for r in records[:2] for _ in range(G)]
     return config, policy, judge, rows, [ids[r.id] for r in rows]
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qalign_jax import checkpoint, losses, metrics, sharding
+from qalign_jax import checkpoint, losses, metrics, sharding, train_state
 from qalign_jax import config as base
 from qalign_jax.loops import sft
 from qalign_jax.models import llama
@@ -70,14 +70,16 @@ def run_steps(mesh, host_params, batches, lr=1e-3):
     opt.lr, opt.warmup_ratio, opt.weight_decay, opt.eps = lr, 0.0, 0.1, 1e-4
     rules = sharding.DEFAULT_RULES
     graphdef, abstract = llama.abstract_model(TINY)
-    tx, schedule = sft.make_optimizer(opt, total_steps=10)
-    _, state_sh = sft.state_shardings(abstract, tx, mesh, rules)
+    tx, schedule = train_state.make_optimizer(opt, total_steps=10)
+    _, state_sh = train_state.state_shardings(abstract, tx, mesh, rules)
     params = jax.device_put(host_params, state_sh.params)
-    state = jax.jit(functools.partial(sft.init_state, tx=tx), out_shardings=state_sh)(params)
+    state = jax.jit(functools.partial(train_state.init_state, tx=tx), out_shardings=state_sh)(
+        params
+    )
     step = sft.jit_train_step(graphdef, tx, schedule, state_sh, mesh, rules)
     out = []
     for batch in batches:
-        state, m = step(state, sft.put_batch(batch, sft.batch_shardings(mesh)))
+        state, m = step(state, train_state.put_batch(batch, sft.batch_shardings(mesh)))
         out.append(jax.device_get(m))
     return jax.device_get(state.params), out
 

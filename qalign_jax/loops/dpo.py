@@ -15,9 +15,9 @@ baseline from the pieces the GRPO loop uses, in two stages:
   train   the reference's summed answer log-likelihoods are computed once per pair; then
           `for step in range(first_step, total_steps)`: `dpo.pairs_per_step` pairs (epochs of
           a (seed, epoch)-seeded permutation, a pure function of the step, as in GRPO), the
-          sigmoid DPO loss (`losses.dpo_loss`) with `dpo.beta`, AdamW (`sft.make_optimizer`),
-          gradient accumulation (`sft.accumulate_grads`), orbax checkpoints with exact resume,
-          and the Hugging Face export.
+          sigmoid DPO loss (`losses.dpo_loss`) with `dpo.beta`, and the shared loop core
+          (`train_state.py`: AdamW, gradient accumulation, orbax checkpoints with exact
+          resume, the Hugging Face export).
 
 Decisions: the pairs are sampled once, from the starting policy, as in standard (offline) DPO
 on on-policy data; iterated/online DPO (resampling from the trained policy) is not done here.
@@ -37,15 +37,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qalign_jax import checkpoint, files, losses, metrics, rollouts, sharding
+from qalign_jax import checkpoint, data, files, losses, metrics, rollouts, sharding, train_state
 from qalign_jax import judge as judge_lib
 from qalign_jax.checkpoint import TrainState
-from qalign_jax.loops import grpo, prime_data, sft
-from qalign_jax.models import hf, llama
+from qalign_jax.models import llama, load
 
 PAIRS_FILE = "pairs.jsonl"
 SIDES = ("chosen", "rejected")
@@ -173,34 +171,31 @@ def training_batch(pairs: list[dict], seq_len: int, pad_id: int, ref: np.ndarray
 # The jitted pieces.
 
 
-def answer_logprobs(params, tokens, positions, targets, mask, *, graphdef, mesh, rules):
+def answer_logprobs(params, tokens, positions, targets, mask, *, graphdef):
     """[rows] summed log p(answer | prompt)."""
-    with sharding.use_rules(mesh, rules):
-        logits, _ = llama.forward(graphdef, params, tokens, positions)
-        return losses.sequence_log_likelihood(logits, targets, mask)
+    logits, _ = llama.forward(graphdef, params, tokens, positions)
+    return losses.sequence_log_likelihood(logits, targets, mask)
 
 
-def dpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, d, mesh, rules):
+def dpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, dpo_cfg):
     """One optimizer update on the step's micro-batches of pairs; metrics are step means."""
-    with sharding.use_rules(mesh, rules):
-        num_pairs = float(batch["ref_chosen"].shape[0] * batch["ref_chosen"].shape[1])
+    d = dpo_cfg
+    num_pairs = float(batch["ref_chosen"].shape[0] * batch["ref_chosen"].shape[1])
 
-        def loss_fn(params, micro):
-            # Chosen and rejected rows in one forward: [2P, T].
-            rows = {k: jnp.concatenate([micro[f"chosen_{k}"], micro[f"rejected_{k}"]]) for k in
-                    ROW_KEYS}  # fmt: skip
-            logits, _ = llama.forward(graphdef, params, rows["tokens"], rows["positions"])
-            logp = losses.sequence_log_likelihood(logits, rows["targets"], rows["mask"])
-            chosen, rejected = jnp.split(logp, 2)
-            return losses.dpo_loss(
-                chosen, rejected, micro["ref_chosen"], micro["ref_rejected"], beta=d.beta,
-                label_smoothing=d.label_smoothing, normalizer=num_pairs,
-            )  # fmt: skip
+    def loss_fn(params, micro):
+        # Chosen and rejected rows in one forward: [2P, T].
+        rows = {k: jnp.concatenate([micro[f"chosen_{k}"], micro[f"rejected_{k}"]]) for k in
+                ROW_KEYS}  # fmt: skip
+        logits, _ = llama.forward(graphdef, params, rows["tokens"], rows["positions"])
+        logp = losses.sequence_log_likelihood(logits, rows["targets"], rows["mask"])
+        chosen, rejected = jnp.split(logp, 2)
+        return losses.dpo_loss(
+            chosen, rejected, micro["ref_chosen"], micro["ref_rejected"], beta=d.beta,
+            label_smoothing=d.label_smoothing, normalizer=num_pairs,
+        )  # fmt: skip
 
-        grads, sums = sft.accumulate_grads(loss_fn, state.params, batch, param_sh)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+    grads, sums = train_state.accumulate_grads(loss_fn, state.params, batch, param_sh)
+    new_state, grad_norm = train_state.apply_grads(state, grads, tx)
     step_metrics = {
         "loss": sums["loss_sum"] / num_pairs,
         "accuracy": sums["accuracy_sum"] / num_pairs,
@@ -210,30 +205,21 @@ def dpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, d, m
         "grad_norm": grad_norm,
         "lr": schedule(state.step),
     }
-    return TrainState(state.step + 1, params, opt_state), step_metrics
+    return new_state, step_metrics
 
 
 def batch_shardings(mesh) -> dict[str, NamedSharding]:
     """[A, P / A, ...] arrays: pairs over (data, fsdp)."""
-    out = {}
-    for k in BATCH_KEYS:
-        extra = () if k.startswith("ref_") else (None,)
-        out[k] = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), *extra))
-    return out
-
-
-def jit_dpo_step(graphdef, tx, schedule, state_sh: TrainState, d, mesh, rules):
-    """`dpo_step` jitted once: state shardings in and out, the state donated."""
-    step = functools.partial(
-        dpo_step, graphdef=graphdef, tx=tx, schedule=schedule, param_sh=state_sh.params, d=d,
-        mesh=mesh, rules=tuple(rules),
-    )  # fmt: skip
-    return jax.jit(
-        step,
-        in_shardings=(state_sh, batch_shardings(mesh)),
-        out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=(0,),
+    return train_state.micro_shardings(
+        mesh, {k: 2 if k.startswith("ref_") else 3 for k in BATCH_KEYS}
     )
+
+
+def jit_dpo_step(graphdef, tx, schedule, state_sh: TrainState, dpo_cfg, mesh, rules):
+    """`dpo_step` jitted once (`train_state.jit_step`)."""
+    step = functools.partial(dpo_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                             param_sh=state_sh.params, dpo_cfg=dpo_cfg)  # fmt: skip
+    return train_state.jit_step(step, state_sh, batch_shardings(mesh), mesh, rules, "dpo_step")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,11 +237,11 @@ def run(config, workdir: str) -> None:
         )
 
     # Mesh; the base model (judge) and the starting policy (also the frozen reference; not
-    # loaded when it is neither, see checkpoint.base_model).
+    # loaded when it is neither, see load.base_model).
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = tuple(config.sharding.rules)
     sharding.check_batch_divisible(d.pairs_per_step // d.grad_accum_steps, mesh)
-    base = checkpoint.base_model(config, mesh)
+    base = load.base_model(config, mesh)
     tok, cfg = base.tokenizer, base.cfg
     if tok is None:
         raise ValueError("the policy has no tokenizer; set config.model.tokenizer.")
@@ -264,7 +250,7 @@ def run(config, workdir: str) -> None:
     param_sh = sharding.param_shardings(abstract_params, mesh, rules)
     reference, start = base, f"the policy {config.model.source}"
     if config.checkpoint.init:
-        params, start = checkpoint.initial_params(
+        params, start = load.initial_params(
             cfg, param_sh, source=config.model.source, init=config.checkpoint.init,
             mesh=mesh, rules=rules, seed=config.seed,
         )  # fmt: skip
@@ -276,8 +262,8 @@ def run(config, workdir: str) -> None:
         pairs = read_pairs(pairs_path)
         logging.info("dpo: %d pairs from %s", len(pairs), pairs_path)
     else:
-        records = prime_data.select_prompts(d.sources, config.seed)
-        prompt_ids = grpo.chat_ids(tok, records, d.max_prompt_tokens, d.on_long_prompt)
+        records = data.select_prompts(d.sources, config.seed)
+        prompt_ids = data.chat_ids(tok, records, d.max_prompt_tokens, d.on_long_prompt)
         records = [r for r in records if r.id in prompt_ids]
         pairs, stats = make_pairs(
             config, reference, judge, records, prompt_ids,
@@ -301,31 +287,29 @@ def run(config, workdir: str) -> None:
 
     # The reference's answer log-likelihoods, once per pair.
     row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
-    ref_fn = jax.jit(
-        functools.partial(answer_logprobs, graphdef=graphdef, mesh=mesh, rules=rules),
+    ref_fn = sharding.jit(
+        functools.partial(answer_logprobs, graphdef=graphdef), mesh=mesh, rules=rules,
         in_shardings=(param_sh, row_sh, row_sh, row_sh, row_sh),
-        out_shardings=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))),
-    )
+        out_shardings=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))), name="answer_logprobs",
+    )  # fmt: skip
     chunk = d.pairs_per_step // d.grad_accum_steps
     padded = pairs + pairs[: (-len(pairs)) % chunk]  # whole chunks; the repeats are dropped
     ref = np.zeros((len(padded), 2), np.float32)
     for s in range(0, len(padded), chunk):
         for j, side in enumerate(SIDES):
             rows = pair_rows(padded[s : s + chunk], side, seq_len, tok.pad_id)
-            rows = sft.put_batch(rows, dict.fromkeys(ROW_KEYS, row_sh))
+            rows = train_state.put_batch(rows, dict.fromkeys(ROW_KEYS, row_sh))
             ref[s : s + chunk, j] = jax.device_get(ref_fn(reference.params, *rows.values()))
     ref = ref[: len(pairs)]
     index_of = {p["id"]: i for i, p in enumerate(pairs)}
 
     # Optimizer state: restore or init (from the reference's weights).
-    tx, schedule = sft.make_optimizer(config.optimizer, total_steps)
-    abstract_state, state_sh = sft.state_shardings(abstract_params, tx, mesh, rules)
+    tx, schedule = train_state.make_optimizer(config.optimizer, total_steps)
+    abstract_state, state_sh = train_state.state_shardings(abstract_params, tx, mesh, rules)
     manager = checkpoint.make_manager(
         workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
-    make_state = jax.jit(
-        functools.partial(sft.init_state, tx=tx), out_shardings=state_sh, donate_argnums=(0,)
-    )
+    make_state = train_state.jit_init_state(tx, state_sh)
     state, meta, origin = checkpoint.restore_or_init(
         manager, abstract_state, make_state,
         lambda: (jax.tree.map(jnp.copy, reference.params), start),  # a copy: the state is donated
@@ -347,39 +331,27 @@ def run(config, workdir: str) -> None:
     if jax.process_index() == 0:
         print(f"dpo: {origin}; {len(pairs)} pairs, steps {first_step} -> {total_steps}, "
               f"{d.pairs_per_step} pairs per step, beta {d.beta}, seq_len {seq_len}")  # fmt: skip
-    try:
+    with train_state.closing(manager, writer):
         for step in range(first_step, total_steps):
             t0 = time.perf_counter()
-            chosen = grpo.prompts_for_step(pairs, step, d.pairs_per_step, config.seed)
+            chosen = data.prompts_for_step(pairs, step, d.pairs_per_step, config.seed)
             idx = np.array([index_of[p["id"]] for p in chosen])
             host = training_batch(chosen, seq_len, tok.pad_id, ref[idx])
-            micro = grpo.split_micro(host, d.grad_accum_steps)
-            state, m = step_fn(state, sft.put_batch(micro, batch_sh))
+            micro = train_state.split_micro(host, d.grad_accum_steps)
+            state, m = step_fn(state, train_state.put_batch(micro, batch_sh))
             m = jax.device_get(m)
             done = step + 1
-            metrics.check_finite(
-                done, float(m["loss"]), float(m["grad_norm"]),
-                last_checkpoint=lambda: checkpoint.latest_step(manager),
-            )  # fmt: skip
             row = {f"train/{k}": float(v) for k, v in m.items()}
             row["time/step_s"] = time.perf_counter() - t0
-            writer.write(done, row)
-            if done % config.metrics.log_every == 0 or done == total_steps:
-                progress.print(done, row)
-            if done == total_steps or (
-                config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0
-            ):
-                writer.flush()  # the metric lines up to a checkpoint survive a kill
-                checkpoint.save(manager, state, {
-                    "step": done, "rng": np.asarray(jax.random.key_data(base_rng)).tolist(),
-                    "num_pairs": len(pairs), "total_steps": total_steps,
-                })  # fmt: skip
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+            train_state.end_step(
+                done, m, row, total_steps=total_steps, log_every=config.metrics.log_every,
+                manager=manager, writer=writer, progress=progress,
+            )  # fmt: skip
+            train_state.save_if_due(
+                done, total_steps, config.checkpoint.every_steps, manager, writer, state,
+                {"rng": np.asarray(jax.random.key_data(base_rng)).tolist(),
+                 "num_pairs": len(pairs)},
+            )  # fmt: skip
 
     if d.export_hf:
-        out = os.path.join(workdir, "hf")
-        hf.export_hf(out, cfg, state.params, tok)
-        print(f"exported Hugging Face weights to {out}")
+        train_state.export_hf(workdir, cfg, state.params, tok)

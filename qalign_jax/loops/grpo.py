@@ -42,23 +42,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qalign_jax import (
-    checkpoint,
-    data,
-    files,
-    losses,
-    metrics,
-    rollouts,
-    sharding,
-)
+from qalign_jax import checkpoint, data, files, losses, metrics, rollouts, sharding, train_state
 from qalign_jax import judge as judge_lib
 from qalign_jax.checkpoint import TrainState
-from qalign_jax.loops import prime_data, sft
-from qalign_jax.models import hf, llama
+from qalign_jax.models import llama, load
 
 BATCH_KEYS = (
     "tokens", "positions", "targets", "loss_mask", "old_logp", "sampler_logp", "ref_logp",
@@ -76,14 +66,14 @@ def read_prompts(config) -> list[data.PromptRecord]:
     g = config.grpo
     if g.on_overlap not in OVERLAP_MODES:
         raise ValueError(f"grpo.on_overlap={g.on_overlap!r}; use one of {OVERLAP_MODES}.")
-    records = prime_data.select_prompts(g.sources, config.seed)
+    records = data.select_prompts(g.sources, config.seed)
     if g.priming_data:
         if not files.exists(g.priming_data):
             raise FileNotFoundError(
                 f"grpo.priming_data={g.priming_data} does not exist; run the priming stage "
                 "first, or set grpo.priming_data='' to skip the disjointness check."
             )
-        primed = {r["id"] for r in prime_data.read_done(g.priming_data)}
+        primed = {r["id"] for r in files.read_jsonl(g.priming_data)}
         overlap = [r.id for r in records if r.id in primed]
         if overlap and g.on_overlap == "error":
             raise ValueError(
@@ -97,34 +87,6 @@ def read_prompts(config) -> list[data.PromptRecord]:
             f"{len(records)} GRPO prompts < grpo.prompts_per_step={g.prompts_per_step}."
         )
     return records
-
-
-def prompts_for_step(records, step: int, per_step: int, seed: int):
-    """The prompts of `step`: epochs of a (seed, epoch)-seeded permutation, a pure function."""
-    out, orders = [], {}
-    for k in range(step * per_step, (step + 1) * per_step):
-        epoch, index = divmod(k, len(records))
-        if epoch not in orders:
-            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(len(records))
-        out.append(records[orders[epoch][index]])
-    return out
-
-
-def chat_ids(tokenizer, records, max_tokens: int, on_long: str) -> dict[str, list[int]]:
-    """Chat-template token ids per prompt id; over-long prompts are an error or dropped."""
-    out, long = {}, []
-    for r in records:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": r.prompt}])
-        if len(ids) > max_tokens:
-            long.append((r.id, len(ids)))
-        else:
-            out[r.id] = ids
-    if long and on_long == "error":
-        raise ValueError(
-            f"{len(long)} prompts exceed grpo.max_prompt_tokens={max_tokens} (e.g. "
-            f"{long[:3]}); raise it or set grpo.on_long_prompt='drop'."
-        )
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,24 +123,18 @@ def training_batch(ro: rollouts.Rollouts, advantages: np.ndarray, seq_len: int, 
     }  # fmt: skip
 
 
-def split_micro(batch: dict, accum: int) -> dict:
-    """[rows, ...] -> [accum, rows / accum, ...] (the jitted step scans over the first axis)."""
-    return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # The jitted pieces.
 
 
-def token_logprobs(params, tokens, positions, targets, *, graphdef, mesh, rules):
+def token_logprobs(params, tokens, positions, targets, *, graphdef):
     """[rows, T] log p(target) under `params` (the frozen reference, or the policy before its
     first update when num_iterations > 1)."""
-    with sharding.use_rules(mesh, rules):
-        logits, _ = llama.forward(graphdef, params, tokens, positions)
-        return losses.token_log_likelihood(logits, targets)
+    logits, _ = llama.forward(graphdef, params, tokens, positions)
+    return losses.token_log_likelihood(logits, targets)
 
 
-def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, g, mesh, rules):
+def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, grpo_cfg):
     """One optimizer update on the step's micro-batches; metrics are step totals.
 
     The importance ratio's denominator comes from the training forward, never the sampler's
@@ -186,39 +142,37 @@ def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, g, 
     `stop_gradient`, so the ratio is exactly 1 (the policy gradient); with more, the loop fills
     `old_logp` with `token_logprobs` of the policy before the first update.
     """
-    with sharding.use_rules(mesh, rules):
-        num_tokens = jnp.sum(batch["loss_mask"])
-        num_seqs = jnp.sum(jnp.any(batch["loss_mask"] > 0, axis=-1)).astype(jnp.float32)
-        normalizer = {
-            "seq_mean": num_seqs,
-            "token_mean": num_tokens,
-            "constant": float(batch["loss_mask"].shape[0] * batch["loss_mask"].shape[1])
-            * batch["loss_mask"].shape[2],
-        }[g.aggregation]
+    g = grpo_cfg
+    num_tokens = jnp.sum(batch["loss_mask"])
+    num_seqs = jnp.sum(jnp.any(batch["loss_mask"] > 0, axis=-1)).astype(jnp.float32)
+    normalizer = {
+        "seq_mean": num_seqs,
+        "token_mean": num_tokens,
+        "constant": float(batch["loss_mask"].shape[0] * batch["loss_mask"].shape[1])
+        * batch["loss_mask"].shape[2],
+    }[g.aggregation]
 
-        def loss_fn(params, micro):
-            logits, _ = llama.forward(graphdef, params, micro["tokens"], micro["positions"])
-            logp = losses.token_log_likelihood(logits, micro["targets"])
-            fixed = jax.lax.stop_gradient(logp)
-            old_logp = fixed if g.num_iterations == 1 else micro["old_logp"]
-            loss, sums = losses.grpo_loss(
-                logp, old_logp, micro["advantages"], micro["loss_mask"],
-                ref_logp=micro["ref_logp"] if g.kl_beta > 0 else None, kl_beta=g.kl_beta,
-                clip_low=g.clip_low, clip_high=g.clip_high, aggregation=g.aggregation,
-                normalizer=normalizer,
-            )  # fmt: skip
-            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-            entropy = -jnp.sum(probs * jax.nn.log_softmax(logits.astype(jnp.float32)), -1)
-            sums["entropy_sum"] = jax.lax.stop_gradient(jnp.sum(entropy * micro["loss_mask"]))
-            sums["loss_sum"] = loss
-            gap = jnp.abs(fixed - micro["sampler_logp"]) * micro["loss_mask"]
-            sums["sampler_gap_sum"] = jnp.sum(gap)  # the decode path against this forward
-            return loss, sums
+    def loss_fn(params, micro):
+        logits, _ = llama.forward(graphdef, params, micro["tokens"], micro["positions"])
+        logp = losses.token_log_likelihood(logits, micro["targets"])
+        fixed = jax.lax.stop_gradient(logp)
+        old_logp = fixed if g.num_iterations == 1 else micro["old_logp"]
+        loss, sums = losses.grpo_loss(
+            logp, old_logp, micro["advantages"], micro["loss_mask"],
+            ref_logp=micro["ref_logp"] if g.kl_beta > 0 else None, kl_beta=g.kl_beta,
+            clip_low=g.clip_low, clip_high=g.clip_high, aggregation=g.aggregation,
+            normalizer=normalizer,
+        )  # fmt: skip
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        entropy = -jnp.sum(probs * jax.nn.log_softmax(logits.astype(jnp.float32)), -1)
+        sums["entropy_sum"] = jax.lax.stop_gradient(jnp.sum(entropy * micro["loss_mask"]))
+        sums["loss_sum"] = loss
+        gap = jnp.abs(fixed - micro["sampler_logp"]) * micro["loss_mask"]
+        sums["sampler_gap_sum"] = jnp.sum(gap)  # the decode path against this forward
+        return loss, sums
 
-        grads, sums = sft.accumulate_grads(loss_fn, state.params, batch, param_sh)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+    grads, sums = train_state.accumulate_grads(loss_fn, state.params, batch, param_sh)
+    new_state, grad_norm = train_state.apply_grads(state, grads, tx)
     denom = jnp.maximum(sums["num_tokens"], 1.0)
     step_metrics = {
         "loss": sums["loss_sum"],
@@ -231,30 +185,19 @@ def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, g, 
         "sampler_logp_gap": sums["sampler_gap_sum"] / denom,
         "trained_tokens": sums["num_tokens"],
     }
-    return TrainState(state.step + 1, params, opt_state), step_metrics
+    return new_state, step_metrics
 
 
-def jit_grpo_step(graphdef, tx, schedule, state_sh: TrainState, g, mesh, rules):
-    """`grpo_step` jitted once: state shardings in and out, the state donated."""
-    step = functools.partial(
-        grpo_step, graphdef=graphdef, tx=tx, schedule=schedule, param_sh=state_sh.params,
-        g=g, mesh=mesh, rules=tuple(rules),
-    )  # fmt: skip
-    return jax.jit(
-        step,
-        in_shardings=(state_sh, batch_shardings(mesh)),
-        out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+def jit_grpo_step(graphdef, tx, schedule, state_sh: TrainState, grpo_cfg, mesh, rules):
+    """`grpo_step` jitted once (`train_state.jit_step`)."""
+    step = functools.partial(grpo_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                             param_sh=state_sh.params, grpo_cfg=grpo_cfg)  # fmt: skip
+    return train_state.jit_step(step, state_sh, batch_shardings(mesh), mesh, rules, "grpo_step")
 
 
 def batch_shardings(mesh) -> dict[str, NamedSharding]:
     """[A, rows / A, ...] arrays: rows over (data, fsdp)."""
-    out = {}
-    for k in BATCH_KEYS:
-        extra = (None,) if k != "advantages" else ()
-        out[k] = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), *extra))
-    return out
+    return train_state.micro_shardings(mesh, {k: 2 if k == "advantages" else 3 for k in BATCH_KEYS})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,11 +219,11 @@ def run(config, workdir: str) -> None:
         )
 
     # Mesh; the policy's initial weights (also the frozen reference and, by default, judge;
-    # not loaded when neither, see checkpoint.base_model).
+    # not loaded when neither, see load.base_model).
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = tuple(config.sharding.rules)
     sharding.check_batch_divisible(rows_per_step // g.grad_accum_steps, mesh)
-    initial = checkpoint.base_model(config, mesh)
+    initial = load.base_model(config, mesh)
     tok = initial.tokenizer
     if tok is None:
         raise ValueError("the policy has no tokenizer; set config.model.tokenizer.")
@@ -289,7 +232,7 @@ def run(config, workdir: str) -> None:
 
     # Prompts, and the longest sequence a rollout can make.
     records = read_prompts(config)
-    prompt_ids = chat_ids(tok, records, g.max_prompt_tokens, g.on_long_prompt)
+    prompt_ids = data.chat_ids(tok, records, g.max_prompt_tokens, g.on_long_prompt)
     records = [r for r in records if r.id in prompt_ids]
     opts = rollouts.from_grpo_config(g)
     lengths = rollouts.measure_lengths(opts, tok, judge.rubric, prompt_ids.values())
@@ -298,20 +241,18 @@ def run(config, workdir: str) -> None:
     logging.info("grpo: %d prompts, seq_len %d, cache %d", len(records), seq_len, cache_len)
 
     # Optimizer and state shapes; restore or init.
-    tx, schedule = sft.make_optimizer(config.optimizer, g.num_steps * g.num_iterations)
+    tx, schedule = train_state.make_optimizer(config.optimizer, g.num_steps * g.num_iterations)
     graphdef, abstract_params = llama.abstract_model(cfg)
-    abstract_state, state_sh = sft.state_shardings(abstract_params, tx, mesh, rules)
+    abstract_state, state_sh = train_state.state_shardings(abstract_params, tx, mesh, rules)
     manager = checkpoint.make_manager(
         workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
-    make_state = jax.jit(
-        functools.partial(sft.init_state, tx=tx), out_shardings=state_sh, donate_argnums=(0,)
-    )
+    make_state = train_state.jit_init_state(tx, state_sh)
 
     # The KL reference is the policy at the start of RL; the judge stays the base model.
     reference, start = initial, f"the policy {config.model.source}"
     if config.checkpoint.init:
-        params, start = checkpoint.initial_params(
+        params, start = load.initial_params(
             cfg, state_sh.params, source=config.model.source, init=config.checkpoint.init,
             mesh=mesh, rules=rules, seed=config.seed,
         )  # fmt: skip
@@ -327,11 +268,11 @@ def run(config, workdir: str) -> None:
     batch_sh = batch_shardings(mesh)
     step_fn = jit_grpo_step(graphdef, tx, schedule, state_sh, g, mesh, rules)
     row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
-    logp_fn = jax.jit(
-        functools.partial(token_logprobs, graphdef=graphdef, mesh=mesh, rules=rules),
-        in_shardings=(state_sh.params, row_sh, row_sh, row_sh),
-        out_shardings=row_sh,
-    )
+    logp_fn = sharding.jit(
+        functools.partial(token_logprobs, graphdef=graphdef), mesh=mesh, rules=rules,
+        in_shardings=(state_sh.params, row_sh, row_sh, row_sh), out_shardings=row_sh,
+        name="token_logprobs",
+    )  # fmt: skip
 
     writer = metrics.MetricsWriter(
         workdir, resume_step=first_step, tensorboard=config.metrics.tensorboard
@@ -344,10 +285,10 @@ def run(config, workdir: str) -> None:
               f"x G={g.num_generations}, {mode}")  # fmt: skip
     rollouts_path = os.path.join(workdir, "rollouts.jsonl")
 
-    try:
+    with train_state.closing(manager, writer):
         for step in range(first_step, g.num_steps):
             t0 = time.perf_counter()
-            batch_records = prompts_for_step(records, step, g.prompts_per_step, config.seed)
+            batch_records = data.prompts_for_step(records, step, g.prompts_per_step, config.seed)
             rows = [r for r in batch_records for _ in range(g.num_generations)]
             policy = dataclasses.replace(initial, params=state.params)
             k_draft, k_revision = jax.random.split(jax.random.fold_in(base_rng, step))
@@ -361,7 +302,7 @@ def run(config, workdir: str) -> None:
             )
             t_train = time.perf_counter()
             host = training_batch(ro, adv, seq_len, tok.pad_id)
-            rows_in = tuple(sft.put_batch(
+            rows_in = tuple(train_state.put_batch(
                 {k: host[k] for k in ("tokens", "positions", "targets")},
                 dict.fromkeys(("tokens", "positions", "targets"), row_sh),
             ).values())  # fmt: skip
@@ -372,16 +313,17 @@ def run(config, workdir: str) -> None:
                 if g.kl_beta > 0
                 else np.zeros_like(host["old_logp"])
             )
-            micro = split_micro(host, g.grad_accum_steps)
+            micro = train_state.split_micro(host, g.grad_accum_steps)
             for iteration in range(g.num_iterations):
-                state, m = step_fn(state, sft.put_batch(micro, batch_sh))
+                state, m = step_fn(state, train_state.put_batch(micro, batch_sh))
                 m = jax.device_get(m)
                 if iteration == 0:  # before any update of this batch: the sampler's own gap
                     sampler_gap = m["sampler_logp_gap"]
-                metrics.check_finite(
-                    step + 1, float(m["loss"]), float(m["grad_norm"]),
-                    last_checkpoint=lambda: checkpoint.latest_step(manager),
-                )  # fmt: skip
+                if iteration < g.num_iterations - 1:  # the last one is checked by end_step
+                    metrics.check_finite(
+                        step + 1, float(m["loss"]), float(m["grad_norm"]),
+                        last_checkpoint=lambda: checkpoint.latest_step(manager),
+                    )  # fmt: skip
             done = step + 1
             row = {f"train/{k}": float(v) for k, v in m.items()}
             row["train/sampler_logp_gap"] = float(sampler_gap)
@@ -391,29 +333,21 @@ def run(config, workdir: str) -> None:
                 "time/sampling_s": ro.timings["sampling"], "time/judging_s": ro.timings["judging"],
                 "time/training_s": time.perf_counter() - t_train,
             })  # fmt: skip
-            writer.write(done, row)
-            if done % config.metrics.log_every == 0 or done == g.num_steps:
-                progress.print(done, row)
+            train_state.end_step(
+                done, m, row, total_steps=g.num_steps, log_every=config.metrics.log_every,
+                manager=manager, writer=writer, progress=progress,
+            )  # fmt: skip
             if (
                 jax.process_index() == 0
                 and g.rollouts_every
                 and (done % g.rollouts_every == 0 or done == g.num_steps)
             ):
                 files.append_jsonl(rollouts_path, rollouts.rollout_rows(ro, judge, done, 2))
-            if done == g.num_steps or (
-                config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0
-            ):
-                writer.flush()  # the metric lines up to a checkpoint survive a kill
-                checkpoint.save(manager, state, {
-                    "step": done, "rng": np.asarray(jax.random.key_data(base_rng)).tolist(),
-                    "num_prompts": len(records), "total_steps": g.num_steps,
-                })  # fmt: skip
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+            train_state.save_if_due(
+                done, g.num_steps, config.checkpoint.every_steps, manager, writer, state,
+                {"rng": np.asarray(jax.random.key_data(base_rng)).tolist(),
+                 "num_prompts": len(records)},
+            )  # fmt: skip
 
     if g.export_hf:
-        out = os.path.join(workdir, "hf")
-        hf.export_hf(out, cfg, state.params, tok)
-        print(f"exported Hugging Face weights to {out}")
+        train_state.export_hf(workdir, cfg, state.params, tok)

@@ -51,7 +51,6 @@ sft/, summary.json}`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -62,11 +61,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from qalign_jax import checkpoint, files, metrics, rubric_draft, sampler, sharding
+from qalign_jax import data, files, metrics, rewards, rubric_draft, sampler, sharding
 from qalign_jax import judge as judge_lib
 from qalign_jax import rubric as rubric_lib
-from qalign_jax.loops import prime_data, sft
-from qalign_jax.models import llama, load
+from qalign_jax.models import load
 
 DETECT_MODES = ("gates", "reward")
 KEEP_RULES = ("passes", "improved", "not_worse", "all")
@@ -103,7 +101,7 @@ def read_pool(config) -> list:
             "config.iteralign.sources is empty; give ((prompt-set JSONL, count or -1), ...), "
             "e.g. (('configs/data/redteam_prompts.jsonl', -1),)."
         )
-    return prime_data.select_prompts(config.iteralign.sources, config.seed)
+    return data.select_prompts(config.iteralign.sources, config.seed)
 
 
 def round_prompts(pool: list, round_index: int, per_round: int) -> list:
@@ -505,7 +503,7 @@ def revision_conversation(prompt: str, answer: str, constitutions, num_examples:
 def keep_revision(config, failed_again: bool, r1: float, r2: float) -> bool:
     if config.iteralign.keep == "passes":
         return not failed_again
-    return prime_data.keep_example(config.iteralign.keep, r1, r2)
+    return rewards.keep_revision(config.iteralign.keep, r1, r2)
 
 
 def revise_batch(config, policy, judge, library, round_index, rows: list[dict], rng) -> list[dict]:
@@ -568,22 +566,9 @@ def make_proposer(config, base_model, mesh):
     )  # fmt: skip
 
 
-def load_policy(config, base_model, init: str):
-    """The policy: the base model itself (no init), or `init`'s params on the same shapes."""
-    if not init:
-        return base_model
-    cfg, mesh, rules = base_model.cfg, base_model.mesh, base_model.rules
-    shardings = sharding.param_shardings(llama.abstract_model(cfg)[1], mesh, rules)
-    params, origin = checkpoint.initial_params(
-        cfg, shardings, source=config.model.source, init=init, mesh=mesh, rules=rules,
-        seed=config.seed,
-    )  # fmt: skip
-    logging.info("iteralign policy: %s", origin)
-    return dataclasses.replace(base_model, params=params)
-
-
-def round_sft(config, train_path: str, init: str, workdir: str) -> None:
-    """`sft.run` on this round's data, from `init` (the previous round's weights or '')."""
+def round_sft(config, train_path: str, init: str, workdir: str, *, run_stage) -> None:
+    """The SFT loop (through `run_stage`, see `train.run_stage`) on this round's data, from
+    `init` (the previous round's weights or '')."""
     c = config.copy_and_resolve_references()
     c.loop = "sft"
     c.data.train_path = train_path
@@ -591,7 +576,7 @@ def round_sft(config, train_path: str, init: str, workdir: str) -> None:
     c.data.eval_size = 0
     c.data.max_examples = 0
     c.checkpoint.init = init
-    sft.run(c, workdir)
+    run_stage(c, workdir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,7 +612,7 @@ def check_config(config) -> None:
 
 def _in_batches(config, items, fn, path, base_key, label):
     """Runs `fn(batch, rng)` over the items whose ids are not yet in `path`; returns all rows."""
-    done = prime_data.read_done(path)
+    done = data.read_done(path)
     done_ids = {r["id"] for r in done}
     todo = [(i, x) for i, x in enumerate(items) if x_id(x) not in done_ids]
     bs, t0 = config.iteralign.batch_size, time.time()
@@ -645,7 +630,7 @@ def x_id(x) -> str:
     return x["id"] if isinstance(x, dict) else x.id
 
 
-def run(config, workdir: str) -> None:
+def run(config, workdir: str, *, run_stage) -> None:
     check_config(config)
     ia = config.iteralign
     pool = read_pool(config)
@@ -685,7 +670,7 @@ def run(config, workdir: str) -> None:
             files.makedirs(rdir)
             times = {}
             rkey = jax.random.fold_in(seed_key, r)
-            policy = load_policy(config, base, init)
+            policy = load.with_init(base, init, source=config.model.source, seed=config.seed)
             print(f"iteralign round {r}/{ia.max_rounds}: policy {init or config.model.source}")
 
             # 1-2. Red team and detection.
@@ -811,7 +796,7 @@ def run(config, workdir: str) -> None:
                     sft_dir = os.path.join(rdir, "sft")
                     if not files.exists(done_path):
                         policy = None  # free the old weights before training
-                        round_sft(config, sft_path, init, sft_dir)
+                        round_sft(config, sft_path, init, sft_dir, run_stage=run_stage)
                         write_json(done_path, {"policy_after": sft_dir})
                     policy_after = files.read_json(done_path)["policy_after"]
                     sft_rows = metrics.read_metrics(sft_dir)

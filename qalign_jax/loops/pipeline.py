@@ -27,10 +27,9 @@ import time
 
 import jax
 
-from qalign_jax import checkpoint, files, metrics, rollouts, sharding
 from qalign_jax import config as config_lib
+from qalign_jax import data, files, metrics, rollouts, sharding
 from qalign_jax import judge as judge_lib
-from qalign_jax.loops import grpo, prime_data, sft
 from qalign_jax.models import llama, load
 
 STAGES = ("prime", "sft", "grpo")
@@ -105,14 +104,14 @@ def evaluate(config, eval_sources, final: str, workdir: str) -> dict:
     rules = tuple(c.sharding.rules)
     base = load.from_config(c, mesh)
     judge = judge_lib.from_config(c, base)
-    records = prime_data.select_prompts(eval_sources, c.seed)
-    prompt_ids = grpo.chat_ids(base.tokenizer, records, c.grpo.max_prompt_tokens, "drop")
+    records = data.select_prompts(eval_sources, c.seed)
+    prompt_ids = data.chat_ids(base.tokenizer, records, c.grpo.max_prompt_tokens, "drop")
     records = [r for r in records if r.id in prompt_ids]
     if not records:
         raise ValueError("config.pipeline.eval_sources gave no prompts that fit; check it.")
     opts = rollouts.from_grpo_config(c.grpo)
     shardings = sharding.param_shardings(llama.abstract_model(base.cfg)[1], mesh, rules)
-    final_params, origin = checkpoint.initial_params(
+    final_params, origin = load.initial_params(
         base.cfg, shardings, source=c.model.source, init=final,
         mesh=mesh, rules=rules, seed=c.seed,
     )  # fmt: skip
@@ -149,10 +148,10 @@ def _table(eval_results: dict) -> str:
     return "\n".join(lines)
 
 
-def run(config, workdir: str) -> None:
+def run(config, workdir: str, *, run_stage) -> None:
+    """The pipeline; `run_stage(config, workdir)` runs one stage's loop (`train.run_stage`)."""
     t_start = time.perf_counter()
     stages = stage_configs(config, workdir)
-    loops = {"prime": prime_data.run, "sft": sft.run, "grpo": grpo.run}
     summary = {"stages": {}}
     for i, stage in enumerate(STAGES):
         stage_dir, stage_cfg = stages[stage]
@@ -169,7 +168,7 @@ def run(config, workdir: str) -> None:
                 files.write_text(
                     os.path.join(stage_dir, "config.json"), stage_cfg.to_json_best_effort(indent=1)
                 )
-            loops[stage](stage_cfg, stage_dir)
+            run_stage(stage_cfg, stage_dir)
             if jax.process_index() == 0:
                 files.write_json(done, {"seconds": time.perf_counter() - t0})
             sharding.sync_processes(f"pipeline {stage} done")  # its outputs are all written

@@ -38,60 +38,6 @@ KEEP_RULES = ("improved", "not_worse", "all")
 ROWS, SFT, SUMMARY = "prime_data.jsonl", "prime_sft.jsonl", "summary.json"
 
 
-def select_prompts(sources, seed: int) -> list[data.PromptRecord]:
-    """The prompt mix: `count` prompts (or all, -1) of each (path, count) source."""
-    if not sources:
-        raise ValueError(
-            "config.prime.sources is empty; give ((prompt-set JSONL, count), ...), e.g. "
-            "(('configs/data/prime_prompts.jsonl', -1),)."
-        )
-    chosen, seen = [], {}
-    for entry in sources:
-        if len(entry) != 2 or not isinstance(entry[1], int):
-            raise ValueError(f"config.prime.sources entry {entry!r}; use (path, count).")
-        path, count = entry
-        records = data.read_prompt_set(path)
-        if count != -1 and not 0 < count <= len(records):
-            raise ValueError(f"{path} has {len(records)} prompts; cannot take {count}.")
-        part = records if count == -1 else data.split_by_hash(records, {"p": count}, seed)["p"]
-        for r in part:
-            if r.id in seen:
-                raise ValueError(f"prompt id {r.id!r} is in both {seen[r.id]} and {path}.")
-            seen[r.id] = path
-        chosen += part
-    return chosen
-
-
-def read_done(path: str) -> list[dict]:
-    """Rows already written; a torn last line (killed mid-write) is dropped from the file."""
-    if not files.exists(path):
-        return []
-    lines = files.read_text(path).split("\n")
-    rows = []
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n < len(lines) - 2:  # only the last line may be torn
-                raise ValueError(
-                    f"{path}:{n + 1} is not JSON; delete the file to start over."
-                ) from e
-            logging.warning("%s: dropping a torn last line", path)
-            if jax.process_index() == 0:
-                files.write_jsonl(path, rows)
-    return rows
-
-
-def keep_example(rule: str, r1: float, r2: float) -> bool:
-    if rule == "improved":
-        return r2 > r1
-    if rule == "not_worse":
-        return r2 >= r1
-    return True
-
-
 def process_batch(config, policy, reviser, judge, records, rng) -> list[dict]:
     """Draft, judge, findings, reflection + revision, judge again: one row per record.
 
@@ -129,7 +75,7 @@ def process_batch(config, policy, reviser, judge, records, rng) -> list[dict]:
                 two_pass_reward=rewards.two_pass_reward(
                     r1, r2, judge.reward_cfg.improvement_weight, judge.reward_cfg.regression_weight
                 ),
-                kept=keep_example(config.prime.keep, r1, r2),
+                kept=rewards.keep_revision(config.prime.keep, r1, r2),
                 segments=reflection.segments(drafts[i], ro.findings[i], think, revision),
             )
         else:
@@ -177,9 +123,9 @@ def summarize(rows: list[dict]) -> dict:
 def run(config, workdir: str) -> None:
     if config.prime.keep not in KEEP_RULES:
         raise ValueError(f"config.prime.keep={config.prime.keep!r}; use one of {KEEP_RULES}.")
-    records = select_prompts(config.prime.sources, config.seed)
+    records = data.select_prompts(config.prime.sources, config.seed)
     rows_path = os.path.join(workdir, ROWS)
-    done = read_done(rows_path)
+    done = data.read_done(rows_path)
     done_ids = {r["id"] for r in done}
     todo = [(i, r) for i, r in enumerate(records) if r.id not in done_ids]
     logging.info("prime_data: %d prompts, %d done, %d to go", len(records), len(done), len(todo))

@@ -24,19 +24,17 @@ Decisions:
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from qalign_jax import checkpoint, data, losses, metrics, sharding
+from qalign_jax import checkpoint, data, losses, metrics, sharding, train_state
 from qalign_jax.checkpoint import TrainState
-from qalign_jax.models import hf, llama
+from qalign_jax.models import llama, load
 
 BATCH_KEYS = ("tokens", "positions", "targets", "loss_mask")
 
@@ -45,119 +43,18 @@ BATCH_KEYS = ("tokens", "positions", "targets", "loss_mask")
 # Optimizer, shardings, the step.
 
 
-def make_optimizer(opt_cfg, total_steps: int):
-    """AdamW with linear warmup and cosine decay, after global-norm clipping.
-
-    Weight decay skips the norm weights (`*layernorm*`, `norm`), as Hugging Face does.
-    Returns (optax transformation, schedule: step -> lr).
-    """
-    warmup_steps = int(round(opt_cfg.warmup_ratio * total_steps))
-    if warmup_steps:
-        schedule = optax.warmup_cosine_decay_schedule(
-            init_value=0.0,
-            peak_value=opt_cfg.lr,
-            warmup_steps=warmup_steps,
-            decay_steps=max(total_steps, warmup_steps + 1),
-            end_value=opt_cfg.lr * opt_cfg.min_lr_ratio,
-        )
-    else:  # the same curve; optax's warmup variant logs a warning for a 0-step warmup
-        schedule = optax.cosine_decay_schedule(
-            opt_cfg.lr, decay_steps=max(total_steps, 1), alpha=opt_cfg.min_lr_ratio
-        )
-
-    def decay_mask(params):
-        def not_norm(path, _):
-            return not any("norm" in str(getattr(k, "key", "")) for k in path)
-
-        return jax.tree_util.tree_map_with_path(not_norm, params)
-
-    adamw = optax.adamw(
-        schedule,
-        b1=opt_cfg.b1,
-        b2=opt_cfg.b2,
-        eps=opt_cfg.eps,
-        weight_decay=opt_cfg.weight_decay,
-        mask=decay_mask,
-    )
-    if opt_cfg.max_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(opt_cfg.max_grad_norm), adamw), schedule
-    return adamw, schedule
-
-
-def state_shardings(abstract_params, tx, mesh, rules) -> tuple[TrainState, TrainState]:
-    """(abstract train state with shardings, the shardings) from the parameters' shapes.
-
-    Adam's moments take their parameter's sharding (`optax.tree_map_params`); counters are
-    replicated.
-    """
-    param_sh = sharding.param_shardings(abstract_params, mesh, rules)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    repl = sharding.replicated(mesh)
-    opt_sh = optax.tree_map_params(
-        tx,
-        lambda _, sh: sh,
-        abstract_opt,
-        param_sh,
-        transform_non_params=lambda _: repl,
-        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
-    )
-    shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh)
-    shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt)
-    return checkpoint.with_shardings(shapes, shardings), shardings
-
-
 def batch_shardings(mesh) -> dict[str, NamedSharding]:
     """[A, B / A, T] batch arrays: micro-batch rows over (data, fsdp)."""
-    spec = PartitionSpec(None, ("data", "fsdp"), None)
-    return {k: NamedSharding(mesh, spec) for k in BATCH_KEYS}
+    return train_state.micro_shardings(mesh, dict.fromkeys(BATCH_KEYS, 3))
 
 
 def local_rows(global_batch_size: int, grad_accum_steps: int, mesh) -> slice:
     """The rows of each micro-batch that this process's devices hold (all, on one process)."""
-    shape = (grad_accum_steps, global_batch_size // grad_accum_steps, 1)
-    return sharding.process_rows(batch_shardings(mesh)["tokens"], shape, axis=1)
+    return train_state.local_rows(batch_shardings(mesh)["tokens"], global_batch_size,
+                                  grad_accum_steps)  # fmt: skip
 
 
-def put_batch(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict:
-    """Host arrays (the same global batch on every process) to global device arrays; each
-    process passes only the rows its devices hold (`sharding.put_global`)."""
-    return {k: sharding.put_global(v, shardings[k]) for k, v in batch.items()}
-
-
-def put_local_batch(batch: dict, shardings: dict[str, NamedSharding], micro_rows: int) -> dict:
-    """This process's rows of a batch ([A, local rows, T], see `local_rows`) as global arrays
-    of [A, micro_rows, T]: each process built only its own rows."""
-    return {
-        k: jax.make_array_from_process_local_data(
-            shardings[k], v, (v.shape[0], micro_rows, *v.shape[2:])
-        )
-        for k, v in batch.items()
-    }
-
-
-def init_state(params, tx) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-
-
-def accumulate_grads(loss_fn, params, batch, param_sh):
-    """float32 gradient sum and summed aux of `loss_fn(params, micro) -> (loss, sums)` over the
-    micro-batches of `batch` (its leading axis), as one `lax.scan`."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def accumulate(grads, micro):
-        (_, sums), g = grad_fn(params, micro)
-        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-        # Pin the carry to the parameters' sharding: an unsharded fp32 gradient of an 8B
-        # model would not fit on one device.
-        return jax.lax.with_sharding_constraint(grads, param_sh), sums
-
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    zeros = jax.lax.with_sharding_constraint(zeros, param_sh)
-    grads, sums = jax.lax.scan(accumulate, zeros, batch)
-    return grads, jax.tree.map(jnp.sum, sums)
-
-
-def train_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, mesh, rules):
+def train_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh):
     """One optimizer update from the micro-batches of `batch`.
 
     Args:
@@ -167,19 +64,14 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, me
     Returns:
       (new state, metrics: loss, accuracy, grad_norm (before clipping), lr, trained_tokens).
     """
-    with sharding.use_rules(mesh, rules):
-        num_tokens = jnp.sum(batch["loss_mask"])  # trained tokens of the whole step
+    num_tokens = jnp.sum(batch["loss_mask"])  # trained tokens of the whole step
 
-        def loss_fn(params, micro):
-            logits, _ = llama.forward(graphdef, params, micro["tokens"], micro["positions"])
-            return losses.sft_loss(
-                logits, micro["targets"], micro["loss_mask"], normalizer=num_tokens
-            )
+    def loss_fn(params, micro):
+        logits, _ = llama.forward(graphdef, params, micro["tokens"], micro["positions"])
+        return losses.sft_loss(logits, micro["targets"], micro["loss_mask"], normalizer=num_tokens)
 
-        grads, sums = accumulate_grads(loss_fn, state.params, batch, param_sh)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+    grads, sums = train_state.accumulate_grads(loss_fn, state.params, batch, param_sh)
+    new_state, grad_norm = train_state.apply_grads(state, grads, tx)
     denom = jnp.maximum(num_tokens, 1.0)
     step_metrics = {
         "loss": sums["nll_sum"] / denom,
@@ -189,33 +81,25 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, me
         "trained_tokens": num_tokens,
         "tokens": jnp.sum(batch["positions"] >= 0),  # every real token of the step
     }
-    return TrainState(state.step + 1, params, opt_state), step_metrics
+    return new_state, step_metrics
 
 
-def eval_step(params, batch, *, graphdef, mesh, rules):
+def eval_step(params, batch, *, graphdef):
     """Sums of the loss pieces over the micro-batches of `batch` (no gradient)."""
-    with sharding.use_rules(mesh, rules):
 
-        def one(_, micro):
-            logits, _ = llama.forward(graphdef, params, micro["tokens"], micro["positions"])
-            return None, losses.sft_loss(logits, micro["targets"], micro["loss_mask"])[1]
+    def one(_, micro):
+        logits, _ = llama.forward(graphdef, params, micro["tokens"], micro["positions"])
+        return None, losses.sft_loss(logits, micro["targets"], micro["loss_mask"])[1]
 
-        _, sums = jax.lax.scan(one, None, batch)
+    _, sums = jax.lax.scan(one, None, batch)
     return jax.tree.map(jnp.sum, sums)
 
 
 def jit_train_step(graphdef, tx, schedule, state_sh: TrainState, mesh, rules):
-    """`train_step` jitted once: state shardings in and out, the state donated."""
-    step = functools.partial(
-        train_step, graphdef=graphdef, tx=tx, schedule=schedule, param_sh=state_sh.params,
-        mesh=mesh, rules=tuple(rules),
-    )  # fmt: skip
-    return jax.jit(
-        step,
-        in_shardings=(state_sh, batch_shardings(mesh)),
-        out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    """`train_step` jitted once (`train_state.jit_step`)."""
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                             param_sh=state_sh.params)  # fmt: skip
+    return train_state.jit_step(step, state_sh, batch_shardings(mesh), mesh, rules, "sft_step")
 
 
 def evaluate(eval_fn, params, eval_batches, batch_sh, micro_rows: int) -> dict[str, float]:
@@ -223,7 +107,8 @@ def evaluate(eval_fn, params, eval_batches, batch_sh, micro_rows: int) -> dict[s
     of each, `put_local_batch`)."""
     totals = {"nll_sum": 0.0, "num_tokens": 0.0, "num_correct": 0.0}
     for batch in eval_batches:
-        sums = jax.device_get(eval_fn(params, put_local_batch(batch, batch_sh, micro_rows)))
+        local = train_state.put_local_batch(batch, batch_sh, micro_rows)
+        sums = jax.device_get(eval_fn(params, local))
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     denom = max(totals["num_tokens"], 1.0)
     return {
@@ -264,7 +149,7 @@ def run(config, workdir: str) -> None:
     # Mesh, then the model's shapes and tokenizer (no weights are read here).
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = tuple(config.sharding.rules)
-    cfg, tokenizer = checkpoint.describe_model(config.model)
+    cfg, tokenizer = load.describe_config(config.model)
     if tokenizer is None:
         raise ValueError(
             f"model {config.model.source!r} has no tokenizer; set config.model.tokenizer "
@@ -297,20 +182,18 @@ def run(config, workdir: str) -> None:
     fingerprint = train_examples.fingerprint()
 
     # Optimizer, then the state's shapes and shardings.
-    tx, schedule = make_optimizer(config.optimizer, total_steps)
+    tx, schedule = train_state.make_optimizer(config.optimizer, total_steps)
     graphdef, abstract_params = llama.abstract_model(cfg)
-    abstract_state, state_sh = state_shardings(abstract_params, tx, mesh, rules)
+    abstract_state, state_sh = train_state.state_shardings(abstract_params, tx, mesh, rules)
     batch_sh = batch_shardings(mesh)
 
     # Restore or init, in the order of checkpoint.py.
     manager = checkpoint.make_manager(
         workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
-    make_state = jax.jit(
-        functools.partial(init_state, tx=tx), out_shardings=state_sh, donate_argnums=(0,)
-    )
+    make_state = train_state.jit_init_state(tx, state_sh)
     load_params = functools.partial(
-        checkpoint.initial_params, cfg, state_sh.params, source=config.model.source,
+        load.initial_params, cfg, state_sh.params, source=config.model.source,
         init=config.checkpoint.init, mesh=mesh, rules=rules, seed=config.seed,
     )  # fmt: skip
     state, meta, origin = checkpoint.restore_or_init(
@@ -348,11 +231,11 @@ def run(config, workdir: str) -> None:
 
     # Jit once.
     step_fn = jit_train_step(graphdef, tx, schedule, state_sh, mesh, rules)
-    eval_fn = jax.jit(
-        functools.partial(eval_step, graphdef=graphdef, mesh=mesh, rules=rules),
-        in_shardings=(state_sh.params, batch_sh),
-        out_shardings=sharding.replicated(mesh),
-    )
+    eval_fn = sharding.jit(
+        functools.partial(eval_step, graphdef=graphdef), mesh=mesh, rules=rules,
+        in_shardings=(state_sh.params, batch_sh), out_shardings=sharding.replicated(mesh),
+        name="sft_eval",
+    )  # fmt: skip
 
     writer = metrics.MetricsWriter(
         workdir, resume_step=first_step, tensorboard=config.metrics.tensorboard
@@ -367,47 +250,35 @@ def run(config, workdir: str) -> None:
     if jax.process_index() == 0:
         print(f"sft: {origin}; steps {first_step} -> {total_steps}, data at {batches.position}")
 
-    try:
+    with train_state.closing(manager, writer):
         if eval_batches and first_step == 0:
             writer.write(0, evaluate(eval_fn, state.params, eval_batches, batch_sh, micro_rows))
         for step in range(first_step, total_steps):
             t0 = time.perf_counter()
-            state, m = step_fn(state, put_local_batch(batches.next(rows), batch_sh, micro_rows))
-            m = jax.device_get(m)  # the one sync per step: check before saving anything
+            batch = train_state.put_local_batch(batches.next(rows), batch_sh, micro_rows)
+            state, m = step_fn(state, batch)
+            m = jax.device_get(m)  # the one sync per step: checked before anything is saved
             done = step + 1  # updates done: the step number of this line and checkpoint
-            metrics.check_finite(
-                done, float(m["loss"]), float(m["grad_norm"]),
-                last_checkpoint=lambda: checkpoint.latest_step(manager),
-            )  # fmt: skip
             step_s = time.perf_counter() - t0
             row = {f"train/{k}": float(v) for k, v in m.items()}
             row.update({
                 "time/step_s": step_s, "train/tokens_per_s": float(m["tokens"]) / step_s,
                 "data/epoch": done / batches.steps_per_epoch,
             })  # fmt: skip
-            writer.write(done, row)
+            train_state.end_step(
+                done, m, row, total_steps=total_steps, log_every=config.metrics.log_every,
+                manager=manager, writer=writer, progress=progress,
+            )  # fmt: skip
             is_last = done == total_steps
-            if done % config.metrics.log_every == 0 or is_last:
-                progress.print(done, row)
-
             if eval_batches and (is_last or (eval_every and done % eval_every == 0)):
                 eval_row = evaluate(eval_fn, state.params, eval_batches, batch_sh, micro_rows)
                 writer.write(done, eval_row)
                 progress.print(done, eval_row)
-
-            if is_last or (save_every and done % save_every == 0):
-                writer.flush()  # the metric lines up to a checkpoint survive a kill
-                checkpoint.save(manager, state, {
-                    "step": done, "data": batches.position.to_json(),
-                    "rng": np.asarray(jax.random.key_data(rng)).tolist(),
-                    "data_fingerprint": fingerprint, "total_steps": total_steps,
-                })  # fmt: skip
-    finally:
-        manager.wait_until_finished()  # never exit with a save half written
-        manager.close()
-        writer.close()
+            train_state.save_if_due(done, total_steps, save_every, manager, writer, state, {
+                "data": batches.position.to_json(),
+                "rng": np.asarray(jax.random.key_data(rng)).tolist(),
+                "data_fingerprint": fingerprint,
+            })  # fmt: skip
 
     if sft_cfg.export_hf:
-        out = os.path.join(workdir, "hf")
-        hf.export_hf(out, cfg, state.params, tokenizer, dtype=sft_cfg.export_dtype or None)
-        print(f"exported Hugging Face weights to {out}")
+        train_state.export_hf(workdir, cfg, state.params, tokenizer, sft_cfg.export_dtype or None)

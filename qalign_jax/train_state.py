@@ -1,0 +1,229 @@
+"""The shared loop core: what SFT, GRPO and DPO do alike with their train state.
+
+Each loop (`loops/sft.py`, `loops/grpo.py`, `loops/dpo.py`) still reads top to bottom and
+owns its step's loss; these functions are the pieces they share, in the order a loop uses them:
+
+  make_optimizer, state_shardings   AdamW + schedule; the state's shapes and shardings
+  jit_init_state, jit_step          compiled once with `sharding.jit` (the state donated)
+  micro_shardings, split_micro,     a step's batch: [A micro-batches, rows / A, ...] arrays,
+  put_batch, put_local_batch          rows over (data, fsdp), placed from the host
+  accumulate_grads, apply_grads     inside the step: summed float32 gradients, one update
+  end_step, save, closing, export_hf  the tail: check, log, checkpoint when due, close, export
+
+No loop imports another loop; the train state itself (`TrainState`) and orbax live in
+`checkpoint.py`, the model's weights in `models/load.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qalign_jax import checkpoint, metrics, sharding
+from qalign_jax.checkpoint import TrainState
+from qalign_jax.models import hf
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and state.
+
+
+def make_optimizer(opt_cfg, total_steps: int):
+    """AdamW with linear warmup and cosine decay, after global-norm clipping.
+
+    Weight decay skips the norm weights (`*layernorm*`, `norm`), as Hugging Face does.
+    Returns (optax transformation, schedule: step -> lr).
+    """
+    warmup_steps = int(round(opt_cfg.warmup_ratio * total_steps))
+    if warmup_steps:
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=opt_cfg.lr,
+            warmup_steps=warmup_steps,
+            decay_steps=max(total_steps, warmup_steps + 1),
+            end_value=opt_cfg.lr * opt_cfg.min_lr_ratio,
+        )
+    else:  # the same curve; optax's warmup variant logs a warning for a 0-step warmup
+        schedule = optax.cosine_decay_schedule(
+            opt_cfg.lr, decay_steps=max(total_steps, 1), alpha=opt_cfg.min_lr_ratio
+        )
+
+    def decay_mask(params):
+        def not_norm(path, _):
+            return not any("norm" in str(getattr(k, "key", "")) for k in path)
+
+        return jax.tree_util.tree_map_with_path(not_norm, params)
+
+    adamw = optax.adamw(
+        schedule,
+        b1=opt_cfg.b1,
+        b2=opt_cfg.b2,
+        eps=opt_cfg.eps,
+        weight_decay=opt_cfg.weight_decay,
+        mask=decay_mask,
+    )
+    if opt_cfg.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(opt_cfg.max_grad_norm), adamw), schedule
+    return adamw, schedule
+
+
+def state_shardings(abstract_params, tx, mesh, rules) -> tuple[TrainState, TrainState]:
+    """(abstract train state with shardings, the shardings) from the parameters' shapes.
+
+    Adam's moments take their parameter's sharding (`optax.tree_map_params`); counters are
+    replicated.
+    """
+    param_sh = sharding.param_shardings(abstract_params, mesh, rules)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    repl = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, sh: sh,
+        abstract_opt,
+        param_sh,
+        transform_non_params=lambda _: repl,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
+    shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh)
+    shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt)
+    return checkpoint.with_shardings(shapes, shardings), shardings
+
+
+def init_state(params, tx) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def jit_init_state(tx, state_sh: TrainState):
+    """params -> a fresh `TrainState` on `state_sh` (the params are donated)."""
+    return jax.jit(functools.partial(init_state, tx=tx), out_shardings=state_sh,
+                   donate_argnums=(0,))  # fmt: skip
+
+
+def jit_step(step, state_sh: TrainState, batch_sh: dict, mesh, rules, name: str):
+    """`step(state, batch) -> (state, metrics)` compiled once: the state's shardings in and
+    out (donated: it is the largest buffer), the batch's in, metrics replicated."""
+    return sharding.jit(
+        step, mesh=mesh, rules=rules, in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,), name=name,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# A step's batch: [A, rows / A, ...] (A micro-batches; the step scans over them).
+
+
+def micro_shardings(mesh, ndims: dict[str, int]) -> dict[str, NamedSharding]:
+    """{key: sharding} for [A, rows / A, ...] arrays of `ndims[key]` dims: rows over
+    (data, fsdp), everything else whole."""
+    return {
+        k: NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), *(None,) * (n - 2)))
+        for k, n in ndims.items()
+    }
+
+
+def split_micro(batch: dict, accum: int) -> dict:
+    """[rows, ...] -> [accum, rows / accum, ...] (the jitted step scans over the first axis)."""
+    return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
+
+
+def put_batch(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict:
+    """Host arrays (the same global batch on every process) to global device arrays; each
+    process passes only the rows its devices hold (`sharding.put_global`)."""
+    return {k: sharding.put_global(v, shardings[k]) for k, v in batch.items()}
+
+
+def local_rows(batch_sh: NamedSharding, global_batch_size: int, grad_accum_steps: int) -> slice:
+    """The rows of each micro-batch that this process's devices hold (all, on one process)."""
+    shape = (grad_accum_steps, global_batch_size // grad_accum_steps, 1)
+    return sharding.process_rows(batch_sh, shape, axis=1)
+
+
+def put_local_batch(batch: dict, shardings: dict[str, NamedSharding], micro_rows: int) -> dict:
+    """This process's rows of a batch ([A, local rows, T], see `local_rows`) as global arrays
+    of [A, micro_rows, T]: each process built only its own rows."""
+    return {
+        k: jax.make_array_from_process_local_data(
+            shardings[k], v, (v.shape[0], micro_rows, *v.shape[2:])
+        )
+        for k, v in batch.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside the jitted step.
+
+
+def accumulate_grads(loss_fn, params, batch, param_sh):
+    """float32 gradient sum and summed aux of `loss_fn(params, micro) -> (loss, sums)` over the
+    micro-batches of `batch` (its leading axis), as one `lax.scan`."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(grads, micro):
+        (_, sums), g = grad_fn(params, micro)
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        # Pin the carry to the parameters' sharding: an unsharded fp32 gradient of an 8B
+        # model would not fit on one device.
+        return jax.lax.with_sharding_constraint(grads, param_sh), sums
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = jax.lax.with_sharding_constraint(zeros, param_sh)
+    grads, sums = jax.lax.scan(accumulate, zeros, batch)
+    return grads, jax.tree.map(jnp.sum, sums)
+
+
+def apply_grads(state: TrainState, grads, tx) -> tuple[TrainState, jax.Array]:
+    """One optimizer update: (the next state, the gradients' global norm before clipping)."""
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state), grad_norm
+
+
+# ---------------------------------------------------------------------------------------------
+# The end of a step, and of the run.
+
+
+def end_step(done: int, m: dict, row: dict, *, total_steps: int, log_every: int, manager,
+             writer: metrics.MetricsWriter, progress: metrics.Progress) -> None:  # fmt: skip
+    """After update `done`: stop loudly on a non-finite loss or gradient (before anything is
+    saved), then log `row` (to the metrics file; to the console every `log_every` steps)."""
+    metrics.check_finite(
+        done, float(m["loss"]), float(m["grad_norm"]),
+        last_checkpoint=lambda: checkpoint.latest_step(manager),
+    )  # fmt: skip
+    writer.write(done, row)
+    if done % log_every == 0 or done == total_steps:
+        progress.print(done, row)
+
+
+def save_if_due(done: int, total_steps: int, every_steps: int, manager, writer, state, meta):
+    """Checkpoints after the last step and every `every_steps` (0: only the last); the metric
+    lines up to a checkpoint are flushed first, so they survive a kill."""
+    if done == total_steps or (every_steps and done % every_steps == 0):
+        writer.flush()
+        checkpoint.save(manager, state, {"step": done, "total_steps": total_steps, **meta})
+
+
+@contextlib.contextmanager
+def closing(manager, writer: metrics.MetricsWriter):
+    """Whatever happens in the loop: wait for a save in flight (never exit with one half
+    written), then close the checkpoint manager and the metrics."""
+    try:
+        yield
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+
+
+def export_hf(workdir: str, cfg, params, tokenizer, dtype: str | None = None) -> None:
+    """The final weights as a Hugging Face directory, `workdir/hf`."""
+    out = os.path.join(workdir, "hf")
+    hf.export_hf(out, cfg, params, tokenizer, dtype=dtype)
+    print(f"exported Hugging Face weights to {out}")
