@@ -18,7 +18,7 @@ IterAlign (Chen et al., arXiv 2403.18341), one round after another (`config.iter
                 new trigger prompts. The library (`constitutions.json`) keeps every entry with
                 its provenance: round, triggering prompt ids, merged proposals, gate questions;
   4. compile    (adaptive rubric) each new constitution becomes a dimension of gate questions
-                drafted by the proposer with `rubric_draft`'s gate stage (strict parsing,
+                drafted by the proposer with `structured`'s gate stage (strict parsing,
                 retries; a constitution it cannot phrase is skipped and logged), added under
                 the safety principle of `base_rubric`; the result is validated by `rubric.py`
                 and written as `rubrics/rubric_v{round}.json`, usable as `judge.rubric` by the
@@ -62,7 +62,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from qalign_jax import checkpoint, files, metrics, rubric_draft, sampler, sharding
+from qalign_jax import checkpoint, files, metrics, rubric_draft, sampler, sharding, structured
 from qalign_jax import judge as judge_lib
 from qalign_jax import rubric as rubric_lib
 from qalign_jax.loops import prime_data, sft
@@ -222,7 +222,7 @@ def propose_conversation(failures: list[tuple[str, str]], count: int) -> list[di
 
 
 _EXAMPLE_KEYS = {
-    rubric_draft._norm(line.split(". ", 1)[1].split(":")[0])
+    structured.norm(line.split(". ", 1)[1].split(":")[0])
     for _, answer in PROPOSE_EXAMPLES
     for line in answer.splitlines()
 }
@@ -235,7 +235,7 @@ def parse_constitutions(text: str, count: int) -> tuple[list[tuple[str, str]], l
     The output must start with item 1; consecutive numbered items are read up to `count` (the
     rest is ignored: a generation cut off after them is fine). An item that is not
     `Name: principle` (1-6 word name, 3+ word text) or copies the prompt's example is dropped
-    with its reason. Raises `rubric_draft._Malformed` when no item is usable (then the
+    with its reason. Raises `structured.Malformed` when no item is usable (then the
     caller retries).
     """
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
@@ -244,32 +244,32 @@ def parse_constitutions(text: str, count: int) -> tuple[list[tuple[str, str]], l
         m = _ITEM.fullmatch(line)
         if not m or int(m.group(1)) != len(items) + len(dropped) + 1:
             if not items and not dropped:
-                raise rubric_draft._Malformed(f"line {line!r} before item 1 is not '1. Name: ...'")
+                raise structured.Malformed(f"line {line!r} before item 1 is not '1. Name: ...'")
             break
         try:
-            name, principle = rubric_draft._parse_dimension(" ".join(m.group(2).split()))
-            if rubric_draft._norm(name) in _EXAMPLE_KEYS:
-                raise rubric_draft._Malformed(f"item {name!r} copies the prompt's example")
+            name, principle = structured.parse_dimension(" ".join(m.group(2).split()))
+            if structured.norm(name) in _EXAMPLE_KEYS:
+                raise structured.Malformed(f"item {name!r} copies the prompt's example")
             items.append((name, principle))
-        except rubric_draft._Malformed as e:
+        except structured.Malformed as e:
             dropped.append(str(e))
         if len(items) + len(dropped) == count:
             break
     if not items:
         reasons = "; ".join(dropped) or "no numbered item"
-        raise rubric_draft._Malformed(f"no usable principle ({reasons})")
+        raise structured.Malformed(f"no usable principle ({reasons})")
     return items, dropped
 
 
 def _words(text: str) -> set[str]:
-    return set(rubric_draft._norm(text).split())
+    return set(structured.norm(text).split())
 
 
 def find_duplicate(library: list[dict], name: str, text: str, jaccard: float) -> dict | None:
     """The entry a proposal duplicates: same normalized name or text, or word overlap."""
     words = _words(text)
     for entry in library:
-        if rubric_draft._norm(entry["name"]) == rubric_draft._norm(name):
+        if structured.norm(entry["name"]) == structured.norm(name):
             return entry
         other = _words(entry["text"])
         if words and other and len(words & other) / len(words | other) >= jaccard:
@@ -318,7 +318,7 @@ def propose(config, generate_fn, failures: list[dict], library: list[dict], roun
                 items, dropped = parse_constitutions(out, ia.constitutions_per_call)
                 parsed[i] = items
                 log["dropped"] += [{"batch": i, "reason": d} for d in dropped]
-            except rubric_draft._Malformed as e:
+            except structured.Malformed as e:
                 failed.append(i)
                 last[i] = (str(e), out)
         pending = failed
@@ -379,19 +379,19 @@ def read_rubric_dict(name_or_path: str) -> dict:
 def draft_gates(config, generate_fn, library: list[dict], base: dict) -> dict:
     """Fills `gates` of entries that have none yet (in place); returns the stage's log."""
     todo = [e for e in library if e["gates"] is None]
-    log = rubric_draft.StageLog()
+    log = structured.StageLog()
     if not todo:
         return {"items": 0, "calls": 0, "retries": 0, "skipped": []}
     base_rubric = rubric_lib.rubric_from_dict(base, source="base rubric")
-    seen = {rubric_draft._norm(q.text): q.id for q in base_rubric.questions}
+    seen = {structured.norm(q.text): q.id for q in base_rubric.questions}
     for e in library:
         for text in e["gates"] or []:
-            seen[rubric_draft._norm(text)] = e["id"]
+            seen[structured.norm(text)] = e["id"]
     count = config.iteralign.gates_per_constitution
-    results = rubric_draft.run_stage(
+    results = structured.run_stage(
         "gates",
         [f"constitution {e['id']!r}" for e in todo],
-        [rubric_draft.build_conversation("gates", e["name"], e["text"], count) for e in todo],
+        [structured.build_conversation("gates", e["name"], e["text"], count) for e in todo],
         [count] * len(todo),
         generate_fn,
         max_retries=config.iteralign.max_retries,
@@ -562,7 +562,7 @@ def make_proposer(config, base_model, mesh):
             param_dtype=config.model.param_dtype, dtype=config.model.dtype, seed=config.seed,
             tokenizer_source=ia.proposer_tokenizer or None,
         )  # fmt: skip
-    return rubric_draft.ModelGenerator(
+    return structured.ModelGenerator(
         model, max_new_tokens=ia.proposer_max_tokens, temperature=ia.proposer_temperature,
         retry_temperature=ia.proposer_retry_temperature, seed=config.seed,
     )  # fmt: skip
