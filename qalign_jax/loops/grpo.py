@@ -54,6 +54,7 @@ from qalign_jax import (
     rewards,
     sampler,
     sharding,
+    stages,
 )
 from qalign_jax import judge as judge_lib
 from qalign_jax.checkpoint import TrainState
@@ -80,7 +81,7 @@ def read_prompts(config) -> list[data.PromptRecord]:
                 f"grpo.priming_data={g.priming_data} does not exist; run the priming stage "
                 "first, or set grpo.priming_data='' to skip the disjointness check."
             )
-        primed = {r["id"] for r in prime_data.read_done(g.priming_data)}
+        primed = {r["id"] for r in stages.read_rows(g.priming_data)}
         overlap = [r.id for r in records if r.id in primed]
         if overlap and g.on_overlap == "error":
             raise ValueError(
