@@ -73,7 +73,7 @@ def read_rows(path: str, *, torn_last_line: bool = True) -> list[dict]:
         except json.JSONDecodeError as e:
             if not (torn_last_line and n == last):
                 raise ValueError(
-                    f"{path}:{n + 1} is not JSON ({e}); delete the file to start over."
+                    f"{path}:{n + 1} is not JSON; delete the file to start over."
                 ) from e
             logging.warning("%s: dropping a torn last line", path)
             if jax.process_index() == 0:
