@@ -205,7 +205,9 @@ def answer(ctx: Context, records, rng) -> Answers:
         if e.two_pass:
             rubric = ctx.judge("rubric").rubric
             block = reflection.findings_block_max_tokens(rubric, tok.encode, e.max_findings)
-            bucket = functools.partial(sampler.bucket, buckets=sampler.SamplerConfig.prompt_buckets)
+            bucket = functools.partial(
+                sampler.bucket, buckets=sampler.SamplerConfig.prompt_buckets
+            )
             cache_len = bucket(max(map(len, batch_ids))) + e.max_new_tokens + bucket(block)
             cache_len += e.revision_max_tokens
         t0 = time.perf_counter()
