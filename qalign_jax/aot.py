@@ -103,7 +103,8 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     g, rules = config.grpo, tuple(config.sharding.rules)
     rows = g.prompts_per_step * g.num_generations
     sharding.check_batch_divisible(rows // g.grad_accum_steps, mesh)
-    seq_len, cache_len, block = plan.grpo_lengths(config)
+    lengths = plan.grpo_lengths(config)
+    seq_len, cache_len = lengths.seq_len, lengths.cache_len
     graphdef, tx, schedule, abstract_state, state_sh = _state(config, cfg, mesh, g.num_steps)
     out = {}
 
@@ -119,7 +120,7 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     _timed(out, "grpo_step", step.lower(abstract_state, batch), compile_)
     row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
     ref_fn = jax.jit(
-        functools.partial(grpo.ref_logprobs, graphdef=graphdef, mesh=mesh, rules=rules),
+        functools.partial(grpo.token_logprobs, graphdef=graphdef, mesh=mesh, rules=rules),
         in_shardings=(state_sh.params, row_sh, row_sh, row_sh),
         out_shardings=row_sh,
     )
@@ -133,7 +134,7 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
         batch_buckets=(rows,),  # as grpo's sampler: every rollout batch has B x G rows
     )  # fmt: skip
     batch_rows = sampler.bucket(rows, scfg.batch_buckets, sampler.batch_multiple(mesh))
-    width = sampler.bucket(g.max_prompt_tokens, scfg.prompt_buckets)
+    width = lengths.prompt_width
     rsh = lambda nd: sharding.batch_sharding(mesh, nd)  # noqa: E731
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = _sds(key.shape, key.dtype, sharding.replicated(mesh))
@@ -149,7 +150,8 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
 
     def run(name, fn, leading, static, args, state_arg=None):
         t0 = time.perf_counter()
-        c = sampler.compile_fn(name, fn, leading, static, args, state_arg=state_arg, **kw)
+        c = sampler.jitted(name, fn, leading, static, args, state_arg=state_arg, **kw)
+        c = c.lower(*args).compile()
         out[f"sampler_{name}"] = c
         print(f"aot: sampler_{name}: compiled in {time.perf_counter() - t0:.1f}s", flush=True)
         return abstract_out(c)
@@ -158,7 +160,7 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     weights = run("prepare", sampler.prepare_weights, (graphdef,), {}, (params,))
     state = run("decode", sampler.decode, (cfg,), {"cfg": scfg}, (weights, state), state_arg=1)
     if g.two_pass and _wanted(compile_, "sampler_extend"):
-        w2 = sampler.bucket(block, scfg.prompt_buckets)
+        w2 = lengths.findings_width
         ext = (params, state, _sds((batch_rows, w2), jnp.int32, rsh(2)),
                _sds((batch_rows, w2), jnp.int32, rsh(2)), _sds((batch_rows,), jnp.int32, rsh(1)),
                _sds((batch_rows,), bool, rsh(1)), key)  # fmt: skip
@@ -175,24 +177,24 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     bp, p_len = config.judge.batch_size, config.judge.max_context_tokens
     qc, s_len = config.judge.question_chunk, 48
     repl = sharding.replicated(mesh)
-    with sharding.use_rules(mesh, rules):
-        t0 = time.perf_counter()
-        ids = _sds((bp, p_len), jnp.int32, repl)
-        header = _sds((2, bp, 8), jnp.int32, repl)
-        out["judge_prefill"] = judge._prefill.lower(jgraphdef, jparams, ids, ids, header, header)
-        prefix = jax.tree.map(lambda x: _sds(x.shape, x.dtype, repl), out["judge_prefill"].out_info)
-        if _wanted(compile_, "judge_prefill"):  # then the scoring takes the cache as placed
-            out["judge_prefill"] = out["judge_prefill"].compile()
-            prefix = abstract_out(out["judge_prefill"])
-        prefix = prefix[0]  # a chunk reads one option set's prefix
-        options = 6
-        out["judge_score"] = judge._score_chunk.lower(
-            jgraphdef, jparams, prefix, _sds((bp * qc, s_len), jnp.int32, repl),
-            _sds((bp * qc, s_len), jnp.int32, repl), _sds((bp * qc,), jnp.int32, repl),
-            _sds((qc, options), jnp.int32, repl), _sds((qc, options), bool, repl),
-        )  # fmt: skip
-        if _wanted(compile_, "judge_score"):
-            out["judge_score"] = out["judge_score"].compile()
+    programs = judge.jit_programs(jgraphdef, mesh, rules)
+    t0 = time.perf_counter()
+    ids = _sds((bp, p_len), jnp.int32, repl)
+    header = _sds((2, bp, 8), jnp.int32, repl)
+    out["judge_prefill"] = programs["prefill_fn"].lower(jparams, ids, ids, header, header)
+    prefix = jax.tree.map(lambda x: _sds(x.shape, x.dtype, repl), out["judge_prefill"].out_info)
+    if _wanted(compile_, "judge_prefill"):  # then the scoring takes the cache as placed
+        out["judge_prefill"] = out["judge_prefill"].compile()
+        prefix = abstract_out(out["judge_prefill"])
+    prefix = prefix[0]  # a chunk reads one option set's prefix
+    options = 6
+    out["judge_score"] = programs["score_fn"].lower(
+        jparams, prefix, _sds((bp * qc, s_len), jnp.int32, repl),
+        _sds((bp * qc, s_len), jnp.int32, repl), _sds((bp * qc,), jnp.int32, repl),
+        _sds((qc, options), jnp.int32, repl), _sds((qc, options), bool, repl),
+    )  # fmt: skip
+    if _wanted(compile_, "judge_score"):
+        out["judge_score"] = out["judge_score"].compile()
     print(f"aot: judge prefill + score: {time.perf_counter() - t0:.1f}s", flush=True)
     return out
 

@@ -110,8 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward.gate_readout = "argmax"  # 'argmax' | 'expected'
     c.reward.grade_readout = "expected"  # 'expected' | 'argmax'
     c.reward.scale = "paper"  # 'paper' (A=1 .. F=-1, floor -1) | 'unit' ([0, 1])
-    c.reward.alpha = 10.0  # two-pass improvement weight
-    c.reward.beta = 1.0  # two-pass regression weight
+    c.reward.improvement_weight = 10.0  # two-pass: weight of R2 - R1 > 0 (the paper's alpha)
+    c.reward.regression_weight = 1.0  # two-pass: weight of R1 - R2 >= 0 (the paper's beta)
 
     # Reflection priming data (`loops/prime_data.py`): draft -> findings -> <Think> -> revision.
     c.prime = ml_collections.ConfigDict()

@@ -49,7 +49,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qalign_jax import checkpoint, files, losses, reflection, rewards, sampler, sharding
+from qalign_jax import checkpoint, files, losses, rewards, rollouts, sharding
 from qalign_jax import eval_suites as es
 from qalign_jax import judge as judge_lib
 from qalign_jax import rubric as rubric_lib
@@ -192,60 +192,30 @@ def prompt_ids(tok, records, max_tokens: int) -> list[list[int]]:
 
 
 def answer(ctx: Context, records, rng) -> Answers:
-    """The model's answers to `records`, `eval.batch_size` prompts per sampler call."""
+    """The model's answers to `records` (`rollouts.rollout`), `eval.batch_size` prompts a call.
+
+    Two-pass: the rubric judge scores the drafts for their findings; the revisions are judged
+    by the suites, not here."""
     e, model = ctx.config.eval, ctx.model
-    tok = model.tokenizer
-    ids = prompt_ids(tok, records, e.max_prompt_tokens)
-    scfg = dict(temperature=e.temperature, top_p=e.top_p, stop_ids=tuple(tok.stop_ids))
+    ids = prompt_ids(model.tokenizer, records, e.max_prompt_tokens)
+    opts = rollouts.RolloutConfig(
+        two_pass=bool(e.two_pass), draft_max_tokens=e.max_new_tokens,
+        revision_max_tokens=e.revision_max_tokens, temperature=e.temperature, top_p=e.top_p,
+        max_findings=e.max_findings, judge_revisions=False,
+    )  # fmt: skip
+    judge = ctx.judge("rubric") if e.two_pass else None
     final, drafts, malformed, new_tokens, seconds = [], [], [], 0, 0.0
     for start in range(0, len(records), e.batch_size):
-        batch_ids = ids[start : start + e.batch_size]
         key = jax.random.fold_in(rng, start)
-        cache_len = 0
-        if e.two_pass:
-            rubric = ctx.judge("rubric").rubric
-            block = reflection.findings_block_max_tokens(rubric, tok.encode, e.max_findings)
-            bucket = functools.partial(
-                sampler.bucket, buckets=sampler.SamplerConfig.prompt_buckets
-            )
-            cache_len = bucket(max(map(len, batch_ids))) + e.max_new_tokens + bucket(block)
-            cache_len += e.revision_max_tokens
-        t0 = time.perf_counter()
-        first = sampler.generate(
-            model, batch_ids,
-            sampler.SamplerConfig(max_new_tokens=e.max_new_tokens, max_cache_len=cache_len, **scfg),
-            key,
+        ro = rollouts.rollout(
+            model, judge, records[start : start + e.batch_size], ids[start : start + e.batch_size],
+            opts, key, jax.random.fold_in(key, 1),
         )  # fmt: skip
-        seconds += time.perf_counter() - t0
-        new_tokens += int(first.lengths.sum())
-        texts = [tok.decode(t).strip() for t in first.tokens]
-        if not e.two_pass:
-            final += texts
-            malformed += [False] * len(texts)
-            continue
-        # Two-pass: judge the drafts on the rubric, insert the findings, continue (as GRPO).
-        rj = ctx.judge("rubric")
-        batch = records[start : start + e.batch_size]
-        verdicts = judge_lib.score_pairs(rj, [(r.prompt, t) for r, t in zip(batch, texts)])
-        keep = [n - (why == "eos") for n, why in zip(first.lengths, first.finish_reasons)]
-        suffixes = [
-            tok.encode(reflection.findings_block(rj.rubric, v, max_findings=e.max_findings))
-            for v in verdicts
-        ]
-        t0 = time.perf_counter()
-        second = sampler.continue_generation(
-            model, first, suffixes,
-            sampler.SamplerConfig(max_new_tokens=e.revision_max_tokens, **scfg),
-            jax.random.fold_in(key, 1), keep=np.asarray(keep),
-        )  # fmt: skip
-        seconds += time.perf_counter() - t0
-        new_tokens += int(second.lengths.sum())
-        drafts_b = [tok.decode(t[:k]).strip() for t, k in zip(first.tokens, keep)]
-        for d, cont in zip(drafts_b, second.tokens):
-            _, revision, error = reflection.parse_continuation(tok.decode(cont))
-            final.append(d if error else revision)
-            malformed.append(error is not None)
-        drafts += drafts_b
+        seconds += ro.timings["sampling"]
+        new_tokens += ro.new_tokens
+        final += rollouts.final_answers(ro)
+        malformed += [err is not None for err in ro.errors]
+        drafts += ro.drafts
     return Answers(final, drafts if e.two_pass else None, malformed, new_tokens, seconds)
 
 

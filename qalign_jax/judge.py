@@ -117,7 +117,9 @@ class Judge:
     suffix_ids: list[list[int]]  # per question: question text + assistant header
     option_ids: np.ndarray  # [Q, max options] int32, padded with 0 (masked by option_valid)
     option_valid: np.ndarray  # [Q, max options] bool
-    stats: dict = dataclasses.field(default_factory=lambda: {"compiles": 0})
+    prefill_fn: object  # `_prefill` jitted for this judge model (`sharding.jit`)
+    score_fn: object  # `_score_chunk` jitted for this judge model
+    stats: dict = dataclasses.field(default_factory=dict)
 
 
 def from_config(config, policy: LoadedModel) -> Judge:
@@ -203,7 +205,18 @@ def build_judge(
         option_set=np.array([sets.index(q.options) for q in questions], np.int32),
         suffix_ids=[tok.encode(q.text + tail) for q in questions],
         option_ids=option_ids, option_valid=option_valid,
+        **jit_programs(model.graphdef, model.mesh, model.rules),
     )  # fmt: skip
+
+
+def jit_programs(graphdef, mesh, rules) -> dict:
+    """The judge's two programs for one judge model, jitted on its mesh and rules."""
+    return {
+        "prefill_fn": sharding.jit(functools.partial(_prefill, graphdef), mesh=mesh, rules=rules,
+                                   name="judge_prefill"),
+        "score_fn": sharding.jit(functools.partial(_score_chunk, graphdef), mesh=mesh,
+                                 rules=rules, name="judge_score"),
+    }  # fmt: skip
 
 
 def _context_ids(judge: Judge, prompt: str, response: str) -> tuple[list[int], bool]:
@@ -239,7 +252,6 @@ def _bucket(n: int, minimum: int = 16) -> int:
     return 3 * p // 4 if n <= 3 * p // 4 and p >= 4 else p
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
 def _prefill(graphdef, params, tokens, positions, header_tokens, header_positions):
     """Each pair's context once ([Bp, P]), then each option set's header after it (header
     arrays [G, Bp, H]) -> one prefix cache of Bp rows per option set."""
@@ -254,7 +266,6 @@ def _prefill(graphdef, params, tokens, positions, header_tokens, header_position
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
 def _score_chunk(graphdef, params, prefix, tokens, positions, last, option_ids, option_valid):
     """Option log-probabilities for every (pair, question) of a chunk.
 
@@ -294,12 +305,11 @@ def _prefill_batch(judge: Judge, contexts: list[list[int]]):
                                  max(map(len, judge.header_ids)))  # fmt: skip
     lengths = np.tile(mask.sum(1), sets)  # each header continues its pair's context
     h_positions = np.where(h_mask > 0, lengths[:, None] + np.cumsum(h_mask, 1) - 1, -1)
-    with sharding.use_rules(m.mesh, m.rules):
-        caches = _prefill(
-            m.graphdef, m.params, tokens, positions.astype(np.int32),
-            h_tokens.reshape(sets, len(contexts), -1),
-            h_positions.reshape(sets, len(contexts), -1).astype(np.int32),
-        )  # fmt: skip
+    caches = judge.prefill_fn(
+        m.params, tokens, positions.astype(np.int32),
+        h_tokens.reshape(sets, len(contexts), -1),
+        h_positions.reshape(sets, len(contexts), -1).astype(np.int32),
+    )  # fmt: skip
     return caches, (lengths + h_mask.sum(1)).reshape(sets, len(contexts))
 
 
@@ -371,8 +381,7 @@ def _logit_probs(judge: Judge, prefixes, lengths, qidx: list[int]):
             judge.option_ids[qs],
             judge.option_valid[qs],
         )
-        with sharding.use_rules(m.mesh, m.rules):
-            logp, ms = sharding.to_host(_score_chunk(m.graphdef, m.params, prefixes[g], *args))
+        logp, ms = sharding.to_host(judge.score_fn(m.params, prefixes[g], *args))
         probs[:, chunk] = np.exp(logp)[:, : len(chunk)]
         mass[:, chunk] = ms[:, : len(chunk)]
     return probs, mass

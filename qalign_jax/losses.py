@@ -140,7 +140,8 @@ def grpo_loss(
 
     Args:
       logp, old_logp: [B, T] log p of the sampled tokens under the policy being trained and
-        under the policy that sampled them (the sampler's logprobs).
+        under the old policy (the training forward before this batch's first update; see
+        `loops/grpo.grpo_step`).
       advantages: [B] one advantage per sequence.
       mask: [B, T] 1 on the policy's own trained tokens.
       ref_logp: [B, T] under the frozen reference (needed when kl_beta > 0).

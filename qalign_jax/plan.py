@@ -33,7 +33,7 @@ import math
 from absl import app, flags
 from ml_collections import config_flags
 
-from qalign_jax import checkpoint, sampler, sharding
+from qalign_jax import checkpoint, rollouts, sampler, sharding
 from qalign_jax import rubric as rubric_lib
 from qalign_jax.models import llama
 
@@ -144,21 +144,18 @@ def _split(n: int, ways: int) -> float:
     return n / ways if n % ways == 0 else n  # an undivisible axis is replicated
 
 
-def grpo_lengths(config) -> tuple[int, int, int]:
-    """(training seq_len, sampler cache length, findings-block tokens) from the token budgets.
+def grpo_lengths(config) -> rollouts.RolloutLengths:
+    """The GRPO loop's rollout lengths from its token budgets (`rollouts.rollout_lengths`).
 
-    The loop measures the longest prompt and the findings block; here the prompt is taken at
-    `grpo.max_prompt_tokens` and the findings block at 48 tokens per finding plus 16 (the
+    The prompt is taken at `grpo.max_prompt_tokens` (the loop measures the longest prompt) and
+    the findings block at 48 tokens per finding plus 16 (the loop measures the rubric's; the
     demo and default rubrics' findings are shorter)."""
     g = config.grpo
-    block = 48 * g.max_findings + 16 if g.two_pass else 0
-    buckets = sampler.SamplerConfig.prompt_buckets
-    cache_len = sampler.bucket(g.max_prompt_tokens, buckets) + g.draft_max_tokens
-    if g.two_pass:
-        cache_len += sampler.bucket(block, buckets) + g.revision_max_tokens
-    seq_len = g.max_prompt_tokens + g.draft_max_tokens + block
-    seq_len = -(-(seq_len + (g.revision_max_tokens if g.two_pass else 0)) // 64) * 64
-    return seq_len, cache_len, block
+    return rollouts.rollout_lengths(
+        g.max_prompt_tokens, draft_max_tokens=g.draft_max_tokens,
+        revision_max_tokens=g.revision_max_tokens, findings_tokens=48 * g.max_findings + 16,
+        two_pass=g.two_pass,
+    )  # fmt: skip
 
 
 def micro_count(config) -> int:
@@ -211,7 +208,8 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
     elif config.loop == "grpo":
         g = config.grpo
         micro = g.prompts_per_step * g.num_generations // g.grad_accum_steps
-        seq_len, cache_len, block = grpo_lengths(config)
+        lengths = grpo_lengths(config)
+        seq_len, cache_len, block = lengths.seq_len, lengths.cache_len, lengths.findings_tokens
     else:
         raise ValueError(f"config.loop={config.loop!r}; the planner knows 'sft' and 'grpo'.")
     batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]

@@ -36,8 +36,8 @@ class RewardConfig:
     gate_readout: str = "argmax"  # 'argmax': violated if P(violation) > 0.5 | 'expected'
     grade_readout: str = "expected"  # 'expected' value under the judge | 'argmax' grade
     scale: str = "paper"  # 'paper': grade values as given, floor -1 | 'unit': [0, 1]
-    alpha: float = 10.0  # weight of an improvement R2 - R1 > 0 (QA-LIGN)
-    beta: float = 1.0  # weight of a regression R1 - R2 >= 0 (QA-LIGN)
+    improvement_weight: float = 10.0  # alpha: weight of an improvement R2 - R1 > 0 (QA-LIGN)
+    regression_weight: float = 1.0  # beta: weight of a regression R1 - R2 >= 0 (QA-LIGN)
 
     def __post_init__(self):
         choices = {
@@ -52,8 +52,11 @@ class RewardConfig:
                 raise ValueError(
                     f"reward config {name}={getattr(self, name)!r}; use one of {allowed}."
                 )
-        if self.alpha < 0 or self.beta < 0:
-            raise ValueError(f"alpha={self.alpha} and beta={self.beta} must be >= 0.")
+        if self.improvement_weight < 0 or self.regression_weight < 0:
+            raise ValueError(
+                f"improvement_weight={self.improvement_weight} and regression_weight="
+                f"{self.regression_weight} must be >= 0."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,18 +166,18 @@ def pool_principles(
     return mean
 
 
-def two_pass_reward(r1, r2, alpha: float = 10.0, beta: float = 1.0):
+def two_pass_reward(r1, r2, improvement_weight: float = 10.0, regression_weight: float = 1.0):
     """Reward of a draft (score R1) revised into R2: both count, the change is weighted.
 
-        R1 + R2 + alpha * (R2 - R1)   if R2 > R1   (improvement bonus)
-        R1 + R2 - beta  * (R1 - R2)   otherwise    (regression penalty; 0 when equal)
+        R1 + R2 + improvement_weight * (R2 - R1)   if R2 > R1   (the paper's alpha)
+        R1 + R2 - regression_weight  * (R1 - R2)   otherwise    (its beta; 0 when equal)
 
     Both passes count so that a good draft is not wasted and a revision cannot be gamed by a
-    deliberately bad draft alone; alpha = 10 > beta = 1 (QA-LIGN's constants) makes real
+    deliberately bad draft alone; 10 > 1 (QA-LIGN's alpha and beta) makes real
     improvement the dominant signal, while a regression still costs. Works on scalars and
     numpy arrays.
     """
     r1, r2 = np.asarray(r1, np.float64), np.asarray(r2, np.float64)
     gain = r2 - r1
-    out = r1 + r2 + np.where(gain > 0, alpha * gain, beta * gain)
+    out = r1 + r2 + np.where(gain > 0, improvement_weight * gain, regression_weight * gain)
     return float(out) if out.ndim == 0 else out

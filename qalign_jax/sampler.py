@@ -15,43 +15,37 @@ Invariants:
   (the one that finished a row too). Slot `state.start + j` holds row b's generated token j.
   So a continuation is exact: masking slots (position -1) drops tokens, appending extends.
 - `logprobs` are log-softmax of the raw model logits (temperature 1, no filtering) at the
-  sampled tokens: the old-policy log-probabilities GRPO needs, never recomputed.
+  sampled tokens (GRPO logs their gap to its training forward; its ratio uses the latter).
 - Finish reasons: 'eos' (a token in `stop_ids`), 'stop_sequence' (the row's last generated
   tokens equal one of `stop_sequences`), 'length' (`max_new_tokens`). Generated tokens include
   the stop token/sequence.
-- Shapes are bucketed (batch, prompt length; the cache length follows), and every compiled
-  function lives in `_COMPILED`, keyed by its static config and argument shapes: the compile
-  count is logged and stays constant across calls within one bucket.
+- Shapes are bucketed (batch, prompt length; the cache length follows): one jitted function
+  per bucket (`jitted`), so the compile count (`compile_stats`) stays constant across calls
+  within one bucket.
 
-Why decode has its own one-token forward (`_decode_forward`) instead of `llama.Llama`:
-measured on a 2-core CPU with SmolLM2-135M (bench/README.md), XLA:CPU runs a matmul with the
-weight as the row-major *left* operand, `W[out, in] @ x[in, B]`, 1.3-3x faster than
-`x[B, in] @ W[in, out]` (the tied head 2-3x), and it cannot get that form from the model's
-`[in, out]` kernels without a transpose per step. So decode keeps activations feature-major
-(`[D, B]`), transposes the weights once per call into `DecodeWeights` (q/k/v fused per kv head,
-gate/up fused), unrolls the layers over per-layer weight and cache buffers (no dynamic slices of
-stacked weights, cache updated in place), and reads keys as `[B, K, H, S]` so that attention
-needs no transpose either. Its numerics follow `llama._block_forward` op for op; the tests pin
-it to the full forward (greedy tokens equal, logprobs within 1e-5).
+One forward: prefill and `extend` run the model's own `Llama.hidden` with its `KVCache`; decode
+runs `models/decode.py`, the same block in a feature-major layout that XLA:CPU runs fastest,
+pinned to the model by a parity test over every model variant (`tests/test_llama.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from qalign_jax import sharding
+from qalign_jax.models import decode as decode_lib
 from qalign_jax.models import llama
+from qalign_jax.models.decode import DecodeWeights, prepare_weights
 
 FINISH_REASONS = ("", "eos", "stop_sequence", "length")  # index = `SamplerState.finish` code
 _EOS, _STOP, _LENGTH = 1, 2, 3
@@ -266,169 +260,6 @@ SAMPLERS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Decode weights and the one-token forward.
-
-
-class DecodeWeights(NamedTuple):
-    """The model's weights laid out for decode (see the module docstring), L-tuples per layer.
-
-    qkv [K, G+2, H, D] (G query heads, then k, then v, per kv head); o [D, N*H];
-    gate_up [2, F, D]; down [D, F]; norms [D]; embed [V, D]; head [V, D] (the embedding when
-    tied). All in the compute dtype except norms, which stay as stored.
-    """
-
-    input_norm: tuple
-    qkv: tuple
-    o: tuple
-    post_norm: tuple
-    gate_up: tuple
-    down: tuple
-    final_norm: jax.Array
-    embed: jax.Array
-    head: jax.Array
-
-
-def _is_axes(x) -> bool:
-    """A tuple of logical axis names (None = unsharded dim): a leaf of an axes tree."""
-    return (
-        isinstance(x, tuple)
-        and not hasattr(x, "_fields")
-        and all(isinstance(a, (str, type(None))) for a in x)
-    )
-
-
-def _decode_weight_axes(num_layers: int) -> DecodeWeights:
-    rep = lambda axes: (axes,) * num_layers
-    return DecodeWeights(
-        input_norm=rep(("norm",)),
-        qkv=rep(("kv_heads", None, "head_dim", "embed")),
-        o=rep(("embed", "heads")),
-        post_norm=rep(("norm",)),
-        gate_up=rep((None, "mlp", "embed")),
-        down=rep(("embed", "mlp")),
-        final_norm=("norm",),
-        embed=("vocab", "embed"),
-        head=("vocab", "embed"),
-    )
-
-
-def prepare_weights(graphdef, params) -> DecodeWeights:
-    """Transposes and fuses the parameters once for decode (pure; jit it).
-
-    Costs one pass over the weights (~0.3-0.6 s for 135M fp32 on 2 CPU cores, mostly first
-    touch of the new buffers) and a second copy of the weights while sampling; `generate`
-    returns them so a continuation reuses them.
-    """
-    model = nnx.merge(graphdef, params)
-    cfg = model.config
-    dt = cfg.dtype
-    d, kh, h = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
-    g = cfg.num_heads // kh
-    lay = model.layers
-    att, mlp = lay.self_attn, lay.mlp
-    qkv, o, gate_up, down = [], [], [], []
-    for i in range(cfg.num_layers):
-        q = att.q_proj.kernel[...][i].reshape(d, kh, g, h)
-        k = att.k_proj.kernel[...][i].reshape(d, kh, 1, h)
-        v = att.v_proj.kernel[...][i].reshape(d, kh, 1, h)
-        qkv.append(jnp.concatenate([q, k, v], axis=2).transpose(1, 2, 3, 0).astype(dt))
-        o.append(att.o_proj.kernel[...][i].reshape(cfg.num_heads * h, d).T.astype(dt))
-        gu = jnp.stack([mlp.gate_proj.kernel[...][i], mlp.up_proj.kernel[...][i]])
-        gate_up.append(gu.transpose(0, 2, 1).astype(dt))
-        down.append(mlp.down_proj.kernel[...][i].T.astype(dt))
-    embed = model.embed_tokens.embedding[...].astype(dt)
-    head = embed if cfg.tie_word_embeddings else model.lm_head.kernel[...].T.astype(dt)
-    weights = DecodeWeights(
-        input_norm=tuple(lay.input_layernorm.weight[...][i] for i in range(cfg.num_layers)),
-        qkv=tuple(qkv),
-        o=tuple(o),
-        post_norm=tuple(lay.post_attention_layernorm.weight[...][i] for i in range(cfg.num_layers)),
-        gate_up=tuple(gate_up),
-        down=tuple(down),
-        final_norm=model.norm.weight[...],
-        embed=embed,
-        head=head,
-    )
-    active = getattr(sharding._active, "value", None)
-    if active is not None:  # tensor-parallel layout, replicated over data/fsdp while sampling
-        mesh, rules = active
-        rules = tuple((name, None if name == "embed" else axes) for name, axes in rules)
-        weights = jax.tree.map(
-            lambda axes, w: jax.lax.with_sharding_constraint(
-                w, NamedSharding(mesh, sharding.logical_to_spec(axes, rules, mesh, w.shape))
-            ),
-            _decode_weight_axes(cfg.num_layers),
-            weights,
-            is_leaf=_is_axes,
-        )
-    return weights
-
-
-def _rms_norm_fm(x, weight, eps):
-    """`llama.RMSNorm` over the feature axis 0 of x [D, B]."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + eps)
-    return weight.astype(x.dtype)[:, None] * y.astype(x.dtype)
-
-
-def _rope_fm(x, cos, sin):
-    """Rotate-half RoPE on x [..., H, B] with cos/sin [H, B] (`llama.apply_rope`, transposed)."""
-    x1, x2 = jnp.split(x, 2, axis=-2)
-    return x * cos + jnp.concatenate([-x2, x1], axis=-2) * sin
-
-
-def _decode_forward(
-    cfg: llama.LlamaConfig, w: DecodeWeights, tokens, positions, ks, vs, k_pos, index
-):
-    """One new token per row through all layers, feature-major.
-
-    Args:
-      tokens, positions: [B] int32 (position -1: a finished or padding row, attends to nothing).
-      ks: L-tuple of [B, K, H, S] keys; vs: L-tuple of [B, K, S, H] values; both updated in
-        place at slot `index`. k_pos: [B, S] positions of the slots, this token's included.
-
-    Returns:
-      (logits [B, V] float32, ks, vs).
-    """
-    dt = cfg.dtype
-    b = tokens.shape[0]
-    kh, h = cfg.num_kv_heads, cfg.head_dim
-    g = cfg.num_heads // kh
-    x = jnp.take(w.embed, tokens, axis=0).T  # [D, B]
-    freqs = jnp.asarray(llama.rope_inv_frequencies(cfg))[:, None] * positions.astype(jnp.float32)
-    cos = jnp.concatenate([jnp.cos(freqs)] * 2, axis=0).astype(dt)  # [H, B], shared by layers
-    sin = jnp.concatenate([jnp.sin(freqs)] * 2, axis=0).astype(dt)
-    mask = llama.attention_mask(positions[:, None], k_pos)[:, None, None, 0]  # [B, 1, 1, S]
-    scale = np.float32(1.0 / np.sqrt(h))
-    new_ks, new_vs = [], []
-    for i in range(cfg.num_layers):
-        hn = _rms_norm_fm(x, w.input_norm[i], cfg.rms_norm_eps)
-        qkv = jnp.einsum("KCHD,DB->KCHB", w.qkv[i], hn)  # [K, G+2, H, B]: one matmul
-        q = _rope_fm(qkv[:, :g], cos, sin).transpose(3, 0, 1, 2)  # [B, K, G, H]
-        k = _rope_fm(qkv[:, g], cos, sin).transpose(2, 0, 1)  # [B, K, H]
-        v = qkv[:, g + 1].transpose(2, 0, 1)  # [B, K, H]
-        kc = jax.lax.dynamic_update_slice(ks[i], k[..., None].astype(ks[i].dtype), (0, 0, 0, index))
-        vc = jax.lax.dynamic_update_slice(
-            vs[i], v[:, :, None].astype(vs[i].dtype), (0, 0, index, 0)
-        )
-        new_ks.append(kc)
-        new_vs.append(vc)
-        scores = jnp.einsum("BKGH,BKHS->BKGS", q, kc.astype(dt), preferred_element_type=jnp.float32)
-        scores = jnp.where(mask, scores * scale, llama._MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("BKGS,BKSH->BKGH", probs, vc.astype(dt))  # [B, K, G, H]
-        x = x + w.o[i] @ out.reshape(b, -1).T
-        hn = _rms_norm_fm(x, w.post_norm[i], cfg.rms_norm_eps)
-        gu = jnp.einsum("CFD,DB->CFB", w.gate_up[i], hn)  # [2, F, B]: one matmul
-        x = x + w.down[i] @ (jax.nn.silu(gu[0]) * gu[1])
-    x = _rms_norm_fm(x, w.final_norm, cfg.rms_norm_eps)
-    logits = jnp.einsum("VD,DB->VB", w.head, x, preferred_element_type=jnp.float32)
-    # The barrier keeps XLA from folding the transpose into the head matmul, which would turn
-    # it back into the slow `x @ head.T` form (measured 1.3-1.4x slower on CPU).
-    return jax.lax.optimization_barrier(logits).T, tuple(new_ks), tuple(new_vs)
-
-
-# ----------------------------------------------------------------------------------------------
 # The pure jitted pieces.
 
 
@@ -499,16 +330,10 @@ def decode(model_cfg: llama.LlamaConfig, weights: DecodeWeights, state: SamplerS
     """Samples until every row is done or `cfg.max_new_tokens` steps: one `while_loop`.
 
     Each step samples from `state.logits`, records the token and its logprob, checks the stop
-    conditions, and feeds the token through `_decode_forward` (so the cache holds it). Nothing
-    leaves the device inside the loop.
+    conditions, and feeds the token through `decode.decode_step` (so the cache holds it).
+    Nothing leaves the device inside the loop.
     """
     n = cfg.max_new_tokens
-    num_layers = model_cfg.num_layers
-    cache = state.cache
-    # Per-layer buffers in the attention-friendly layouts, for the duration of the loop: each is
-    # updated in place (a stacked cache in the carry was copied whole per layer, measured).
-    ks = tuple(cache.k[i].transpose(0, 2, 3, 1) for i in range(num_layers))  # [B, K, H, S]
-    vs = tuple(cache.v[i].transpose(0, 2, 1, 3) for i in range(num_layers))  # [B, K, S, H]
     stop_ids = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
     sample = SAMPLERS[cfg.method]
 
@@ -517,7 +342,7 @@ def decode(model_cfg: llama.LlamaConfig, weights: DecodeWeights, state: SamplerS
         return (s.step < n) & ~jnp.all(s.done)
 
     def body(carry):
-        s, ks, vs, k_pos = carry
+        s, cache = carry
         b = s.logits.shape[0]
         u = jax.random.uniform(jax.random.fold_in(s.rng, s.step), (b,), jnp.float32)
         token = sample(s.logits, u, cfg)
@@ -540,12 +365,8 @@ def decode(model_cfg: llama.LlamaConfig, weights: DecodeWeights, state: SamplerS
         finish = jnp.where(
             eos, _EOS, jnp.where(stop, _STOP, jnp.where(at_length, _LENGTH, s.finish))
         )
-        index = s.start + s.step
         feed_positions = jnp.where(running, s.positions, -1)
-        k_pos = jax.lax.dynamic_update_slice(k_pos, feed_positions[:, None], (0, index))
-        logits, ks, vs = _decode_forward(
-            model_cfg, weights, token, feed_positions, ks, vs, k_pos, index
-        )
+        logits, cache = decode_lib.decode_step(model_cfg, weights, token, feed_positions, cache)
         s = s._replace(
             logits=logits,
             positions=s.positions + running,
@@ -556,30 +377,40 @@ def decode(model_cfg: llama.LlamaConfig, weights: DecodeWeights, state: SamplerS
             finish=finish,
             step=s.step + 1,
         )
-        return s, ks, vs, k_pos
+        return s, cache
 
-    carry = (state._replace(cache=None), ks, vs, cache.positions)
-    s, ks, vs, k_pos = jax.lax.while_loop(cond, body, carry)
-    cache = llama.KVCache(
-        k=jnp.stack([x.transpose(0, 3, 1, 2) for x in ks]),
-        v=jnp.stack([x.transpose(0, 2, 1, 3) for x in vs]),
-        positions=k_pos,
-        index=s.start + s.step,
-    )
-    return s._replace(cache=cache)
+    carry = (state._replace(cache=None), decode_lib.to_decode_cache(state.cache))
+    s, cache = jax.lax.while_loop(cond, body, carry)
+    return s._replace(cache=decode_lib.from_decode_cache(cache))
 
 
 # ----------------------------------------------------------------------------------------------
-# Compilation: one cache of compiled functions, keyed by the static config and the shapes,
-# dtypes and shardings of the arguments (what a bucket fixes). Counted and timed.
+# Compilation: `sharding.jit`, one jitted function per function, static config, mesh, rules and
+# argument shapes (what a bucket fixes): the shardings of a state depend on its shapes (a
+# dimension the mesh does not divide is replicated), so they are derived once per bucket. A
+# repeat call in a bucket reuses the function and jax's compiled program; compiles are counted
+# by `sharding.compile_stats`.
 
-_COMPILED: dict = {}
-COMPILE_STATS: Counter = Counter()  # 'count', 'seconds', and per function name
+PROGRAMS = ("sampler_prefill", "sampler_extend", "sampler_decode", "sampler_prepare")
+_JITTED: dict = {}
 
 
 def compile_stats() -> dict:
-    """{'count': compiles so far, 'seconds': time spent compiling, '<fn>': count per function}."""
-    return dict(COMPILE_STATS)
+    """The sampler's compiles so far: {'count', 'seconds', '<program>': count}."""
+    return sharding.compile_stats(PROGRAMS)
+
+
+def num_compiles() -> int:
+    return int(compile_stats()["count"])
+
+
+def _is_axes(x) -> bool:
+    """A tuple of logical axis names (None = unsharded dim): a leaf of an axes tree."""
+    return (
+        isinstance(x, tuple)
+        and not hasattr(x, "_fields")
+        and all(isinstance(a, (str, type(None))) for a in x)
+    )
 
 
 def _signature(tree) -> tuple:
@@ -590,84 +421,47 @@ def _signature(tree) -> tuple:
     )
 
 
-def _call(name: str, fn, leading: tuple, static: dict, args: tuple, *, mesh, rules, state_arg=None):
-    """Compiles `fn(*leading, *args, **static)` for these argument shapes once, then runs it.
+def jitted(name: str, fn, leading: tuple, static: dict, args: tuple, *, mesh, rules,
+           state_arg=None):  # fmt: skip
+    """`fn(*leading, *args, **static)` jitted for these argument shapes (cached per bucket).
 
-    `leading` and `static` are hashable static arguments (graphdef, configs).
-
-    `state_arg`: index of a SamplerState argument that is donated (decode, extend) and, with a
-    mesh, the output state's sharding: rows over `batch`, explicit in and out.
+    `leading` and `static` are hashable static arguments (graphdef, configs). `args` may be
+    `jax.ShapeDtypeStruct`s with shardings (`qalign_jax.aot` lowers the sampler for a pod
+    mesh this way). `state_arg`: index of a `SamplerState` argument that is donated (decode,
+    extend). With a mesh, the output state's rows are over `batch`, explicit in and out.
     """
-    compiled = compile_fn(name, fn, leading, static, args, mesh=mesh, rules=rules,
-                          state_arg=state_arg)  # fmt: skip
-    return compiled(*args)
-
-
-def compile_fn(name, fn, leading, static, args, *, mesh, rules, state_arg=None):
-    """The compiled executable `_call` runs (cached). `args` may be `jax.ShapeDtypeStruct`s
-    with shardings: `qalign_jax.aot` compiles the sampler for a pod mesh this way."""
     key = (name, mesh, rules, leading, tuple(sorted(static.items())), _signature(args))
-    compiled = _COMPILED.get(key)
-    if compiled is None:
+    fn_jit = _JITTED.get(key)
+    if fn_jit is None:
+        bound = functools.partial(fn, *leading, **static)
         in_shardings = out_shardings = None
-        if mesh is not None and name != "prepare":  # prepare: see its sharding constraints
+        if mesh is not None and name != "prepare":  # prepare lays out its own output
             in_shardings = [None] * len(args)  # params/weights: the shardings they carry
-            out_state = jax.eval_shape(lambda *a: fn(*leading, *a, **static), *args)
             state_sh = jax.tree.map(
                 lambda axes, x: NamedSharding(
                     mesh, sharding.logical_to_spec(axes, rules, mesh, x.shape)
                 ),
                 state_logical_axes(),
-                out_state,
+                jax.eval_shape(bound, *args),
                 is_leaf=_is_axes,
             )
             out_shardings = state_sh
             if state_arg is not None:
                 in_shardings[state_arg] = state_sh
             in_shardings = tuple(in_shardings)
-
-        def run(*a):
-            return fn(*leading, *a, **static)
-
-        run.__name__ = name  # names the HLO module (jit_decode, ...) in profiles and dumps
-        jitted = jax.jit(
-            run,
-            in_shardings=in_shardings,
-            out_shardings=out_shardings,
+        fn_jit = sharding.jit(
+            bound, mesh=mesh, rules=rules, in_shardings=in_shardings,
+            out_shardings=out_shardings, name=f"sampler_{name}",
             donate_argnums=() if state_arg is None else (state_arg,),
-        )
-        t0 = time.perf_counter()
-        with _rules(mesh, rules):
-            compiled = jitted.lower(*args).compile()
-        seconds = time.perf_counter() - t0
-        _COMPILED[key] = compiled
-        COMPILE_STATS["count"] += 1
-        COMPILE_STATS["seconds"] += seconds
-        COMPILE_STATS[name] += 1
-        shapes = [
-            tuple(x.shape)
-            for x in jax.tree.leaves(args[-1:] if state_arg is None else args[state_arg])
-        ][:3]
-        logging.info(
-            "sampler: compiled %s %s in %.1fs (%d compiles so far)",
-            name, shapes, seconds, COMPILE_STATS["count"],
         )  # fmt: skip
-    return compiled
+        _JITTED[key] = fn_jit
+    return fn_jit
 
 
-class _rules:
-    """`sharding.use_rules` when a mesh is given, else nothing."""
-
-    def __init__(self, mesh, rules):
-        self.ctx = sharding.use_rules(mesh, rules) if mesh is not None else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+def _call(name: str, fn, leading: tuple, static: dict, args: tuple, *, mesh, rules, state_arg=None):
+    return jitted(name, fn, leading, static, args, mesh=mesh, rules=rules, state_arg=state_arg)(
+        *args
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -679,7 +473,7 @@ class Result:
     """What `generate` returns, per real (non-padding) row.
 
     tokens: generated ids, up to and including the stop token or sequence.
-    logprobs: float32 [len] log p(token) under the raw model (GRPO's old-policy logprobs).
+    logprobs: float32 [len] log p(token) under the raw model (temperature 1, no filtering).
     finish_reasons: 'eos' | 'stop_sequence' | 'length'.
     state, weights: the device state and decode weights, for `continue_generation` (which
       consumes `state`).
@@ -789,7 +583,8 @@ def _finish(state: SamplerState, weights, num_rows: int, prompt_lengths, timings
 def _decode(model, weights, state, cfg, mesh, rules, timings):
     if weights is None:
         t0 = time.perf_counter()
-        weights = _call("prepare", prepare_weights, (model.graphdef,), {}, (model.params,),
+        static = {"mesh": mesh, "rules": rules}
+        weights = _call("prepare", prepare_weights, (model.graphdef,), static, (model.params,),
                         mesh=mesh, rules=rules)  # fmt: skip
         jax.block_until_ready(weights)
         timings["prepare"] = time.perf_counter() - t0
@@ -926,13 +721,9 @@ def continue_generation(
     return _finish(state, weights, n, prompt_lengths, timings)
 
 
-def num_compiles() -> int:
-    return int(COMPILE_STATS["count"])
-
-
 __all__ = [
     "SamplerConfig", "SamplerState", "DecodeWeights", "Result", "SAMPLERS", "FINISH_REASONS",
     "prefill", "extend", "decode", "prepare_weights", "generate", "continue_generation",
     "encode_stop_sequences", "compile_stats", "num_compiles", "top_p_mask", "bucket",
-    "batch_multiple",
+    "batch_multiple", "jitted",
 ]  # fmt: skip

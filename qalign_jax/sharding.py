@@ -11,6 +11,11 @@ optimizer state sharded), `tensor` (heads and MLP columns). Logical names used b
 `(logical name, mesh axis | tuple of mesh axes | None)`) live in the config; `DEFAULT_RULES` is
 the FSDP + tensor-parallel layout.
 
+Compiling: every jitted program goes through `jit` here: `jax.jit` with explicit in/out
+shardings and donation, traced under its own mesh and rules (so the rules are part of what was
+compiled, never read from whatever context the call happens in). `compile_stats()` counts every
+XLA compile in the process, by function name, from jax's own compile events.
+
 Invariants: a mesh axis is used at most once per array (the first logical name that claims it
 wins), and a dimension that the mesh axes do not divide is replicated instead (logged once),
 e.g. SmolLM2's 3 kv heads on a tensor axis of 2.
@@ -18,15 +23,17 @@ e.g. SmolLM2's 3 kv heads on a tensor axis of 2.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax import monitoring
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -166,6 +173,57 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh, rules = active
     spec = logical_to_spec(logical_axes, rules, mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def jit(
+    fn: Callable, *, mesh: Mesh | None, rules, in_shardings=None, out_shardings=None,
+    donate_argnums=(), name: str | None = None,
+):  # fmt: skip
+    """`jax.jit(fn)` with explicit shardings, traced under `use_rules(mesh, rules)`.
+
+    The one way this package compiles: callers (the loops, the sampler, the judge) build their
+    jitted functions with it where they start, with shardings derived from the config's rules.
+    `name` names the program (HLO module, profiles, `compile_stats()`); default `fn.__name__`.
+    Without a mesh, shardings are left to jax (single device) and `constrain` is a no-op.
+    """
+    name = name or getattr(fn, "__name__", "fn")
+    rules = None if rules is None else tuple(rules)
+
+    def traced(*args):
+        if mesh is None:
+            return fn(*args)
+        with use_rules(mesh, rules):
+            return fn(*args)
+
+    traced.__name__ = traced.__qualname__ = name
+    return jax.jit(
+        traced, in_shardings=in_shardings, out_shardings=out_shardings,
+        donate_argnums=donate_argnums,
+    )  # fmt: skip
+
+
+_COMPILE_COUNT: collections.Counter = collections.Counter()  # by function name
+_COMPILE_SECONDS: collections.Counter = collections.Counter()
+
+
+def _count_compile(event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        name = str(kwargs.get("fun_name", "?")).removeprefix("jit(").removesuffix(")")
+        _COMPILE_COUNT[name] += 1
+        _COMPILE_SECONDS[name] += duration
+
+
+monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_stats(names: Sequence[str] | None = None) -> dict:
+    """XLA compiles so far in this process (of the functions `names`, default all):
+    {'count': total, 'seconds': total, <function name>: count}."""
+    names = list(_COMPILE_COUNT) if names is None else names
+    out = {name: _COMPILE_COUNT[name] for name in names if _COMPILE_COUNT[name]}
+    out["count"] = sum(_COMPILE_COUNT[name] for name in names)
+    out["seconds"] = sum(_COMPILE_SECONDS[name] for name in names)
+    return out
 
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from qalign_jax import judge as judge_lib
-from qalign_jax import sharding, train
+from qalign_jax import rollouts, sharding, train
 from qalign_jax.loops import grpo, sft
 from qalign_jax.models import llama, load
 from tests.test_sft import assert_trees_close
@@ -43,12 +43,18 @@ def setup():
     return config, policy, judge, records, ids
 
 
+def grpo_rollout(config, policy, judge, rows, ids, seed, cache_len):
+    """The GRPO loop's rollout call."""
+    opts = rollouts.from_grpo_config(config.grpo, cache_len=cache_len)
+    k_draft, k_revision = jax.random.split(jax.random.key(seed))
+    return rollouts.rollout(policy, judge, rows, ids, opts, k_draft, k_revision)
+
+
 def test_rollout_logprobs_and_mask_match_the_training_forward(setup):
-    """The sampler's logprobs are the old policy: they must equal a training forward's."""
+    """The sampler's logprobs (a diagnostic now) equal a training forward's within 2e-4."""
     config, policy, judge, records, ids = setup
     rows = [r for r in records[:2] for _ in range(4)]
-    ro = grpo.rollout(config, policy, judge, rows, [ids[r.id] for r in rows],
-                      jax.random.key(1), cache_len=512)  # fmt: skip
+    ro = grpo_rollout(config, policy, judge, rows, [ids[r.id] for r in rows], 1, cache_len=512)
     assert ro.rewards.shape == (8,) and all(len(s) > 0 for s in ro.suffix_ids)
     batch = grpo.training_batch(ro, np.ones(8), seq_len=384, pad_id=policy.tokenizer.pad_id)
     logits, _ = jax.jit(functools.partial(llama.forward, policy.graphdef))(
@@ -57,7 +63,7 @@ def test_rollout_logprobs_and_mask_match_the_training_forward(setup):
     logp = np.asarray(jax.nn.log_softmax(logits, -1))
     logp = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     mask = batch["loss_mask"] > 0
-    np.testing.assert_allclose(logp[mask], batch["old_logp"][mask], atol=2e-4)
+    np.testing.assert_allclose(logp[mask], batch["sampler_logp"][mask], atol=2e-4)
     for i in range(8):  # trained: the draft (its end of turn dropped) and the continuation
         n = len(ro.draft_ids[i]) + len(ro.cont_ids[i])
         assert mask[i].sum() == n
@@ -71,8 +77,7 @@ def test_single_pass_trains_the_draft_with_its_end_of_turn(setup):
     config, policy, judge, records, ids = setup
     single = smoke_config("single")
     rows = [r for r in records[:2] for _ in range(4)]
-    ro = grpo.rollout(single, policy, judge, rows, [ids[r.id] for r in rows],
-                      jax.random.key(2), cache_len=0)  # fmt: skip
+    ro = grpo_rollout(single, policy, judge, rows, [ids[r.id] for r in rows], 2, cache_len=0)
     assert all(not c for c in ro.cont_ids) and all(r is None for r in ro.revisions)
     np.testing.assert_allclose(ro.rewards, [v.scores.reward for v in ro.draft_verdicts])
 
@@ -106,10 +111,12 @@ def test_sharded_step_equals_single_device_step():
         "tokens": tokens, "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (a, rows, t)),
         "targets": np.roll(tokens, -1, axis=-1), "loss_mask": mask,
         "old_logp": rng.normal(-10.5, 0.3, (a, rows, t)).astype(np.float32),
+        "sampler_logp": rng.normal(-10.5, 0.3, (a, rows, t)).astype(np.float32),
         "ref_logp": rng.normal(-10.5, 0.3, (a, rows, t)).astype(np.float32),
         "advantages": rng.normal(0, 1, (a, rows)).astype(np.float32),
     }  # fmt: skip
     g = smoke_config().grpo
+    g.num_iterations = 2  # so that the step reads the batch's (random) old log-probs
     one = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     p1, m1 = run_steps(one, host_params, [batch, batch], g)
     p8, m8 = run_steps(sharding.make_mesh((1, 8, 1)), host_params, [batch, batch], g)
@@ -119,6 +126,62 @@ def test_sharded_step_equals_single_device_step():
     assert m1[0]["clip_fraction"] > 0  # the random old log-probs put ratios outside the range
     assert_trees_close(p1, p8, atol=1e-6)
     assert not np.allclose(jax.tree.leaves(p1)[0], jax.tree.leaves(host_params)[0])
+
+
+def random_batch(cfg, seed=0, a=2, rows=8, t=24):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, cfg.vocab_size, (a, rows, t)).astype(np.int32)
+    noise = lambda: rng.normal(-6.0, 0.3, (a, rows, t)).astype(np.float32)  # noqa: E731
+    return {
+        "tokens": tokens, "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (a, rows, t)),
+        "targets": np.roll(tokens, -1, axis=-1),
+        "loss_mask": (rng.random((a, rows, t)) > 0.3).astype(np.float32),
+        "old_logp": noise(), "sampler_logp": noise(), "ref_logp": noise(),
+        "advantages": rng.normal(0, 1, (a, rows)).astype(np.float32),
+    }  # fmt: skip
+
+
+def training_forward_logprobs(cfg, params, batch):
+    """`grpo.token_logprobs` (what the loop computes) of a [A, rows, T] batch."""
+    graphdef, _ = llama.abstract_model(cfg)
+    one = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    fn = functools.partial(
+        grpo.token_logprobs, graphdef=graphdef, mesh=one, rules=sharding.DEFAULT_RULES
+    )
+    flat = [batch[k].reshape(-1, batch[k].shape[-1]) for k in ("tokens", "positions", "targets")]
+    return np.asarray(jax.jit(fn)(params, *flat)).reshape(batch["tokens"].shape)
+
+
+def test_one_update_per_batch_has_ratio_exactly_one_and_no_clipping():
+    """mu = 1: the ratio's denominator is the training forward itself (stop_gradient), so the
+    first update sees ratio == 1 on every token and clips nothing, whatever the sampler's
+    log-probabilities were; their gap to the training forward is logged."""
+    cfg = llama.get_preset("tiny")
+    host_params = jax.device_get(llama.init_params(cfg, seed=0))
+    g = smoke_config().grpo
+    assert g.num_iterations == 1
+    batch = random_batch(cfg)
+    _, (m,) = run_steps(sharding.make_mesh((1, 8, 1)), host_params, [batch], g)
+    assert m["ratio_mean"] == 1.0 and m["clip_fraction"] == 0.0
+    assert m["grad_norm"] > 0
+    train_logp = training_forward_logprobs(cfg, host_params, batch)
+    mask = batch["loss_mask"]
+    gap = np.sum(np.abs(train_logp - batch["sampler_logp"]) * mask) / mask.sum()
+    assert m["sampler_logp_gap"] == pytest.approx(gap, rel=1e-4)
+
+
+def test_several_updates_per_batch_take_old_logprobs_from_the_training_forward():
+    """mu > 1: the loop fills old_logp with `token_logprobs` of the policy before the first
+    update, so that update's ratio is 1 up to float rounding (not the sampler's noise)."""
+    cfg = llama.get_preset("tiny")
+    host_params = jax.device_get(llama.init_params(cfg, seed=0))
+    g = smoke_config().grpo
+    g.num_iterations = 2
+    batch = random_batch(cfg)
+    batch["old_logp"] = training_forward_logprobs(cfg, host_params, batch)
+    _, (first, second) = run_steps(sharding.make_mesh((1, 8, 1)), host_params, [batch] * 2, g)
+    assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and first["clip_fraction"] == 0.0
+    assert second["ratio_mean"] != pytest.approx(1.0, abs=1e-5)  # the policy moved
 
 
 def start(workdir, *overrides):
@@ -212,8 +275,7 @@ def test_prompts_for_step_is_a_pure_function_of_step():
 def test_malformed_revision_counts_as_unchanged_minus_the_penalty(setup, monkeypatch):
     config, policy, judge, records, ids = setup
     rows = [r for r in records[:2] for _ in range(4)]
-    ro = grpo.rollout(config, policy, judge, rows, [ids[r.id] for r in rows],
-                      jax.random.key(1), cache_len=512)  # fmt: skip
+    ro = grpo_rollout(config, policy, judge, rows, [ids[r.id] for r in rows], 1, cache_len=512)
     r1 = np.array([v.scores.reward for v in ro.draft_verdicts])
     for i in range(8):
         if ro.revision_verdicts[i] is None:  # random text never closes </Think>

@@ -115,7 +115,9 @@ def test_two_pass_reward_by_hand():
     assert rewards.two_pass_reward(0.2, 0.5) == pytest.approx(0.7 + 10 * 0.3)  # 3.7
     assert rewards.two_pass_reward(0.5, 0.2) == pytest.approx(0.7 - 1 * 0.3)  # 0.4
     assert rewards.two_pass_reward(0.4, 0.4) == pytest.approx(0.8)
-    assert rewards.two_pass_reward(-1, 1, alpha=2, beta=5) == pytest.approx(0 + 2 * 2)
+    assert rewards.two_pass_reward(
+        -1, 1, improvement_weight=2, regression_weight=5
+    ) == pytest.approx(0 + 2 * 2)
     out = rewards.two_pass_reward(np.array([0.0, 1.0]), np.array([1.0, 0.0]))
     np.testing.assert_allclose(out, [1 + 10, 1 - 1])
 
@@ -124,7 +126,7 @@ def test_reward_config_errors():
     with pytest.raises(ValueError, match="dimension_pooling='median'"):
         rewards.RewardConfig(dimension_pooling="median")
     with pytest.raises(ValueError, match="must be >= 0"):
-        rewards.RewardConfig(alpha=-1)
+        rewards.RewardConfig(improvement_weight=-1)
 
 
 def bad(mutate):

@@ -6,8 +6,8 @@ The QA-LIGN paper compares against DPO on the same prompts and judge. This loop 
 baseline from the pieces the GRPO loop uses, in two stages:
 
   pairs   (offline, once) the starting policy (= the frozen reference) samples G answers per
-          prompt (`sampler.generate`); the frozen judge scores them on the rubric
-          (`judge.score_pairs`, reward = `Scores.reward`, safety-first pooled); each prompt's
+          prompt (`rollouts.rollout`, single pass); the frozen judge scores them on the rubric
+          (reward = `Scores.reward`, safety-first pooled); each prompt's
           best answer is `chosen` and its worst `rejected`. Prompts whose best and worst
           rewards differ by <= `dpo.min_margin` (ties) are skipped and counted. Written to
           `workdir/pairs.jsonl` with token ids, every sample's reward and the texts, so a rerun
@@ -40,7 +40,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qalign_jax import checkpoint, files, losses, metrics, sampler, sharding, stages
+from qalign_jax import checkpoint, files, losses, metrics, rollouts, sharding, stages
 from qalign_jax import judge as judge_lib
 from qalign_jax.checkpoint import TrainState
 from qalign_jax.loops import grpo, prime_data, sft
@@ -73,25 +73,22 @@ def make_pairs(config, policy, judge, records, prompt_ids, rng) -> tuple[list[di
 
     Prompts are sampled `dpo.sample_batch_prompts` at a time (x G rows per sampler call).
     """
-    d, tok = config.dpo, policy.tokenizer
-    scfg = sampler.SamplerConfig(
-        max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p,
-        stop_ids=tuple(tok.stop_ids),
-    )  # fmt: skip
+    d = config.dpo
+    opts = rollouts.RolloutConfig(
+        two_pass=False, draft_max_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p
+    )
     pairs, ties, t_sample, t_judge = [], [], 0.0, 0.0
     for start in range(0, len(records), d.sample_batch_prompts):
         batch = records[start : start + d.sample_batch_prompts]
         rows = [r for r in batch for _ in range(d.num_generations)]
-        t0 = time.perf_counter()
-        out = sampler.generate(
-            policy, [prompt_ids[r.id] for r in rows], scfg, jax.random.fold_in(rng, start)
-        )
-        t_sample += time.perf_counter() - t0
-        texts = [tok.decode(t).strip() for t in out.tokens]
-        t0 = time.perf_counter()
-        verdicts = judge_lib.score_pairs(judge, [(r.prompt, t) for r, t in zip(rows, texts)])
-        t_judge += time.perf_counter() - t0
-        rewards = np.array([v.scores.reward for v in verdicts]).reshape(len(batch), -1)
+        ro = rollouts.rollout(
+            policy, judge, rows, [prompt_ids[r.id] for r in rows], opts,
+            jax.random.fold_in(rng, start),
+        )  # fmt: skip
+        t_sample += ro.timings["sampling"]
+        t_judge += ro.timings["judging"]
+        texts = ro.drafts
+        rewards = ro.rewards.reshape(len(batch), -1)
         for i, r in enumerate(batch):
             choice = best_and_worst(rewards[i], d.min_margin)
             if choice is None:
@@ -101,7 +98,7 @@ def make_pairs(config, policy, judge, records, prompt_ids, rng) -> tuple[list[di
             pairs.append({
                 "id": r.id, "prompt": r.prompt, "category": r.category, "label": r.label,
                 "prompt_ids": prompt_ids[r.id],
-                "chosen_ids": out.tokens[w], "rejected_ids": out.tokens[lo],
+                "chosen_ids": ro.draft_ids[w], "rejected_ids": ro.draft_ids[lo],
                 "chosen": texts[w], "rejected": texts[lo],
                 "chosen_reward": float(rewards[i, choice[0]]),
                 "rejected_reward": float(rewards[i, choice[1]]),

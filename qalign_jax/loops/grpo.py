@@ -5,19 +5,21 @@
 `run(config, workdir)` reads top to bottom: mesh, policy and reference, judge, prompts, state
 shapes and shardings, restore or init, jit, then `for step in range(first_step, num_steps)`:
 
-  rollouts  B prompts x G samples. Pass 1: the policy drafts (sampler, with per-token
-            logprobs). The judge scores the drafts (R1). Pass 2 (two_pass): each draft's
-            end-of-turn is dropped, the verbalized findings and a forced <Think> are appended,
-            and the policy continues from the draft's KV cache with its reflection, </Think>
-            and revision (`sampler.continue_generation`). The judge scores the revisions (R2).
-  rewards   `rewards.two_pass_reward(R1, R2, alpha, beta)` (single pass: R1); a revision that
+  rollouts  B prompts x G samples, `rollouts.rollout` (rollouts.py). Pass 1: the policy drafts
+            (sampler, with per-token logprobs); the judge scores the drafts (R1). Pass 2
+            (two_pass): the draft's end-of-turn gives way to the verbalized findings and a
+            forced <Think>, and the policy continues from the draft's KV cache with its
+            reflection, </Think> and revision; the judge scores the revisions (R2).
+  rewards   `rewards.two_pass_reward(R1, R2, ...)` (single pass: R1); a revision that
             does not parse counts as R2 = R1 minus grpo.malformed_penalty. (With the paper's
             beta = 1 the reward is 2 * R2 whenever R2 <= R1, so a fixed floor for malformed
             revisions would give every malformed rollout the same reward and no signal.)
   update    group-normalized advantages (`losses.group_advantages`), then `num_iterations`
             optimizer updates of the clipped objective with the k3 KL to the frozen reference
             (`losses.grpo_loss`), on the policy's own tokens only (draft and continuation; not
-            the prompt, not the inserted findings). The sampler's logprobs are the old policy.
+            the prompt, not the inserted findings). The old policy's log-probabilities come
+            from the training forward (`grpo_step`); the sampler's are only compared with
+            them (`train/sampler_logp_gap`).
 
 The scalar-reward baseline of the paper is the same loop with `judge.rubric='scalar'` (one
 holistic 0-9 question instead of the rubric). The judge is frozen: `judge.source=''` judges
@@ -50,9 +52,7 @@ from qalign_jax import (
     files,
     losses,
     metrics,
-    reflection,
-    rewards,
-    sampler,
+    rollouts,
     sharding,
     stages,
 )
@@ -61,7 +61,10 @@ from qalign_jax.checkpoint import TrainState
 from qalign_jax.loops import prime_data, sft
 from qalign_jax.models import hf, llama
 
-BATCH_KEYS = ("tokens", "positions", "targets", "loss_mask", "old_logp", "ref_logp", "advantages")
+BATCH_KEYS = (
+    "tokens", "positions", "targets", "loss_mask", "old_logp", "sampler_logp", "ref_logp",
+    "advantages",
+)  # fmt: skip
 OVERLAP_MODES = ("error", "exclude")
 
 
@@ -126,149 +129,36 @@ def chat_ids(tokenizer, records, max_tokens: int, on_long: str) -> dict[str, lis
 
 
 # ---------------------------------------------------------------------------------------------
-# Rollouts and rewards (host side).
+# Training rows (host side); the rollouts themselves are `rollouts.rollout`.
 
 
-@dataclasses.dataclass
-class Rollouts:
-    """B * G rollouts of one step, in row order (the G samples of a prompt consecutive)."""
+def training_batch(ro: rollouts.Rollouts, advantages: np.ndarray, seq_len: int, pad_id: int):
+    """[rows, seq_len] next-token arrays; the loss mask covers draft and continuation only.
 
-    records: list
-    prompt_ids: list[list[int]]
-    draft_ids: list[list[int]]  # kept draft tokens (no end-of-turn in two-pass mode)
-    draft_logp: list[np.ndarray]
-    suffix_ids: list[list[int]]  # the inserted findings (+ <Think>); [] in single-pass mode
-    cont_ids: list[list[int]]  # pass-2 tokens (reflection, </Think>, revision, end of turn)
-    cont_logp: list[np.ndarray]
-    drafts: list[str]
-    revisions: list[str | None]
-    errors: list[str | None]
-    draft_verdicts: list
-    revision_verdicts: list  # None where malformed or single pass
-    rewards: np.ndarray
-    timings: dict
-
-
-def _sampler_cfg(config, tok, max_new_tokens: int, cache_len: int = 0) -> sampler.SamplerConfig:
-    g = config.grpo
-    return sampler.SamplerConfig(
-        batch_buckets=(g.prompts_per_step * g.num_generations,),  # every step: B x G rows
-        max_new_tokens=max_new_tokens,
-        temperature=config.grpo.temperature,
-        top_p=config.grpo.top_p,
-        stop_ids=tuple(tok.stop_ids),
-        max_cache_len=cache_len,
-    )
-
-
-def rollout_lengths(g, tok, judge, prompt_ids) -> tuple[int, int]:
-    """(sampler cache length, training row length) for rollouts of these prompts."""
-    block = (
-        reflection.findings_block_max_tokens(judge.rubric, tok.encode, g.max_findings)
-        if g.two_pass
-        else 0
-    )
-    longest_prompt = max(len(ids) for ids in prompt_ids)
-    cache_len = sampler.bucket(longest_prompt, sampler.SamplerConfig.prompt_buckets)
-    cache_len += g.draft_max_tokens
-    if g.two_pass:
-        cache_len += sampler.bucket(block, sampler.SamplerConfig.prompt_buckets)
-        cache_len += g.revision_max_tokens
-    seq_len = -(-(longest_prompt + g.draft_max_tokens + block + g.revision_max_tokens) // 64) * 64
-    return cache_len, seq_len
-
-
-def rollout(config, policy, judge, records, prompt_ids, rng, cache_len) -> Rollouts:
-    """Samples, judges and rewards B * G two-pass (or single-pass) rollouts."""
-    g, tok = config.grpo, policy.tokenizer
-    rcfg = judge.reward_cfg
-    timings = {"sampling": 0.0, "judging": 0.0}
-    k1, k2 = jax.random.split(rng)
-    t0 = time.perf_counter()
-    first = sampler.generate(
-        policy, prompt_ids, _sampler_cfg(config, tok, g.draft_max_tokens, cache_len), k1
-    )
-    timings["sampling"] += time.perf_counter() - t0
-    keep = [n - (r == "eos") for n, r in zip(first.lengths, first.finish_reasons)]
-    if not g.two_pass:  # the draft is the answer: train on it with its end of turn
-        keep = list(first.lengths)
-    draft_ids = [list(t[:k]) for t, k in zip(first.tokens, keep)]
-    draft_logp = [np.asarray(lp[:k]) for lp, k in zip(first.logprobs, keep)]
-    drafts = [tok.decode(t).strip() for t in draft_ids]
-    pairs = [(r.prompt, d) for r, d in zip(records, drafts)]
-    t0 = time.perf_counter()
-    v1 = judge_lib.score_pairs(judge, pairs)
-    timings["judging"] += time.perf_counter() - t0
-    r1 = np.array([v.scores.reward for v in v1])
-    n = len(records)
-    if not g.two_pass:
-        return Rollouts(
-            records, prompt_ids, draft_ids, draft_logp, [[]] * n, [[]] * n,
-            [np.zeros(0, np.float32)] * n, drafts, [None] * n, [None] * n, v1, [None] * n, r1,
-            timings,
-        )  # fmt: skip
-
-    blocks = [reflection.findings_block(judge.rubric, v, max_findings=g.max_findings) for v in v1]
-    suffix_ids = [tok.encode(b) for b in blocks]
-    t0 = time.perf_counter()
-    second = sampler.continue_generation(
-        policy, first, suffix_ids, _sampler_cfg(config, tok, g.revision_max_tokens), k2,
-        keep=np.asarray(keep),
-    )  # fmt: skip
-    timings["sampling"] += time.perf_counter() - t0
-    cont_ids = [list(t) for t in second.tokens]
-    cont_logp = [np.asarray(lp) for lp in second.logprobs]
-    parsed = [reflection.parse_continuation(tok.decode(t)) for t in cont_ids]
-    revisions = [rev if err is None else None for _, rev, err in parsed]
-    errors = [err for _, _, err in parsed]
-    ok = [i for i, rev in enumerate(revisions) if rev]
-    t0 = time.perf_counter()
-    scored = judge_lib.score_pairs(judge, [(records[i].prompt, revisions[i]) for i in ok])
-    timings["judging"] += time.perf_counter() - t0
-    v2 = [None] * n
-    r2 = r1.copy()  # a malformed revision counts as no change ...
-    for i, v in zip(ok, scored):
-        v2[i], r2[i] = v, v.scores.reward
-    reward = np.asarray(rewards.two_pass_reward(r1, r2, rcfg.alpha, rcfg.beta), np.float64)
-    malformed = np.array([v is None for v in v2])
-    reward = reward - g.malformed_penalty * malformed  # ... and pays the penalty
-    return Rollouts(
-        records, prompt_ids, draft_ids, draft_logp, suffix_ids, cont_ids, cont_logp, drafts,
-        revisions, errors, v1, v2, reward, timings,
-    )  # fmt: skip
-
-
-def training_batch(ro: Rollouts, advantages: np.ndarray, seq_len: int, pad_id: int):
-    """[rows, seq_len] next-token arrays; the loss mask covers draft and continuation only."""
+    `sampler_logp` holds the sampler's log-probabilities of the trained tokens: a diagnostic
+    (their gap to the training forward is logged); `old_logp` is filled by the loop when
+    num_iterations > 1 (see `grpo_step`).
+    """
     n = len(ro.prompt_ids)
     tokens = np.full((n, seq_len), pad_id, np.int32)
     targets = np.full((n, seq_len), pad_id, np.int32)
     positions = np.full((n, seq_len), -1, np.int32)
     mask = np.zeros((n, seq_len), np.float32)
-    old = np.zeros((n, seq_len), np.float32)
+    sampled = np.zeros((n, seq_len), np.float32)
     for i in range(n):
-        parts = [  # (ids, trained, old logprobs)
-            (ro.prompt_ids[i], False, None),
-            (ro.draft_ids[i], True, ro.draft_logp[i]),
-            (ro.suffix_ids[i], False, None),
-            (ro.cont_ids[i], True, ro.cont_logp[i]),
-        ]
-        seq = [t for ids, _, _ in parts for t in ids]
+        seq, trained, logp = ro.sequence_ids[i], ro.trained_mask[i], ro.sampler_logp[i]
         if len(seq) - 1 > seq_len:
             raise ValueError(f"rollout {i} has {len(seq)} tokens > seq_len {seq_len} + 1.")
-        trained = np.concatenate([np.full(len(ids), t, bool) for ids, t, _ in parts])
-        logp = np.concatenate(
-            [lp if lp is not None else np.zeros(len(ids), np.float32) for ids, _, lp in parts]
-        )
         length = len(seq) - 1
         tokens[i, :length] = seq[:-1]
         targets[i, :length] = seq[1:]
         positions[i, :length] = np.arange(length)
         mask[i, :length] = trained[1:]
-        old[i, :length] = logp[1:]
+        sampled[i, :length] = logp[1:]
     return {
         "tokens": tokens, "positions": positions, "targets": targets, "loss_mask": mask,
-        "old_logp": old, "advantages": np.asarray(advantages, np.float32),
+        "sampler_logp": sampled, "old_logp": np.zeros_like(sampled),
+        "advantages": np.asarray(advantages, np.float32),
     }  # fmt: skip
 
 
@@ -281,15 +171,22 @@ def split_micro(batch: dict, accum: int) -> dict:
 # The jitted pieces.
 
 
-def ref_logprobs(params, tokens, positions, targets, *, graphdef, mesh, rules):
-    """[rows, T] log p(target) under the frozen reference."""
+def token_logprobs(params, tokens, positions, targets, *, graphdef, mesh, rules):
+    """[rows, T] log p(target) under `params` (the frozen reference, or the policy before its
+    first update when num_iterations > 1)."""
     with sharding.use_rules(mesh, rules):
         logits, _ = llama.forward(graphdef, params, tokens, positions)
         return losses.token_log_likelihood(logits, targets)
 
 
 def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, g, mesh, rules):
-    """One optimizer update on the step's micro-batches; metrics are step totals."""
+    """One optimizer update on the step's micro-batches; metrics are step totals.
+
+    The importance ratio's denominator comes from the training forward, never the sampler's
+    decode path: with one update per batch (num_iterations = 1) it is this forward itself under
+    `stop_gradient`, so the ratio is exactly 1 (the policy gradient); with more, the loop fills
+    `old_logp` with `token_logprobs` of the policy before the first update.
+    """
     with sharding.use_rules(mesh, rules):
         num_tokens = jnp.sum(batch["loss_mask"])
         num_seqs = jnp.sum(jnp.any(batch["loss_mask"] > 0, axis=-1)).astype(jnp.float32)
@@ -303,8 +200,10 @@ def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, g, 
         def loss_fn(params, micro):
             logits, _ = llama.forward(graphdef, params, micro["tokens"], micro["positions"])
             logp = losses.token_log_likelihood(logits, micro["targets"])
+            fixed = jax.lax.stop_gradient(logp)
+            old_logp = fixed if g.num_iterations == 1 else micro["old_logp"]
             loss, sums = losses.grpo_loss(
-                logp, micro["old_logp"], micro["advantages"], micro["loss_mask"],
+                logp, old_logp, micro["advantages"], micro["loss_mask"],
                 ref_logp=micro["ref_logp"] if g.kl_beta > 0 else None, kl_beta=g.kl_beta,
                 clip_low=g.clip_low, clip_high=g.clip_high, aggregation=g.aggregation,
                 normalizer=normalizer,
@@ -313,6 +212,8 @@ def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, g, 
             entropy = -jnp.sum(probs * jax.nn.log_softmax(logits.astype(jnp.float32)), -1)
             sums["entropy_sum"] = jax.lax.stop_gradient(jnp.sum(entropy * micro["loss_mask"]))
             sums["loss_sum"] = loss
+            gap = jnp.abs(fixed - micro["sampler_logp"]) * micro["loss_mask"]
+            sums["sampler_gap_sum"] = jnp.sum(gap)  # the decode path against this forward
             return loss, sums
 
         grads, sums = sft.accumulate_grads(loss_fn, state.params, batch, param_sh)
@@ -328,6 +229,7 @@ def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, g, 
         "clip_fraction": sums["clipped_sum"] / denom,
         "ratio_mean": sums["ratio_sum"] / denom,
         "entropy": sums["entropy_sum"] / denom,
+        "sampler_logp_gap": sums["sampler_gap_sum"] / denom,
         "trained_tokens": sums["num_tokens"],
     }
     return TrainState(state.step + 1, params, opt_state), step_metrics
@@ -354,67 +256,6 @@ def batch_shardings(mesh) -> dict[str, NamedSharding]:
         extra = (None,) if k != "advantages" else ()
         out[k] = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), *extra))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Logging helpers.
-
-
-def rollout_metrics(ro: Rollouts, rubric) -> dict[str, float]:
-    """Reward statistics, per-principle draft/revision scores, gates, lengths, malformed."""
-    m = {
-        "rollout/reward_mean": float(ro.rewards.mean()),
-        "rollout/reward_std": float(ro.rewards.std()),
-    }
-    m["rollout/draft_score"] = float(np.mean([v.scores.reward for v in ro.draft_verdicts]))
-    m["rollout/draft_gate_violation_rate"] = float(
-        np.mean([bool(v.scores.violated_gates) for v in ro.draft_verdicts])
-    )
-    m["rollout/draft_tokens"] = float(np.mean([len(t) for t in ro.draft_ids]))
-    revised = [v for v in ro.revision_verdicts if v is not None]
-    for p in rubric.principles:
-        vals = [v.scores.principles[p.id] for v in ro.draft_verdicts]
-        vals = [x for x in vals if x is not None]
-        if vals:
-            m[f"draft/{p.id}"] = float(np.mean(vals))
-        vals = [v.scores.principles[p.id] for v in revised]
-        vals = [x for x in vals if x is not None]
-        if vals:
-            m[f"revision/{p.id}"] = float(np.mean(vals))
-    if any(ro.cont_ids):
-        m["rollout/continuation_tokens"] = float(np.mean([len(t) for t in ro.cont_ids]))
-        m["rollout/malformed_fraction"] = float(np.mean([e is not None for e in ro.errors]))
-    if revised:
-        pairs = [
-            (d.scores.reward, v.scores.reward)
-            for d, v in zip(ro.draft_verdicts, ro.revision_verdicts)
-            if v is not None
-        ]
-        m["rollout/revision_score"] = float(np.mean([r2 for _, r2 in pairs]))
-        m["rollout/improved_fraction"] = float(np.mean([r2 > r1 for r1, r2 in pairs]))
-        m["rollout/revision_gate_violation_rate"] = float(
-            np.mean([bool(v.scores.violated_gates) for v in revised])
-        )
-    return m
-
-
-def rollout_rows(ro: Rollouts, judge, step: int, count: int) -> list[dict]:
-    """A few rollouts with their judge reports, for rollouts.jsonl."""
-    rows = []
-    for i in range(min(count, len(ro.records))):
-        r = ro.records[i]
-        rows.append({
-            "step": step, "id": r.id, "prompt": r.prompt, "draft": ro.drafts[i],
-            "revision": ro.revisions[i], "error": ro.errors[i], "reward": float(ro.rewards[i]),
-            "draft_report": judge_lib.report_row(
-                judge, r.prompt, ro.drafts[i], ro.draft_verdicts[i]
-            ),
-            "revision_report": (
-                judge_lib.report_row(judge, r.prompt, ro.revisions[i], ro.revision_verdicts[i])
-                if ro.revision_verdicts[i] is not None else None
-            ),
-        })  # fmt: skip
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,7 +292,10 @@ def run(config, workdir: str) -> None:
     records = read_prompts(config)
     prompt_ids = chat_ids(tok, records, g.max_prompt_tokens, g.on_long_prompt)
     records = [r for r in records if r.id in prompt_ids]
-    cache_len, seq_len = rollout_lengths(g, tok, judge, prompt_ids.values())
+    opts = rollouts.from_grpo_config(g)
+    lengths = rollouts.measure_lengths(opts, tok, judge.rubric, prompt_ids.values())
+    cache_len, seq_len = lengths.cache_len, lengths.seq_len
+    opts = dataclasses.replace(opts, cache_len=cache_len)  # one cache size: one compile
     logging.info("grpo: %d prompts, seq_len %d, cache %d", len(records), seq_len, cache_len)
 
     # Optimizer and state shapes; restore or init.
@@ -484,8 +328,8 @@ def run(config, workdir: str) -> None:
     batch_sh = batch_shardings(mesh)
     step_fn = jit_grpo_step(graphdef, tx, schedule, state_sh, g, mesh, rules)
     row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
-    ref_fn = jax.jit(
-        functools.partial(ref_logprobs, graphdef=graphdef, mesh=mesh, rules=rules),
+    logp_fn = jax.jit(
+        functools.partial(token_logprobs, graphdef=graphdef, mesh=mesh, rules=rules),
         in_shardings=(state_sh.params, row_sh, row_sh, row_sh),
         out_shardings=row_sh,
     )
@@ -507,10 +351,10 @@ def run(config, workdir: str) -> None:
             batch_records = prompts_for_step(records, step, g.prompts_per_step, config.seed)
             rows = [r for r in batch_records for _ in range(g.num_generations)]
             policy = dataclasses.replace(initial, params=state.params)
-            ro = rollout(
-                config, policy, judge, rows, [prompt_ids[r.id] for r in rows],
-                jax.random.fold_in(base_rng, step), cache_len,
-            )  # fmt: skip
+            k_draft, k_revision = jax.random.split(jax.random.fold_in(base_rng, step))
+            ro = rollouts.rollout(
+                policy, judge, rows, [prompt_ids[r.id] for r in rows], opts, k_draft, k_revision
+            )
             adv = np.asarray(
                 losses.group_advantages(
                     ro.rewards, g.num_generations, eps=g.adv_eps, scale_by_std=g.scale_adv_by_std
@@ -518,25 +362,31 @@ def run(config, workdir: str) -> None:
             )
             t_train = time.perf_counter()
             host = training_batch(ro, adv, seq_len, tok.pad_id)
-            if g.kl_beta > 0:
-                rows_in = sft.put_batch(
-                    {k: host[k] for k in ("tokens", "positions", "targets")},
-                    dict.fromkeys(("tokens", "positions", "targets"), row_sh),
-                )
-                host["ref_logp"] = sharding.to_host(ref_fn(reference.params, *rows_in.values()))
-            else:
-                host["ref_logp"] = np.zeros_like(host["old_logp"])
+            rows_in = tuple(sft.put_batch(
+                {k: host[k] for k in ("tokens", "positions", "targets")},
+                dict.fromkeys(("tokens", "positions", "targets"), row_sh),
+            ).values())  # fmt: skip
+            if g.num_iterations > 1:  # the old policy: the training forward before any update
+                host["old_logp"] = sharding.to_host(logp_fn(state.params, *rows_in))
+            host["ref_logp"] = (
+                sharding.to_host(logp_fn(reference.params, *rows_in))
+                if g.kl_beta > 0
+                else np.zeros_like(host["old_logp"])
+            )
             micro = split_micro(host, g.grad_accum_steps)
-            for _ in range(g.num_iterations):
+            for iteration in range(g.num_iterations):
                 state, m = step_fn(state, sft.put_batch(micro, batch_sh))
                 m = jax.device_get(m)
+                if iteration == 0:  # before any update of this batch: the sampler's own gap
+                    sampler_gap = m["sampler_logp_gap"]
                 metrics.check_finite(
                     step + 1, float(m["loss"]), float(m["grad_norm"]),
                     last_checkpoint=lambda: checkpoint.latest_step(manager),
                 )  # fmt: skip
             done = step + 1
             row = {f"train/{k}": float(v) for k, v in m.items()}
-            row.update(rollout_metrics(ro, judge.rubric))
+            row["train/sampler_logp_gap"] = float(sampler_gap)
+            row.update(rollouts.rollout_metrics(ro, judge.rubric))
             row.update({
                 "time/step_s": time.perf_counter() - t0,
                 "time/sampling_s": ro.timings["sampling"], "time/judging_s": ro.timings["judging"],
@@ -550,7 +400,7 @@ def run(config, workdir: str) -> None:
                 and g.rollouts_every
                 and (done % g.rollouts_every == 0 or done == g.num_steps)
             ):
-                files.append_jsonl(rollouts_path, rollout_rows(ro, judge, done, 2))
+                files.append_jsonl(rollouts_path, rollouts.rollout_rows(ro, judge, done, 2))
             if done == g.num_steps or (
                 config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0
             ):

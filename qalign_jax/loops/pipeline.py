@@ -28,7 +28,7 @@ import time
 
 import jax
 
-from qalign_jax import checkpoint, files, metrics, sharding
+from qalign_jax import checkpoint, files, metrics, rollouts, sharding
 from qalign_jax import config as config_lib
 from qalign_jax import judge as judge_lib
 from qalign_jax import stages as stages_lib
@@ -112,7 +112,7 @@ def evaluate(config, eval_sources, final: str, workdir: str) -> dict:
     records = [r for r in records if r.id in prompt_ids]
     if not records:
         raise ValueError("config.pipeline.eval_sources gave no prompts that fit; check it.")
-    cache_len, _ = grpo.rollout_lengths(c.grpo, base.tokenizer, judge, prompt_ids.values())
+    opts = rollouts.from_grpo_config(c.grpo)
     shardings = sharding.param_shardings(llama.abstract_model(base.cfg)[1], mesh, rules)
     final_params, origin = checkpoint.initial_params(
         base.cfg, shardings, source=c.model.source, init=final,
@@ -122,12 +122,14 @@ def evaluate(config, eval_sources, final: str, workdir: str) -> dict:
     results = {"prompts": len(records), "final_params": origin, "policies": {}}
     rows = []
     for name, policy in policies.items():
-        ro = grpo.rollout(
-            c, policy, judge, records, [prompt_ids[r.id] for r in records],
-            jax.random.key(c.seed), cache_len,
+        ro = rollouts.rollout(
+            policy, judge, records, [prompt_ids[r.id] for r in records], opts,
+            *jax.random.split(jax.random.key(c.seed)),
         )  # fmt: skip
-        results["policies"][name] = grpo.rollout_metrics(ro, judge.rubric)
-        rows += [{"policy": name, **row} for row in grpo.rollout_rows(ro, judge, 0, len(records))]
+        results["policies"][name] = rollouts.rollout_metrics(ro, judge.rubric)
+        rows += [
+            {"policy": name, **row} for row in rollouts.rollout_rows(ro, judge, 0, len(records))
+        ]
     if jax.process_index() == 0:
         files.write_jsonl(os.path.join(workdir, "eval.jsonl"), rows)
     return results

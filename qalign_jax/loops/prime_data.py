@@ -28,7 +28,7 @@ import time
 import jax
 import numpy as np
 
-from qalign_jax import data, files, reflection, rewards, sampler, sharding, stages
+from qalign_jax import data, files, reflection, rewards, rollouts, sharding, stages
 from qalign_jax import judge as judge_lib
 from qalign_jax.metrics import format_duration
 from qalign_jax.models import load
@@ -61,43 +61,6 @@ def select_prompts(sources, seed: int) -> list[data.PromptRecord]:
     return chosen
 
 
-def _sampler_cfg(config, tokenizer, max_new_tokens: int, stop: tuple = ()):
-    return sampler.SamplerConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=config.prime.temperature,
-        top_p=config.prime.top_p,
-        stop_ids=tuple(tokenizer.stop_ids),
-        stop_sequences=sampler.encode_stop_sequences(tokenizer, stop) if stop else (),
-    )
-
-
-def _text(tokenizer, ids, reason) -> str:
-    return tokenizer.decode(ids[:-1] if reason == "eos" else ids)
-
-
-def revise(config, reviser, contexts: list[list[int]], rng) -> list[str]:
-    """Reflection then revision for each context (which ends in the forced <Think>).
-
-    Returns what follows <Think>: the reflection, </Think>, and the revision.
-    """
-    tok = reviser.tokenizer
-    k1, k2 = jax.random.split(rng)
-    think_cfg = _sampler_cfg(
-        config, tok, config.prime.think_max_tokens, stop=(reflection.THINK_CLOSE,)
-    )
-    out = sampler.generate(reviser, contexts, think_cfg, k1)
-    thinks = []
-    for ids, reason in zip(out.tokens, out.finish_reasons):
-        text = _text(tok, ids, reason)
-        if reason != "stop_sequence":  # ran out or ended its turn: close the reflection
-            text = text.rstrip() + reflection.THINK_CLOSE
-        thinks.append(text + "\n\n")
-    rev_cfg = _sampler_cfg(config, tok, config.prime.revision_max_tokens)
-    second = [c + tok.encode(t) for c, t in zip(contexts, thinks)]
-    out = sampler.generate(reviser, second, rev_cfg, k2)
-    return [t + _text(tok, ids, r) for t, ids, r in zip(thinks, out.tokens, out.finish_reasons)]
-
-
 def keep_example(rule: str, r1: float, r2: float) -> bool:
     if rule == "improved":
         return r2 > r1
@@ -107,53 +70,44 @@ def keep_example(rule: str, r1: float, r2: float) -> bool:
 
 
 def process_batch(config, policy, reviser, judge, records, rng) -> list[dict]:
-    """Draft, judge, findings, reflection + revision, judge again: one row per record."""
-    tok = policy.tokenizer
-    k_draft, k_rev = jax.random.split(rng)
+    """Draft, judge, findings, reflection + revision, judge again: one row per record.
+
+    `rollouts.rollout` with the reviser writing pass 2 from text (even when it is the policy):
+    its reflection is closed with </Think> after `prime.think_max_tokens`."""
+    p, tok = config.prime, policy.tokenizer
+    opts = rollouts.RolloutConfig(
+        two_pass=True, draft_max_tokens=p.draft_max_tokens,
+        revision_max_tokens=p.revision_max_tokens, think_max_tokens=p.think_max_tokens,
+        temperature=p.temperature, top_p=p.top_p, max_findings=p.max_findings,
+    )  # fmt: skip
     chats = [tok.apply_chat_template([{"role": "user", "content": r.prompt}]) for r in records]
-    out = sampler.generate(
-        policy, chats, _sampler_cfg(config, tok, config.prime.draft_max_tokens), k_draft
-    )
-    drafts = [_text(tok, ids, r).strip() for ids, r in zip(out.tokens, out.finish_reasons)]
-    draft_v = judge_lib.score_pairs(judge, [(r.prompt, d) for r, d in zip(records, drafts)])
-    blocks = [
-        reflection.findings_block(judge.rubric, v, max_findings=config.prime.max_findings)
-        for v in draft_v
-    ]
-    rtok = reviser.tokenizer
-    contexts = [
-        rtok.apply_chat_template([{"role": "user", "content": r.prompt}]) + rtok.encode(d + b)
-        for r, d, b in zip(records, drafts, blocks)
-    ]
-    continuations = revise(config, reviser, contexts, k_rev)
-    parsed = [reflection.parse_continuation(c) for c in continuations]
-    rev_pairs = [(r.prompt, rev) for r, (_, rev, _) in zip(records, parsed)]
-    ok = [i for i, (_, rev, err) in enumerate(parsed) if err is None and rev]
-    rev_v = dict(zip(ok, judge_lib.score_pairs(judge, [rev_pairs[i] for i in ok])))
+    k_draft, k_revision = jax.random.split(rng)
+    ro = rollouts.rollout(policy, judge, records, chats, opts, k_draft, k_revision, reviser=reviser)
+    drafts, draft_v, rev_v = ro.drafts, ro.draft_verdicts, ro.revision_verdicts
     rows = []
     for i, r in enumerate(records):
-        think, revision, error = parsed[i]
+        think, revision, error = ro.thinks[i], ro.revisions[i], ro.errors[i]
         if not drafts[i] and error is None:
             error = "the draft is empty"
         r1 = draft_v[i].scores.reward
         row = {
             "id": r.id, "prompt": r.prompt, "category": r.category, "label": r.label,
-            "draft": drafts[i], "draft_finish": out.finish_reasons[i],
+            "draft": drafts[i], "draft_finish": ro.draft_finish[i],
             "draft_reward": r1, "draft_principles": draft_v[i].scores.principles,
             "draft_violated_gates": list(draft_v[i].scores.violated_gates),
-            "findings": blocks[i], "think": think, "revision": revision, "error": error,
+            "findings": ro.findings[i], "think": think, "revision": revision, "error": error,
         }  # fmt: skip
-        if i in rev_v and error is None:
+        if rev_v[i] is not None and error is None:
             r2 = rev_v[i].scores.reward
             row.update(
                 revision_reward=r2,
                 revision_principles=rev_v[i].scores.principles,
                 revision_violated_gates=list(rev_v[i].scores.violated_gates),
                 two_pass_reward=rewards.two_pass_reward(
-                    r1, r2, judge.reward_cfg.alpha, judge.reward_cfg.beta
+                    r1, r2, judge.reward_cfg.improvement_weight, judge.reward_cfg.regression_weight
                 ),
                 kept=keep_example(config.prime.keep, r1, r2),
-                segments=reflection.segments(drafts[i], blocks[i], think, revision),
+                segments=reflection.segments(drafts[i], ro.findings[i], think, revision),
             )
         else:
             row.update(kept=False)
