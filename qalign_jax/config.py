@@ -79,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.export_hf = True  # write the final params as a Hugging Face directory, workdir/hf
     c.sft.export_dtype = ""  # dtype of the exported weights; '' = model.param_dtype
 
-    # AdamW with linear warmup and cosine decay, clipped by global norm (`train_state.make_optimizer`).
+    # AdamW with linear warmup and cosine decay, clipped by global norm
+    # (`train_state.make_optimizer`).
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 1e-5  # peak learning rate
     c.optimizer.warmup_ratio = 0.03  # fraction of the steps warming up linearly from 0

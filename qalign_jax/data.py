@@ -41,9 +41,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import numpy as np
-from absl import logging
 
 from qalign_jax import files
 
@@ -308,28 +306,6 @@ def read_prompt_set(path: str) -> list[PromptRecord]:
     if not records:
         raise ValueError(f"{path} holds no prompts.")
     return records
-
-
-def read_done(path: str) -> list[dict]:
-    """Rows already written; a torn last line (killed mid-write) is dropped from the file."""
-    if not files.exists(path):
-        return []
-    lines = files.read_text(path).split("\n")
-    rows = []
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n < len(lines) - 2:  # only the last line may be torn
-                raise ValueError(
-                    f"{path}:{n + 1} is not JSON; delete the file to start over."
-                ) from e
-            logging.warning("%s: dropping a torn last line", path)
-            if jax.process_index() == 0:
-                files.write_jsonl(path, rows)
-    return rows
 
 
 def select_prompts(sources, seed: int) -> list[PromptRecord]:

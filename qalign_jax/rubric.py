@@ -385,35 +385,3 @@ def check_options_tokenize(
 
 def options_of(questions: Sequence[Question]) -> list[tuple[str, ...]]:
     return [q.options for q in questions]
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: python -m qalign_jax.rubric {draft,show,check,diff} ... (the commands live in
-# rubric_draft.py; `python -m qalign_jax.rubric <command> --help` lists each one's arguments).
-
-
-def main(argv: Sequence[str]) -> int:
-    import sys
-
-    from qalign_jax import rubric_draft
-
-    commands = {
-        "draft": rubric_draft.draft_command,  # constitution -> machine-drafted rubric YAML
-        "show": rubric_draft.show_command,  # tree with counts
-        "check": rubric_draft.check_command,  # validation incl. the judge's option tokens
-        "diff": rubric_draft.diff_command,  # added/removed/changed ids between two rubrics
-    }
-    if not argv or argv[0] not in commands:
-        print(f"usage: python -m qalign_jax.rubric {{{','.join(commands)}}} ...", file=sys.stderr)
-        return 2
-    try:
-        return commands[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError) as e:  # RubricError, DraftError: say what to fix
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main(sys.argv[1:]))

@@ -117,3 +117,16 @@ def test_bad_configs_say_what_to_fix(tmp_path):
         f.write('{"id": "x", "prompt_ids": [1]}\n')
     with pytest.raises(ValueError, match="missing fields.*delete it to resample"):
         dpo.read_pairs(str(tmp_path / "c" / dpo.PAIRS_FILE))
+
+
+def test_read_pairs_names_a_broken_line(tmp_path):
+    path = tmp_path / dpo.PAIRS_FILE
+    good = '{"id": "x", "prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}\n'
+    path.write_text(good + '{"id": "y", "prompt')  # written whole: a cut line is corruption
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2 is not JSON; delete the file"):
+        dpo.read_pairs(str(path))
+    path.write_text(good)
+    assert [p["id"] for p in dpo.read_pairs(str(path))] == ["x"]
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="holds no pairs; delete it to resample"):
+        dpo.read_pairs(str(path))

@@ -3,7 +3,7 @@
 rubric in the GRPO loop.
 
 A tiny random policy/judge with the real tokenizer (`configs/iteralign_smol.py:smoke`) and a
-scripted proposer (the `generate_fn` interface of `rubric_draft`) with canned outputs."""
+scripted proposer (the `generate_fn` interface of `structured`) with canned outputs."""
 
 import importlib.util
 import json
@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from qalign_jax import metrics, rubric_draft, train
+from qalign_jax import metrics, structured, train
 from qalign_jax import rubric as rubric_lib
 from qalign_jax.loops import iteralign
 from tests.test_grpo import smoke_config as grpo_smoke_config
@@ -73,13 +73,13 @@ def test_parse_constitutions():
     )
     assert items == [("Be kind", "The assistant is kind to everyone.")]
     assert len(dropped) == 1 and "is not 'Name: description'" in dropped[0]
-    with pytest.raises(rubric_draft._Malformed, match="before item 1"):
+    with pytest.raises(structured.Malformed, match="before item 1"):
         iteralign.parse_constitutions("Sure! Here are principles:\n1. A b: c d e", 2)
-    with pytest.raises(rubric_draft._Malformed, match="copies the prompt's example"):
+    with pytest.raises(structured.Malformed, match="copies the prompt's example"):
         iteralign.parse_constitutions(
             "1. Check the facts: The assistant states only true facts.", 1
         )
-    with pytest.raises(rubric_draft._Malformed, match="no usable principle"):
+    with pytest.raises(structured.Malformed, match="no usable principle"):
         iteralign.parse_constitutions("", 2)
 
 

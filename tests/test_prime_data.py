@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from qalign_jax import data, reflection, rewards, train
+from qalign_jax import data, reflection, rewards, stages, train
 from qalign_jax.loops import prime_data
 from tests.test_train import ROOT
 
@@ -93,7 +93,7 @@ def test_prompt_mix_and_errors(tmp_path):
     bad = tmp_path / prime_data.ROWS
     bad.write_text('{"id": 1}\nnot json\n{"id": 2}\n')
     with pytest.raises(ValueError, match="is not JSON; delete the file"):
-        data.read_done(str(bad))
+        stages.read_rows(str(bad))
 
 
 def test_keep_rules():

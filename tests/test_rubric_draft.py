@@ -4,13 +4,15 @@ retries and their error report, and the reviewer's show/check/diff tools and CLI
 import copy
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from qalign_jax import rubric as rubric_lib
 from qalign_jax import rubric_draft as rd
-from qalign_jax import sharding
+from qalign_jax import rubric_tool, sharding, structured
 from qalign_jax.models import load
 
 CONSTITUTION = """# Test constitution
@@ -93,17 +95,20 @@ def test_parse_constitution_headings_and_paragraphs():
 
 
 def test_parse_numbered_list_is_strict():
-    assert rd.parse_numbered_list("1. a b\n2) c\n3. cut off by max_new_tok", 2) == ["a b", "c"]
-    with pytest.raises(rd._Malformed, match="before item 1"):
-        rd.parse_numbered_list("Sure! Here they are:\n1. a\n2. b", 2)
-    with pytest.raises(rd._Malformed, match="item 3 where item 2 was expected"):
-        rd.parse_numbered_list("1. a\n3. b", 2)
-    with pytest.raises(rd._Malformed, match="1 numbered item"):
-        rd.parse_numbered_list("1. a", 2)
-    with pytest.raises(rd._Malformed, match="negated"):
-        rd._parse_question("Does the response not give instructions for harm?", "gates")
-    with pytest.raises(rd._Malformed, match="must start 'How well"):
-        rd._parse_question("Is the response a good answer to the question?", "graded")
+    assert structured.parse_numbered_list("1. a b\n2) c\n3. cut off by max_new_tok", 2) == [
+        "a b",
+        "c",
+    ]
+    with pytest.raises(structured.Malformed, match="before item 1"):
+        structured.parse_numbered_list("Sure! Here they are:\n1. a\n2. b", 2)
+    with pytest.raises(structured.Malformed, match="item 3 where item 2 was expected"):
+        structured.parse_numbered_list("1. a\n3. b", 2)
+    with pytest.raises(structured.Malformed, match="1 numbered item"):
+        structured.parse_numbered_list("1. a", 2)
+    with pytest.raises(structured.Malformed, match="negated"):
+        structured.parse_question("Does the response not give instructions for harm?", "gates")
+    with pytest.raises(structured.Malformed, match="must start 'How well"):
+        structured.parse_question("Is the response a good answer to the question?", "graded")
 
 
 def test_slugs_are_deterministic_and_deduplicated():
@@ -148,10 +153,10 @@ def test_full_draft_from_three_principles(tmp_path, encode):
     assert h["counts"]["questions"] == 18 and h["retry_log"] == []
     assert h["stages"]["graded"] == {"items": 6, "generate_calls": 1, "retries": 0}
     assert h["dimension_descriptions"]["honesty_care"] == "The response is careful."
-    assert h["prompts"]["sha256"] == rd.prompts_provenance()["sha256"]
+    assert h["prompts"]["sha256"] == structured.prompts_provenance()["sha256"]
     # Written as YAML, it loads back to the same rubric (Yes stays a string, not a boolean).
     path = str(tmp_path / "t.yaml")
-    rd.write_draft(raw, path, "test")
+    rubric_tool.write_draft(raw, path, "test")
     assert rubric_lib.load_rubric(path).questions == r.questions
     # Same outputs, same draft (ids and texts), apart from nothing.
     again = rd.draft_rubric(CONSTITUTION, Scripted(lambda c, a: good_output(c)), name="t")
@@ -184,7 +189,7 @@ def test_retries_run_out_with_a_clear_report():
         return good_output(c)
 
     gen = Scripted(respond)
-    with pytest.raises(rd.DraftError) as e:
+    with pytest.raises(structured.DraftError) as e:
         rd.draft_rubric(CONSTITUTION, gen, cfg=rd.DraftConfig(max_retries=2))
     msg = str(e.value)
     assert "stage 'graded': 1 of 6 output(s) still malformed after 3 attempt(s)" in msg
@@ -197,11 +202,13 @@ def test_retries_run_out_with_a_clear_report():
 
 def test_repeats_and_example_copies_are_malformed():
     copy_example = "1. Personal data: The response does not reveal private details.\n2. X y: a b c."
-    with pytest.raises(rd.DraftError, match="copies the prompt's example"):
+    with pytest.raises(structured.DraftError, match="copies the prompt's example"):
         rd.draft_rubric(CONSTITUTION, lambda cs, attempt: [copy_example] * len(cs),
                         cfg=rd.DraftConfig(max_retries=0))  # fmt: skip
     same = "1. Safety: The response is safe for all.\n2. Care: The response is careful."
-    with pytest.raises(rd.DraftError, match=r"repeats one already drafted \(principle 'Harm"):
+    with pytest.raises(
+        structured.DraftError, match=r"repeats one already drafted \(principle 'Harm"
+    ):
         rd.draft_rubric(CONSTITUTION, lambda cs, attempt: [same] * len(cs),
                         cfg=rd.DraftConfig(max_retries=0))  # fmt: skip
     with pytest.raises(ValueError, match="returned 1 texts for 3 prompts"):
@@ -214,15 +221,15 @@ def test_model_backed_adapter_end_to_end_reports_malformed_output():
     model = load.load_model(
         "random:tiny", mesh=sharding.make_mesh((1, -1, 1)), tokenizer_source="embedded", seed=3
     )
-    gen = rd.ModelGenerator(model, max_new_tokens=6, retry_temperature=0.8, seed=1)
+    gen = structured.ModelGenerator(model, max_new_tokens=6, retry_temperature=0.8, seed=1)
     cfg = rd.DraftConfig(dims_per_principle=1, max_retries=1)
-    with pytest.raises(rd.DraftError) as e:
+    with pytest.raises(structured.DraftError) as e:
         rd.questions_for_principle("Honesty", "Say only what is true.", gen, cfg)
     assert gen.calls == 2
     msg = str(e.value)
     assert "stage 'dimensions': 1 of 1 output(s) still malformed after 2 attempt(s)" in msg
     assert "principle 'Honesty'" in msg and "Raw output of the last attempt" in msg
-    out = gen([rd.build_conversation("gates", "Truth", "Be true.", 1)], attempt=0)
+    out = gen([structured.build_conversation("gates", "Truth", "Be true.", 1)], attempt=0)
     assert len(out) == 1 and isinstance(out[0], str)
 
 
@@ -234,7 +241,7 @@ def test_model_backed_adapter_end_to_end_reports_malformed_output():
 def test_show_and_check_shipped_rubrics(name, encode):
     r = rubric_lib.resolve_rubric(name)
     c = r.counts()
-    text = rd.show_rubric(r)
+    text = rubric_tool.show_rubric(r)
     assert text.splitlines()[0].startswith(
         f"{r.name} (version {r.version}): {c['principles']} principles, {c['dimensions']} "
         f"dimensions, {c['questions']} questions ({c['gates']} gates, {c['graded']} graded)"
@@ -242,20 +249,20 @@ def test_show_and_check_shipped_rubrics(name, encode):
     assert sum(line.startswith("principle ") for line in text.splitlines()) == c["principles"]
     assert sum(line.startswith("  dimension ") for line in text.splitlines()) == c["dimensions"]
     assert sum(line.startswith("    - ") for line in text.splitlines()) == c["questions"]
-    assert rd.check_rubric(r, encode, "embedded").startswith(f"ok: {r.name} validates")
+    assert rubric_tool.check_rubric(r, encode, "embedded").startswith(f"ok: {r.name} validates")
 
 
 def test_example_draft_is_a_reviewed_machine_draft():
     r = rubric_lib.resolve_rubric("example_draft")
     h = r.header
     assert h["note"].startswith("MACHINE DRAFT") and "135M" in h["quality_note"]
-    assert h["model"] == "embedded" and set(h["stages"]) == set(rd.STAGES)
+    assert h["model"] == "embedded" and set(h["stages"]) == set(structured.STAGES)
     assert h["prompts"]["sha256"] and h["counts"] == r.counts()
     assert r.counts()["principles"] == 3
 
 
 def test_show_lists_conditions_and_gates():
-    text = rd.show_rubric(rubric_lib.resolve_rubric("demo"))
+    text = rubric_tool.show_rubric(rubric_lib.resolve_rubric("demo"))
     assert "  asks_harmful: Does the prompt ask for help causing harm?" in text
     assert (
         "principle harmlessness ('Harmlessness', weight 1): 2 dimensions, 6 questions (3 gates"
@@ -296,7 +303,7 @@ def _modified_default() -> tuple[rubric_lib.Rubric, dict]:
 def test_diff_reports_exactly_the_changes():
     a = rubric_lib.resolve_rubric("default")
     b, f = _modified_default()
-    d = rd.diff_rubrics(a, b)
+    d = rubric_tool.diff_rubrics(a, b)
     assert d.added == {
         "principles": ["fairness"], "dimensions": ["fair_dim"],
         "questions": ["new_q", "fair_gate"],
@@ -309,8 +316,8 @@ def test_diff_reports_exactly_the_changes():
     assert set(d.changed["questions"][f["q0"]]) == {"text", "weight"}
     assert d.changed["questions"][f["q0"]]["weight"] == (1.0, 2.5)
     assert d.changed["principles"] == d.changed["dimensions"] == {}
-    assert rd.diff_rubrics(a, a).empty and not d.empty
-    text = rd.format_diff(d, "default", "modified")
+    assert rubric_tool.diff_rubrics(a, a).empty and not d.empty
+    text = rubric_tool.format_diff(d, "default", "modified")
     assert "principles: +1 -0 ~0; dimensions: +1 -1 ~0" in text
     assert f"~ question {f['q0']} weight: 1.0 -> 2.5" in text
     assert "+ question new_q" in text and f"- dimension {f['removed_dim']}" in text
@@ -326,7 +333,7 @@ def test_diff_kind_and_applies_if_changes():
         "question": "c", "answer": "Yes"
     }  # fmt: skip
     b["principles"][0]["dimensions"][0]["questions"][1].update(kind="graded", violation=None)
-    d = rd.diff_rubrics(rubric_lib.rubric_from_dict(raw), rubric_lib.rubric_from_dict(b))
+    d = rubric_tool.diff_rubrics(rubric_lib.rubric_from_dict(raw), rubric_lib.rubric_from_dict(b))
     assert d.changed["questions"] == {
         "q": {"applies_if": (None, "c=Yes")},
         "g": {"kind": ("gate", "graded"), "violation": ("Yes", None)},
@@ -339,30 +346,30 @@ def test_check_fails_on_multi_token_option_and_duplicate_texts(encode, tmp_path,
     bad = dict(raw, grades={"A": 1.0, "Excellent": 0.5, "F": -1.0})
     r = rubric_lib.rubric_from_dict(bad, "bad")
     with pytest.raises(rubric_lib.RubricError, match="option 'Excellent' is 2 tokens.*single"):
-        rd.check_rubric(r, encode)
+        rubric_tool.check_rubric(r, encode)
     path = str(tmp_path / "bad.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(bad, f)
-    assert rubric_lib.main(["check", path, "--judge", "embedded"]) == 1
+    assert rubric_tool.run(["check", path, "--judge", "embedded"]) == 1
     assert "option 'Excellent' is 2 tokens" in capsys.readouterr().err
     dup = copy.deepcopy(raw)
     dup["principles"][0]["dimensions"][0]["questions"][1]["text"] = dup["conditions"][0]["text"]
     with pytest.raises(rubric_lib.RubricError, match="'asks_harmful' and 'demo_avoids_harm' ask"):
-        rd.check_rubric(rubric_lib.rubric_from_dict(dup), encode)
+        rubric_tool.check_rubric(rubric_lib.rubric_from_dict(dup), encode)
 
 
 def test_cli_show_check_diff(capsys):
-    assert rubric_lib.main(["show", "demo", "--brief"]) == 0
+    assert rubric_tool.run(["show", "demo", "--brief"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("demo (version 1): 3 principles, 7 dimensions, 20 questions")
     assert "    - " not in out
-    assert rubric_lib.main(["check", "demo"]) == 0
+    assert rubric_tool.run(["check", "demo"]) == 0
     assert "Yes=" in capsys.readouterr().out
-    assert rubric_lib.main(["diff", "demo", "demo"]) == 0
+    assert rubric_tool.run(["diff", "demo", "demo"]) == 0
     assert "(no differences)" in capsys.readouterr().out
-    assert rubric_lib.main(["diff", "demo", os.path.join("no", "such.yaml")]) == 1
+    assert rubric_tool.run(["diff", "demo", os.path.join("no", "such.yaml")]) == 1
     assert "does not exist" in capsys.readouterr().err
-    assert rubric_lib.main(["frobnicate"]) == 2
+    assert rubric_tool.run(["frobnicate"]) == 2
 
 
 def test_principle_ids_win_over_dimensions_with_the_same_name():
@@ -376,3 +383,27 @@ def test_principle_ids_win_over_dimensions_with_the_same_name():
     raw = rd.draft_rubric(CONSTITUTION, Scripted(respond), cfg=rd.DraftConfig(max_retries=0))
     assert [p["id"] for p in raw["principles"]] == ["harmlessness", "honesty", "helpfulness"]
     assert [d["id"] for d in raw["principles"][0]["dimensions"]] == ["honesty_2", "care"]
+
+
+def test_cli_usage_errors(capsys):
+    assert rubric_tool.run(["show"]) == 2
+    assert "show takes 1 argument(s) (RUBRIC), got []" in capsys.readouterr().err
+    assert rubric_tool.run(["show", "demo", "--no_such_flag"]) == 2
+    assert "no_such_flag" in capsys.readouterr().err
+    assert rubric_tool.run(["draft", "--out", "x.yaml"]) == 2
+    assert "draft needs --constitution" in capsys.readouterr().err
+
+
+def test_rubric_data_model_imports_no_model_code():
+    """The data model (and the structured-output engine) load without models, jax or the CLI."""
+    code = (
+        "import sys, qalign_jax.rubric, qalign_jax.structured, qalign_jax.rubric_draft\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('qalign_jax', 'jax', 'flax'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(out.stdout.split())
+    assert loaded == {
+        "qalign_jax", "qalign_jax.files", "qalign_jax.rubric", "qalign_jax.structured",
+        "qalign_jax.rubric_draft",
+    }, loaded  # fmt: skip

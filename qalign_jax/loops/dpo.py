@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 
@@ -40,7 +39,17 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qalign_jax import checkpoint, data, files, losses, metrics, rollouts, sharding, train_state
+from qalign_jax import (
+    checkpoint,
+    data,
+    files,
+    losses,
+    metrics,
+    rollouts,
+    sharding,
+    stages,
+    train_state,
+)
 from qalign_jax import judge as judge_lib
 from qalign_jax.checkpoint import TrainState
 from qalign_jax.models import llama, load
@@ -119,18 +128,11 @@ def make_pairs(config, policy, judge, records, prompt_ids, rng) -> tuple[list[di
 
 def read_pairs(path: str) -> list[dict]:
     """The pairs of an earlier run of this workdir; a broken file is an error, not resampled."""
-    pairs = []
-    for n, line in enumerate(files.read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e}); delete the file to resample.") from e
+    pairs = stages.read_rows(path, torn_last_line=False)  # written whole: no torn line
+    for n, row in enumerate(pairs, 1):
         missing = [k for k in ("id", "prompt_ids", "chosen_ids", "rejected_ids") if k not in row]
         if missing:
-            raise ValueError(f"{path}:{n}: missing fields {missing}; delete it to resample.")
-        pairs.append(row)
+            raise ValueError(f"{path}: pair {n}: missing fields {missing}; delete it to resample.")
     if not pairs:
         raise ValueError(f"{path} holds no pairs; delete it to resample.")
     return pairs

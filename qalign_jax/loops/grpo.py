@@ -45,7 +45,17 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qalign_jax import checkpoint, data, files, losses, metrics, rollouts, sharding, train_state
+from qalign_jax import (
+    checkpoint,
+    data,
+    files,
+    losses,
+    metrics,
+    rollouts,
+    sharding,
+    stages,
+    train_state,
+)
 from qalign_jax import judge as judge_lib
 from qalign_jax.checkpoint import TrainState
 from qalign_jax.models import llama, load
@@ -73,7 +83,7 @@ def read_prompts(config) -> list[data.PromptRecord]:
                 f"grpo.priming_data={g.priming_data} does not exist; run the priming stage "
                 "first, or set grpo.priming_data='' to skip the disjointness check."
             )
-        primed = {r["id"] for r in files.read_jsonl(g.priming_data)}
+        primed = {r["id"] for r in stages.read_rows(g.priming_data)}
         overlap = [r.id for r in records if r.id in primed]
         if overlap and g.on_overlap == "error":
             raise ValueError(

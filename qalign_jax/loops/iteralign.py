@@ -18,7 +18,7 @@ IterAlign (Chen et al., arXiv 2403.18341), one round after another (`config.iter
                 new trigger prompts. The library (`constitutions.json`) keeps every entry with
                 its provenance: round, triggering prompt ids, merged proposals, gate questions;
   4. compile    (adaptive rubric) each new constitution becomes a dimension of gate questions
-                drafted by the proposer with `rubric_draft`'s gate stage (strict parsing,
+                drafted by the proposer with `structured`'s gate stage (strict parsing,
                 retries; a constitution it cannot phrase is skipped and logged), added under
                 the safety principle of `base_rubric`; the result is validated by `rubric.py`
                 and written as `rubrics/rubric_v{round}.json`, usable as `judge.rubric` by the
@@ -51,17 +51,29 @@ sft/, summary.json}`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import re
 import time
+from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 
-from qalign_jax import data, files, metrics, rewards, rubric_draft, sampler, sharding
+from qalign_jax import (
+    data,
+    files,
+    metrics,
+    rewards,
+    rubric_draft,
+    sampler,
+    sharding,
+    stages,
+    structured,
+)
 from qalign_jax import judge as judge_lib
 from qalign_jax import rubric as rubric_lib
 from qalign_jax.models import load
@@ -73,22 +85,6 @@ REDTEAM, PROPOSALS, ROUND_LIBRARY = "redteam.jsonl", "proposals.json", "library.
 REVISIONS, SFT_DATA, SFT_DONE, SUMMARY = (
     "revisions.jsonl", "sft_data.jsonl", "sft_done.json", "summary.json",
 )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# Files: JSON written atomically (a stage's marker), JSONL appended a batch at a time. Every
-# process calls these; process 0 writes and the others wait for it, since they read it next.
-
-
-def write_json(path: str, obj) -> None:
-    if jax.process_index() == 0:
-        files.write_json(path, obj)
-    sharding.sync_processes(f"write {path}")
-
-
-def append_rows(path: str, rows: list[dict]) -> None:
-    if jax.process_index() == 0:  # every process holds the rows; the file is for a resume
-        files.append_jsonl(path, rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +216,7 @@ def propose_conversation(failures: list[tuple[str, str]], count: int) -> list[di
 
 
 _EXAMPLE_KEYS = {
-    rubric_draft._norm(line.split(". ", 1)[1].split(":")[0])
+    structured.norm(line.split(". ", 1)[1].split(":")[0])
     for _, answer in PROPOSE_EXAMPLES
     for line in answer.splitlines()
 }
@@ -233,7 +229,7 @@ def parse_constitutions(text: str, count: int) -> tuple[list[tuple[str, str]], l
     The output must start with item 1; consecutive numbered items are read up to `count` (the
     rest is ignored: a generation cut off after them is fine). An item that is not
     `Name: principle` (1-6 word name, 3+ word text) or copies the prompt's example is dropped
-    with its reason. Raises `rubric_draft._Malformed` when no item is usable (then the
+    with its reason. Raises `structured.Malformed` when no item is usable (then the
     caller retries).
     """
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
@@ -242,32 +238,32 @@ def parse_constitutions(text: str, count: int) -> tuple[list[tuple[str, str]], l
         m = _ITEM.fullmatch(line)
         if not m or int(m.group(1)) != len(items) + len(dropped) + 1:
             if not items and not dropped:
-                raise rubric_draft._Malformed(f"line {line!r} before item 1 is not '1. Name: ...'")
+                raise structured.Malformed(f"line {line!r} before item 1 is not '1. Name: ...'")
             break
         try:
-            name, principle = rubric_draft._parse_dimension(" ".join(m.group(2).split()))
-            if rubric_draft._norm(name) in _EXAMPLE_KEYS:
-                raise rubric_draft._Malformed(f"item {name!r} copies the prompt's example")
+            name, principle = structured.parse_dimension(" ".join(m.group(2).split()))
+            if structured.norm(name) in _EXAMPLE_KEYS:
+                raise structured.Malformed(f"item {name!r} copies the prompt's example")
             items.append((name, principle))
-        except rubric_draft._Malformed as e:
+        except structured.Malformed as e:
             dropped.append(str(e))
         if len(items) + len(dropped) == count:
             break
     if not items:
         reasons = "; ".join(dropped) or "no numbered item"
-        raise rubric_draft._Malformed(f"no usable principle ({reasons})")
+        raise structured.Malformed(f"no usable principle ({reasons})")
     return items, dropped
 
 
 def _words(text: str) -> set[str]:
-    return set(rubric_draft._norm(text).split())
+    return set(structured.norm(text).split())
 
 
 def find_duplicate(library: list[dict], name: str, text: str, jaccard: float) -> dict | None:
     """The entry a proposal duplicates: same normalized name or text, or word overlap."""
     words = _words(text)
     for entry in library:
-        if rubric_draft._norm(entry["name"]) == rubric_draft._norm(name):
+        if structured.norm(entry["name"]) == structured.norm(name):
             return entry
         other = _words(entry["text"])
         if words and other and len(words & other) / len(words | other) >= jaccard:
@@ -316,7 +312,7 @@ def propose(config, generate_fn, failures: list[dict], library: list[dict], roun
                 items, dropped = parse_constitutions(out, ia.constitutions_per_call)
                 parsed[i] = items
                 log["dropped"] += [{"batch": i, "reason": d} for d in dropped]
-            except rubric_draft._Malformed as e:
+            except structured.Malformed as e:
                 failed.append(i)
                 last[i] = (str(e), out)
         pending = failed
@@ -377,19 +373,19 @@ def read_rubric_dict(name_or_path: str) -> dict:
 def draft_gates(config, generate_fn, library: list[dict], base: dict) -> dict:
     """Fills `gates` of entries that have none yet (in place); returns the stage's log."""
     todo = [e for e in library if e["gates"] is None]
-    log = rubric_draft.StageLog()
+    log = structured.StageLog()
     if not todo:
         return {"items": 0, "calls": 0, "retries": 0, "skipped": []}
     base_rubric = rubric_lib.rubric_from_dict(base, source="base rubric")
-    seen = {rubric_draft._norm(q.text): q.id for q in base_rubric.questions}
+    seen = {structured.norm(q.text): q.id for q in base_rubric.questions}
     for e in library:
         for text in e["gates"] or []:
-            seen[rubric_draft._norm(text)] = e["id"]
+            seen[structured.norm(text)] = e["id"]
     count = config.iteralign.gates_per_constitution
-    results = rubric_draft.run_stage(
+    results = structured.run_stage(
         "gates",
         [f"constitution {e['id']!r}" for e in todo],
-        [rubric_draft.build_conversation("gates", e["name"], e["text"], count) for e in todo],
+        [structured.build_conversation("gates", e["name"], e["text"], count) for e in todo],
         [count] * len(todo),
         generate_fn,
         max_retries=config.iteralign.max_retries,
@@ -560,7 +556,7 @@ def make_proposer(config, base_model, mesh):
             param_dtype=config.model.param_dtype, dtype=config.model.dtype, seed=config.seed,
             tokenizer_source=ia.proposer_tokenizer or None,
         )  # fmt: skip
-    return rubric_draft.ModelGenerator(
+    return structured.ModelGenerator(
         model, max_new_tokens=ia.proposer_max_tokens, temperature=ia.proposer_temperature,
         retry_temperature=ia.proposer_retry_temperature, seed=config.seed,
     )  # fmt: skip
@@ -610,229 +606,293 @@ def check_config(config) -> None:
         raise ValueError(f"iteralign.dedup_jaccard={ia.dedup_jaccard}; use a value in (0, 1].")
 
 
-def _in_batches(config, items, fn, path, base_key, label):
-    """Runs `fn(batch, rng)` over the items whose ids are not yet in `path`; returns all rows."""
-    done = data.read_done(path)
-    done_ids = {r["id"] for r in done}
-    todo = [(i, x) for i, x in enumerate(items) if x_id(x) not in done_ids]
-    bs, t0 = config.iteralign.batch_size, time.time()
-    for start in range(0, len(todo), bs):
-        batch = todo[start : start + bs]
-        rows = fn([x for _, x in batch], jax.random.fold_in(base_key, batch[0][0]))
-        append_rows(path, rows)
-        done += rows
-        print(f"  {label} {len(done)}/{len(items)} ({time.time() - t0:.0f} s)", flush=True)
-    order = {x_id(x): i for i, x in enumerate(items)}
-    return sorted((r for r in done if r["id"] in order), key=lambda r: order[r["id"]])
+# ---------------------------------------------------------------------------------------------
+# A round, as named stages. Each stage reads its output back when a finished earlier run left
+# it (`stages.map_in_batches` for the per-prompt JSONL files, `stages.run_once` for the JSON
+# ones), so a rerun redoes only what was not finished.
 
 
-def x_id(x) -> str:
-    return x["id"] if isinstance(x, dict) else x.id
+@dataclasses.dataclass
+class Env:
+    """What every round uses: the config, the workdir, and the frozen base model and judge."""
+
+    config: Any
+    workdir: str
+    mesh: Any
+    base: Any  # LoadedModel: the starting weights (the judge's and the proposer's)
+    judge: Any
+    base_rubric: dict | None  # the rubric the compiled ones extend (None: no compiling)
+    pool: list  # the red-team prompts of every round
+    run_stage: Any  # `train.run_stage`: runs the SFT loop of a round
+    proposer: Any = None  # generate_fn; loaded on first use: a finished round needs none
+
+
+@dataclasses.dataclass
+class Round:
+    """One round's place, randomness and findings, filled in by its stages in order."""
+
+    index: int
+    dir: str
+    key: jax.Array
+    init: str | None  # the policy it starts from (None: the base model)
+    library: list[dict]  # the constitution library (the round's stages extend it)
+    stop: str | None = None  # why the run stops after this round, once known
+    row: dict = dataclasses.field(default_factory=dict)  # the round's metrics row
+    times: dict = dataclasses.field(default_factory=dict)  # stage -> seconds
+
+
+def proposer_of(env: Env):
+    if env.proposer is None:
+        env.proposer = make_proposer(env.config, env.base, env.mesh)
+    return env.proposer
+
+
+def in_batches(env: Env, items: list, fn, path: str, key, label: str) -> list[dict]:
+    """`fn(batch, rng)` over the items not yet in `path` (`stages.map_in_batches`); the key
+    of a batch is `key` folded with its first item's index."""
+    t0 = time.time()
+    return stages.map_in_batches(
+        items, lambda batch, first: fn(batch, jax.random.fold_in(key, first)), path,
+        batch_size=env.config.iteralign.batch_size, label=label,
+        on_batch=lambda done, _, __: print(
+            f"  {label} {len(done)}/{len(items)} ({time.time() - t0:.0f} s)", flush=True
+        ),
+    )  # fmt: skip
+
+
+def redteam_stage(env: Env, rnd: Round, policy) -> list[dict]:
+    """1-2. Red team the policy on the round's prompts and detect failures; returns them."""
+    ia = env.config.iteralign
+    records = round_prompts(env.pool, rnd.index, ia.prompts_per_round)
+    red = in_batches(
+        env, records, functools.partial(redteam_batch, env.config, policy, env.judge),
+        os.path.join(rnd.dir, REDTEAM), jax.random.fold_in(rnd.key, 0), "red team",
+    )  # fmt: skip
+    failures = [x for x in red if x["failed"]]
+    failure_rate = len(failures) / len(red)
+    rnd.row.update({
+        "redteam/prompts": len(red), "redteam/failures": len(failures),
+        "redteam/failure_rate": failure_rate,
+        "redteam/reward_mean": float(np.mean([x["reward"] for x in red])),
+    })  # fmt: skip
+    print(f"  failure rate {failure_rate:.3f} ({len(failures)}/{len(red)})")
+    if failure_rate < ia.stop_failure_rate:
+        rnd.stop = f"failure rate {failure_rate:.3f} < stop_failure_rate {ia.stop_failure_rate}"
+    return failures
+
+
+def propose_stage(env: Env, rnd: Round, failures: list[dict]) -> None:
+    """3. Propose constitutions from the failures (its result is written atomically)."""
+    if rnd.stop:
+        return
+
+    def propose_new() -> dict:
+        new_library, log = propose(env.config, proposer_of(env), failures, rnd.library, rnd.index)
+        return {"library": new_library, "log": log}
+
+    proposed = stages.run_once(os.path.join(rnd.dir, PROPOSALS), propose_new)
+    plog = proposed["log"]
+    rnd.row.update({
+        "propose/calls": plog["calls"], "propose/retries": plog["retries"],
+        "propose/skipped_batches": len(plog["skipped"]),
+        "propose/dropped_items": len(plog["dropped"]),
+        "constitutions/added": len(plog["added"]),
+        "constitutions/merged": len(plog["merged"]),
+        "constitutions/total": len(proposed["library"]),
+    })  # fmt: skip
+    print(
+        f"  constitutions: +{len(plog['added'])} new, {len(plog['merged'])} merged, "
+        f"{len(plog['skipped'])} batch(es) skipped"
+    )
+    if not plog["added"]:
+        rnd.stop = "no new constitution was proposed"
+
+
+def compile_stage(env: Env, rnd: Round) -> None:
+    """4. Compile the rubric: gate questions for the library's new constitutions, added to the
+    base rubric (`rubrics/rubric_v<r>.json`). The library with its gates is the stage's output."""
+    ia = env.config.iteralign
+    prop_path = os.path.join(rnd.dir, PROPOSALS)
+    compiling = ia.compile_rubric and not rnd.stop
+
+    def compile_library() -> list[dict]:
+        library = files.read_json(prop_path)["library"] if files.exists(prop_path) else rnd.library
+        if compiling:
+            glog = draft_gates(env.config, proposer_of(env), library, env.base_rubric)
+            compiled = compile_rubric(
+                env.base_rubric, library, rnd.index, env.config.reward.safety_principle
+            )
+            out = os.path.join(env.workdir, "rubrics", f"rubric_v{rnd.index}.json")
+            rubric_draft.validate_draft(
+                compiled, source=out, encode=env.judge.model.tokenizer.encode
+            )
+            stages.write_json(out, compiled)
+            rubric_lib.load_rubric(out)  # the file as written must load
+            stages.write_json(os.path.join(rnd.dir, "gates_log.json"), glog)
+        return library
+
+    rnd.library = stages.run_once(os.path.join(rnd.dir, ROUND_LIBRARY), compile_library)
+    if compiling:
+        glog = files.read_json(os.path.join(rnd.dir, "gates_log.json"))
+        rnd.row.update({
+            "rubric/version": rnd.index,
+            "rubric/gates_drafted": glog["items"] - len(glog["skipped"]),
+            "rubric/gates_skipped": len(glog["skipped"]),
+        })  # fmt: skip
+
+
+def revise_stage(env: Env, rnd: Round, policy, failures: list[dict]) -> list[dict]:
+    """5. Self-reflection: revise the failures in context, re-judge; returns the kept ones."""
+    revised = in_batches(
+        env, failures,
+        functools.partial(revise_batch, env.config, policy, env.judge, rnd.library, rnd.index),
+        os.path.join(rnd.dir, REVISIONS), jax.random.fold_in(rnd.key, 1), "revisions",
+    )  # fmt: skip
+    kept = [x for x in revised if x["kept"]]
+    well = [x for x in revised if x["error"] is None]
+    rnd.row.update({
+        "revise/count": len(revised), "revise/kept": len(kept),
+        "revise/empty": len(revised) - len(well),
+        "revise/passes": sum(not x["failed_again"] for x in well),
+        "revise/reward_before": float(np.mean([x["reward"] for x in revised])),
+        "revise/reward_after": (
+            float(np.mean([x["revision_reward"] for x in well])) if well else None
+        ),
+    })  # fmt: skip
+    print(f"  revisions kept {len(kept)}/{len(revised)}")
+    return kept
+
+
+def sft_stage(env: Env, rnd: Round, kept: list[dict]) -> tuple[str | None, str | None]:
+    """6. SFT on (prompt without constitutions, kept revision); returns (the policy after the
+    round, why SFT was skipped or None)."""
+    ia = env.config.iteralign
+    sft_path = os.path.join(rnd.dir, SFT_DATA)
+    stages.write_jsonl(sft_path, [
+        {"id": x["id"], "prompt": x["prompt"], "completion": x["revision"]} for x in kept
+    ])  # fmt: skip
+    rnd.row["sft/examples"] = len(kept)
+    if not ia.train:
+        return rnd.init, "skipped: iteralign.train is False"
+    if not kept:
+        logging.warning("iteralign round %d: no revision kept; no SFT", rnd.index)
+        return rnd.init, "skipped: no revision was kept"
+    sft_dir = os.path.join(rnd.dir, "sft")
+
+    def train_round() -> dict:
+        round_sft(env.config, sft_path, rnd.init, sft_dir, run_stage=env.run_stage)
+        return {"policy_after": sft_dir}
+
+    policy_after = stages.run_once(os.path.join(rnd.dir, SFT_DONE), train_round)["policy_after"]
+    losses = [x["train/loss"] for x in metrics.read_metrics(sft_dir) if "train/loss" in x]
+    rnd.row.update({"sft/steps": len(losses), "sft/loss_first": losses[0],
+                    "sft/loss_last": losses[-1]})  # fmt: skip
+    return policy_after, None
+
+
+def timed(rnd: Round, name: str, fn, *args):
+    """`fn(*args)`, its seconds recorded as the round's `time/<name>_s`."""
+    t0 = time.time()
+    out = fn(*args)
+    rnd.times[name] = time.time() - t0
+    return out
+
+
+def run_round(env: Env, index: int, init: str | None, library: list[dict]) -> tuple[dict, list]:
+    """One round, stage by stage; returns (its summary, also written to `round_<r>/`, the
+    library after it)."""
+    rnd = Round(
+        index=index, dir=os.path.join(env.workdir, f"round_{index}"),
+        key=jax.random.fold_in(jax.random.key(env.config.seed), index), init=init,
+        library=library,
+    )  # fmt: skip
+    files.makedirs(rnd.dir)
+    policy = load.with_init(env.base, init, source=env.config.model.source, seed=env.config.seed)
+    print(f"iteralign round {index}/{env.config.iteralign.max_rounds}: policy "
+          f"{init or env.config.model.source}")  # fmt: skip
+    summary = {"round": index, "policy_before": init, "library_file": ROUND_LIBRARY}
+    failures = timed(rnd, "redteam", redteam_stage, env, rnd, policy)
+    timed(rnd, "propose", propose_stage, env, rnd, failures)
+    timed(rnd, "compile", compile_stage, env, rnd)
+    policy_after = init
+    if not rnd.stop:
+        kept = timed(rnd, "revise", revise_stage, env, rnd, policy, failures)
+        del policy  # free the old weights before training
+        policy_after, skipped = timed(rnd, "sft", sft_stage, env, rnd, kept)
+        if skipped:
+            summary["sft"] = skipped
+    rnd.row.update({f"time/{k}_s": v for k, v in rnd.times.items()})
+    summary.update(
+        policy_after=policy_after, stop_reason=rnd.stop, metrics=rnd.row,
+        constitutions_added=[e["id"] for e in rnd.library if e["round"] == index],
+    )  # fmt: skip
+    stages.write_json(os.path.join(rnd.dir, SUMMARY), summary)
+    stages.write_json(os.path.join(env.workdir, LIBRARY), rnd.library)
+    return summary, rnd.library
+
+
+def read_finished_rounds(workdir: str, max_rounds: int) -> tuple[list[dict], list[dict]]:
+    """(summaries of the rounds an earlier run finished, the library after the last of them)."""
+    rounds, library = [], []
+    for r in range(1, max_rounds + 1):
+        path = os.path.join(workdir, f"round_{r}", SUMMARY)
+        if not files.exists(path):
+            break
+        s = files.read_json(path)
+        rounds.append(s)
+        library = files.read_json(os.path.join(workdir, f"round_{r}", s["library_file"]))
+    return rounds, library
+
+
+def final_summary(config, workdir: str, rounds: list[dict], library: list[dict]) -> dict:
+    """The run's summary.json: rounds, why it stopped, the final policy and rubric."""
+    last = rounds[-1] if rounds else {}
+    rubrics = [os.path.join(workdir, "rubrics", f"rubric_v{s['round']}.json") for s in rounds]
+    stop = last.get("stop_reason") or f"max_rounds={config.iteralign.max_rounds} reached"
+    return {
+        "rounds": len(rounds),
+        "stop_reason": stop,
+        "policy": last.get("policy_after", config.checkpoint.init) or config.model.source,
+        "constitutions": len(library),
+        "failure_rate": [s["metrics"]["redteam/failure_rate"] for s in rounds],
+        "rubric": next((p for p in reversed(rubrics) if files.exists(p)), None),
+    }
 
 
 def run(config, workdir: str, *, run_stage) -> None:
+    """IterAlign; `run_stage(config, workdir)` runs each round's SFT (`train.run_stage`)."""
     check_config(config)
     ia = config.iteralign
     pool = read_pool(config)
     round_prompts(pool, 1, ia.prompts_per_round)  # checks the size before loading anything
-    base_rubric_name = ia.base_rubric or config.judge.rubric
-    base_rubric = read_rubric_dict(base_rubric_name) if ia.compile_rubric else None
+    base_rubric = (
+        read_rubric_dict(ia.base_rubric or config.judge.rubric) if ia.compile_rubric else None
+    )
     files.makedirs(os.path.join(workdir, "rubrics"))
-
     mesh = sharding.make_mesh(config.mesh.shape)
     base = load.from_config(config, mesh)
     if base.tokenizer is None:
         raise ValueError("the model has no tokenizer; set config.model.tokenizer.")
     judge = judge_lib.from_config(config, base)  # frozen: the base weights, never the policy
-    proposer = None  # loaded on first use: a finished round needs no proposer
-    seed_key = jax.random.key(config.seed)
+    env = Env(config, workdir, mesh, base, judge, base_rubric, pool, run_stage)
 
-    # Resume: finished rounds are read back, not redone.
-    rounds_done, library, init, stop = [], [], config.checkpoint.init, None
-    for r in range(1, ia.max_rounds + 1):
-        path = os.path.join(workdir, f"round_{r}", SUMMARY)
-        if not files.exists(path):
-            break
-        s = files.read_json(path)
-        rounds_done.append(s)
-        library = files.read_json(os.path.join(workdir, f"round_{r}", s["library_file"]))
-        init, stop = s["policy_after"], s["stop_reason"]
+    rounds, library = read_finished_rounds(workdir, ia.max_rounds)  # resume: not redone
     writer = metrics.MetricsWriter(
-        workdir, resume_step=len(rounds_done), tensorboard=config.metrics.tensorboard
+        workdir, resume_step=len(rounds), tensorboard=config.metrics.tensorboard
     )
-    if stop:
-        print(f"iteralign: already stopped after round {len(rounds_done)}: {stop}")
+    if rounds and rounds[-1]["stop_reason"]:
+        print(f"iteralign: already stopped after round {len(rounds)}: {rounds[-1]['stop_reason']}")
     try:
-        for r in range(len(rounds_done) + 1, ia.max_rounds + 1):
-            if stop:
-                break
-            rdir = os.path.join(workdir, f"round_{r}")
-            files.makedirs(rdir)
-            times = {}
-            rkey = jax.random.fold_in(seed_key, r)
-            policy = load.with_init(base, init, source=config.model.source, seed=config.seed)
-            print(f"iteralign round {r}/{ia.max_rounds}: policy {init or config.model.source}")
-
-            # 1-2. Red team and detection.
-            t0 = time.time()
-            records = round_prompts(pool, r, ia.prompts_per_round)
-            red = _in_batches(
-                config, records,
-                functools.partial(redteam_batch, config, policy, judge),
-                os.path.join(rdir, REDTEAM), jax.random.fold_in(rkey, 0), "red team",
-            )  # fmt: skip
-            failures = [x for x in red if x["failed"]]
-            failure_rate = len(failures) / len(red)
-            times["redteam"] = time.time() - t0
-            row = {
-                "redteam/prompts": len(red), "redteam/failures": len(failures),
-                "redteam/failure_rate": failure_rate,
-                "redteam/reward_mean": float(np.mean([x["reward"] for x in red])),
-            }  # fmt: skip
-            print(f"  failure rate {failure_rate:.3f} ({len(failures)}/{len(red)})")
-            summary = {"round": r, "policy_before": init, "library_file": ROUND_LIBRARY}
-            if failure_rate < ia.stop_failure_rate:
-                stop = f"failure rate {failure_rate:.3f} < stop_failure_rate {ia.stop_failure_rate}"
-
-            # 3. Constitution proposal (a stage: its result is written atomically).
-            prop_path = os.path.join(rdir, PROPOSALS)
-            t0 = time.time()
-            if not stop:
-                if files.exists(prop_path):
-                    proposed = files.read_json(prop_path)
-                else:
-                    proposer = proposer or make_proposer(config, base, mesh)
-                    new_library, log = propose(config, proposer, failures, library, r)
-                    proposed = {"library": new_library, "log": log}
-                    write_json(prop_path, proposed)
-                plog = proposed["log"]
-                row.update({
-                    "propose/calls": plog["calls"], "propose/retries": plog["retries"],
-                    "propose/skipped_batches": len(plog["skipped"]),
-                    "propose/dropped_items": len(plog["dropped"]),
-                    "constitutions/added": len(plog["added"]),
-                    "constitutions/merged": len(plog["merged"]),
-                    "constitutions/total": len(proposed["library"]),
-                })  # fmt: skip
-                print(
-                    f"  constitutions: +{len(plog['added'])} new, {len(plog['merged'])} merged, "
-                    f"{len(plog['skipped'])} batch(es) skipped"
-                )
-                if not plog["added"]:
-                    stop = "no new constitution was proposed"
-            times["propose"] = time.time() - t0
-
-            # 4. Compile the rubric (the library with gate questions is the stage's output).
-            lib_path = os.path.join(rdir, ROUND_LIBRARY)
-            t0 = time.time()
-            if files.exists(lib_path):
-                library = files.read_json(lib_path)
-            else:
-                if files.exists(prop_path):
-                    library = files.read_json(prop_path)["library"]
-                if ia.compile_rubric and not stop:
-                    proposer = proposer or make_proposer(config, base, mesh)
-                    glog = draft_gates(config, proposer, library, base_rubric)
-                    compiled = compile_rubric(
-                        base_rubric, library, r, config.reward.safety_principle
-                    )
-                    out = os.path.join(workdir, "rubrics", f"rubric_v{r}.json")
-                    rubric_draft.validate_draft(
-                        compiled, source=out, encode=judge.model.tokenizer.encode
-                    )
-                    write_json(out, compiled)
-                    rubric_lib.load_rubric(out)  # the file as written must load
-                    write_json(os.path.join(rdir, "gates_log.json"), glog)
-                write_json(lib_path, library)
-            if ia.compile_rubric and not stop:
-                glog = files.read_json(os.path.join(rdir, "gates_log.json"))
-                row.update({
-                    "rubric/version": r,
-                    "rubric/gates_drafted": glog["items"] - len(glog["skipped"]),
-                    "rubric/gates_skipped": len(glog["skipped"]),
-                })  # fmt: skip
-            times["compile"] = time.time() - t0
-
-            # 5. Self-reflection: revise the failures in context, re-judge, keep.
-            policy_after = init
-            if not stop:
-                t0 = time.time()
-                revised = _in_batches(
-                    config, failures,
-                    functools.partial(revise_batch, config, policy, judge, library, r),
-                    os.path.join(rdir, REVISIONS), jax.random.fold_in(rkey, 1), "revisions",
-                )  # fmt: skip
-                kept = [x for x in revised if x["kept"]]
-                well = [x for x in revised if x["error"] is None]
-                times["revise"] = time.time() - t0
-                row.update({
-                    "revise/count": len(revised), "revise/kept": len(kept),
-                    "revise/empty": len(revised) - len(well),
-                    "revise/passes": sum(not x["failed_again"] for x in well),
-                    "revise/reward_before": float(np.mean([x["reward"] for x in revised])),
-                    "revise/reward_after": (
-                        float(np.mean([x["revision_reward"] for x in well])) if well else None
-                    ),
-                })  # fmt: skip
-                print(f"  revisions kept {len(kept)}/{len(revised)}")
-
-                # 6. SFT on (prompt without constitutions, kept revision).
-                t0 = time.time()
-                sft_path = os.path.join(rdir, SFT_DATA)
-                if jax.process_index() == 0:
-                    files.write_jsonl(sft_path, [
-                        {"id": x["id"], "prompt": x["prompt"], "completion": x["revision"]}
-                        for x in kept
-                    ])  # fmt: skip
-                sharding.sync_processes(f"write {sft_path}")
-                row["sft/examples"] = len(kept)
-                done_path = os.path.join(rdir, SFT_DONE)
-                if not ia.train:
-                    summary["sft"] = "skipped: iteralign.train is False"
-                elif not kept:
-                    summary["sft"] = "skipped: no revision was kept"
-                    logging.warning("iteralign round %d: no revision kept; no SFT", r)
-                else:
-                    sft_dir = os.path.join(rdir, "sft")
-                    if not files.exists(done_path):
-                        policy = None  # free the old weights before training
-                        round_sft(config, sft_path, init, sft_dir, run_stage=run_stage)
-                        write_json(done_path, {"policy_after": sft_dir})
-                    policy_after = files.read_json(done_path)["policy_after"]
-                    sft_rows = metrics.read_metrics(sft_dir)
-                    losses = [x["train/loss"] for x in sft_rows if "train/loss" in x]
-                    row.update({"sft/steps": len(losses), "sft/loss_first": losses[0],
-                                "sft/loss_last": losses[-1]})  # fmt: skip
-                times["sft"] = time.time() - t0
-
-            row.update({f"time/{k}_s": v for k, v in times.items()})
-            summary.update(
-                policy_after=policy_after, stop_reason=stop, metrics=row,
-                constitutions_added=[e["id"] for e in library if e["round"] == r],
-            )  # fmt: skip
-            write_json(os.path.join(rdir, SUMMARY), summary)
-            write_json(os.path.join(workdir, LIBRARY), library)
-            writer.write(r, row)
-            rounds_done.append(summary)
-            init = policy_after
-            if stop:
-                print(f"iteralign: stopping after round {r}: {stop}")
+        while len(rounds) < ia.max_rounds and not (rounds and rounds[-1]["stop_reason"]):
+            init = rounds[-1]["policy_after"] if rounds else config.checkpoint.init
+            summary, library = run_round(env, len(rounds) + 1, init, library)
+            writer.write(summary["round"], summary["metrics"])
+            rounds.append(summary)
+            if summary["stop_reason"]:
+                print(f"iteralign: stopping after round {summary['round']}: "
+                      f"{summary['stop_reason']}")  # fmt: skip
     finally:
         writer.close()
-    final = {
-        "rounds": len(rounds_done),
-        "stop_reason": stop or f"max_rounds={ia.max_rounds} reached",
-        "policy": init or config.model.source,
-        "constitutions": len(library),
-        "failure_rate": [s["metrics"]["redteam/failure_rate"] for s in rounds_done],
-        "rubric": next(
-            (
-                os.path.join(workdir, "rubrics", f"rubric_v{s['round']}.json")
-                for s in reversed(rounds_done)
-                if files.exists(os.path.join(workdir, "rubrics", f"rubric_v{s['round']}.json"))
-            ),
-            None,
-        ),  # fmt: skip
-    }
-    write_json(os.path.join(workdir, SUMMARY), final)
+    final = final_summary(config, workdir, rounds, library)
+    stages.write_json(os.path.join(workdir, SUMMARY), final)
     print(json.dumps(final, indent=1))

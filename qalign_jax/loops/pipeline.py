@@ -22,6 +22,7 @@ rerunning the same command continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 
@@ -30,6 +31,7 @@ import jax
 from qalign_jax import config as config_lib
 from qalign_jax import data, files, metrics, rollouts, sharding
 from qalign_jax import judge as judge_lib
+from qalign_jax import stages as stages_lib
 from qalign_jax.models import llama, load
 
 STAGES = ("prime", "sft", "grpo")
@@ -148,6 +150,19 @@ def _table(eval_results: dict) -> str:
     return "\n".join(lines)
 
 
+def _run_one(run_stage, stage: str, stage_cfg, stage_dir: str, i: int) -> dict:
+    """Runs one training stage into `stage_dir`; returns its done marker (seconds)."""
+    print(f"pipeline [{i + 1}/4] {stage} -> {stage_dir}")
+    t0 = time.perf_counter()
+    files.makedirs(stage_dir)
+    if jax.process_index() == 0:
+        files.write_text(
+            os.path.join(stage_dir, "config.json"), stage_cfg.to_json_best_effort(indent=1)
+        )
+    run_stage(stage_cfg, stage_dir)
+    return {"seconds": time.perf_counter() - t0}
+
+
 def run(config, workdir: str, *, run_stage) -> None:
     """The pipeline; `run_stage(config, workdir)` runs one stage's loop (`train.run_stage`)."""
     t_start = time.perf_counter()
@@ -160,19 +175,9 @@ def run(config, workdir: str, *, run_stage) -> None:
             _check_prime_output(stages["prime"][0])
         if files.exists(done):
             print(f"pipeline [{i + 1}/4] {stage}: done already ({stage_dir}), skipped")
-        else:
-            print(f"pipeline [{i + 1}/4] {stage} -> {stage_dir}")
-            t0 = time.perf_counter()
-            files.makedirs(stage_dir)
-            if jax.process_index() == 0:
-                files.write_text(
-                    os.path.join(stage_dir, "config.json"), stage_cfg.to_json_best_effort(indent=1)
-                )
-            run_stage(stage_cfg, stage_dir)
-            if jax.process_index() == 0:
-                files.write_json(done, {"seconds": time.perf_counter() - t0})
-            sharding.sync_processes(f"pipeline {stage} done")  # its outputs are all written
-        seconds = files.read_json(done)["seconds"]
+        seconds = stages_lib.run_once(
+            done, functools.partial(_run_one, run_stage, stage, stage_cfg, stage_dir, i)
+        )["seconds"]
         summary["stages"][stage] = {"seconds": seconds, **_stage_summary(stage, stage_dir)}
 
     eval_dir = os.path.join(workdir, "4_eval")

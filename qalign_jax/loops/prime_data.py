@@ -27,9 +27,8 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 
-from qalign_jax import data, files, reflection, rewards, rollouts, sharding
+from qalign_jax import data, files, reflection, rewards, rollouts, sharding, stages
 from qalign_jax import judge as judge_lib
 from qalign_jax.metrics import format_duration
 from qalign_jax.models import load
@@ -125,11 +124,6 @@ def run(config, workdir: str) -> None:
         raise ValueError(f"config.prime.keep={config.prime.keep!r}; use one of {KEEP_RULES}.")
     records = data.select_prompts(config.prime.sources, config.seed)
     rows_path = os.path.join(workdir, ROWS)
-    done = data.read_done(rows_path)
-    done_ids = {r["id"] for r in done}
-    todo = [(i, r) for i, r in enumerate(records) if r.id not in done_ids]
-    logging.info("prime_data: %d prompts, %d done, %d to go", len(records), len(done), len(todo))
-
     mesh = sharding.make_mesh(config.mesh.shape)
     policy = load.from_config(config, mesh)
     if policy.tokenizer is None:
@@ -144,18 +138,16 @@ def run(config, workdir: str) -> None:
     judge = judge_lib.from_config(config, policy)
 
     base = jax.random.key(config.seed)
-    t0, bs = time.time(), config.prime.batch_size
-    for start in range(0, len(todo), bs):
-        batch = todo[start : start + bs]
+    t0 = time.time()
+
+    def batch_rows(batch: list, first: int) -> list[dict]:
         # The key depends on the batch's first prompt, not on how far an earlier run got.
-        rng = jax.random.fold_in(base, batch[0][0])
-        rows = process_batch(config, policy, reviser, judge, [r for _, r in batch], rng)
-        if jax.process_index() == 0:
-            files.append_jsonl(rows_path, rows)
-        done += rows
+        rng = jax.random.fold_in(base, first)
+        return process_batch(config, policy, reviser, judge, batch, rng)
+
+    def progress(done: list[dict], finished: int, todo: int) -> None:
         elapsed = time.time() - t0
-        left = len(todo) - start - len(batch)
-        eta = elapsed / (start + len(batch)) * left
+        eta = elapsed / finished * (todo - finished)
         s = summarize(done)
         print(
             f"prime_data {len(done)}/{len(records)}  kept {s['kept']} "
@@ -165,8 +157,10 @@ def run(config, workdir: str) -> None:
             flush=True,
         )
 
-    order = {r.id: i for i, r in enumerate(records)}
-    done = sorted((r for r in done if r["id"] in order), key=lambda r: order[r["id"]])
+    done = stages.map_in_batches(
+        records, batch_rows, rows_path, batch_size=config.prime.batch_size, label="prime_data",
+        on_batch=progress,
+    )  # fmt: skip
     summary = summarize(done)
     if jax.process_index() == 0:
         files.write_jsonl(
