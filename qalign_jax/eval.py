@@ -285,7 +285,7 @@ def mc_context_ids(tok, context: str, prompt_format: str) -> list[int]:
     return ([tok.bos_id] if tok.bos_id is not None else []) + ids
 
 
-def choice_logprobs(params, tokens, positions, index, targets, mask, *, graphdef, mesh, rules):
+def choice_logprobs(params, tokens, positions, index, targets, mask, *, graphdef):
     """[B] summed log p(answer | context): the head runs only at the answer's positions.
 
     tokens/positions: [B, T] right-padded rows (padding at position -1). index: [B, L] the
@@ -293,21 +293,20 @@ def choice_logprobs(params, tokens, positions, index, targets, mask, *, graphdef
     1 on real answer tokens. The vocabulary head is the largest cost of a forward at this
     scale, so it is applied to L (the longest answer) rows per sequence instead of T.
     """
-    with sharding.use_rules(mesh, rules):
-        model = nnx.merge(graphdef, params)
-        hidden, _ = model.hidden(tokens, positions)  # [B, T, D]
-        h = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, L, D]
-        return losses.sequence_log_likelihood(model.logits(h), targets, mask)
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.hidden(tokens, positions)  # [B, T, D]
+    h = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, L, D]
+    return losses.sequence_log_likelihood(model.logits(h), targets, mask)
 
 
 @functools.lru_cache(maxsize=8)
 def _logprob_fn(graphdef, mesh, rules):
     row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
-    return jax.jit(
-        functools.partial(choice_logprobs, graphdef=graphdef, mesh=mesh, rules=rules),
+    return sharding.jit(
+        functools.partial(choice_logprobs, graphdef=graphdef), mesh=mesh, rules=rules,
         in_shardings=(None, *[row_sh] * 5),
-        out_shardings=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))),
-    )
+        out_shardings=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))), name="choice_logprobs",
+    )  # fmt: skip
 
 
 def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: int) -> np.ndarray:
@@ -329,7 +328,7 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: 
         idx = order[s : s + batch_size]
         rows = [pairs[i] for i in idx]
         rows += [rows[-1]] * (batch_size - len(rows))  # same shape; results dropped
-        width = judge_lib._bucket(max(len(c) + len(a) for c, a in rows) - 1)
+        width = judge_lib.length_bucket(max(len(c) + len(a) for c, a in rows) - 1)
         ans = -(-max(len(a) for _, a in rows) // 8) * 8
         tokens = np.full((batch_size, width), pad, np.int32)
         positions = np.full((batch_size, width), -1, np.int32)

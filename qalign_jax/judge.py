@@ -245,7 +245,7 @@ def _context_ids(judge: Judge, prompt: str, response: str) -> tuple[list[int], b
     return ids, True
 
 
-def _bucket(n: int, minimum: int = 16) -> int:
+def length_bucket(n: int, minimum: int = 16) -> int:
     """Round a length up to 2^k or 1.5 * 2^k: shapes (and compiles) repeat, padding <= 33%."""
     n = max(n, minimum)
     p = 1 << (n - 1).bit_length()
@@ -299,7 +299,7 @@ def _prefill_batch(judge: Judge, contexts: list[list[int]]):
     """Prefills a batch's judge prefixes, every pair's context followed by each option set's
     header -> (per option set: a prefix cache of Bp rows; [G, Bp] prefix lengths)."""
     m, sets = judge.model, len(judge.header_ids)
-    tokens, mask = _left_pad(contexts, _bucket(max(map(len, contexts))))
+    tokens, mask = _left_pad(contexts, length_bucket(max(map(len, contexts))))
     positions = np.where(mask > 0, np.cumsum(mask, 1) - 1, -1)
     h_tokens, h_mask = _left_pad([h for h in judge.header_ids for _ in contexts],
                                  max(map(len, judge.header_ids)))  # fmt: skip
@@ -317,7 +317,7 @@ def _chunks(lengths: list[int], cap: int, overhead: int = 64) -> list[tuple[list
     """Splits questions into scoring chunks: [(question positions, rows, width)].
 
     Questions go in length order into consecutive chunks of at most `cap` questions; rows
-    round up to `_bucket` sizes and widths (the chunk's longest suffix) to 4, so shapes, and
+    round up to `length_bucket` sizes and widths (the chunk's longest suffix) to 4, so shapes, and
     compiles, repeat. The split minimizes the computed tokens (rows x width) plus `overhead`
     tokens per call (dynamic programming over the sorted lengths). On the default rubric this
     computes 1.16x the real suffix tokens (fixed 64-row chunks with widths rounded to 8
@@ -329,7 +329,7 @@ def _chunks(lengths: list[int], cap: int, overhead: int = 64) -> list[tuple[list
     sizes = [lengths[i] for i in order]
 
     def shape(i, j):  # chunk order[i:j]
-        return min(cap, _bucket(j - i, minimum=8)), -(-sizes[j - 1] // 4) * 4
+        return min(cap, length_bucket(j - i, minimum=8)), -(-sizes[j - 1] // 4) * 4
 
     best, cut = [0] + [float("inf")] * len(order), [0] * (len(order) + 1)
     for j in range(1, len(order) + 1):

@@ -101,8 +101,8 @@ def init_state(params, tx) -> TrainState:
 
 def jit_init_state(tx, state_sh: TrainState):
     """params -> a fresh `TrainState` on `state_sh` (the params are donated)."""
-    return jax.jit(functools.partial(init_state, tx=tx), out_shardings=state_sh,
-                   donate_argnums=(0,))  # fmt: skip
+    return sharding.jit(functools.partial(init_state, tx=tx), mesh=None, rules=None,
+                        out_shardings=state_sh, donate_argnums=(0,), name="init_state")  # fmt: skip
 
 
 def jit_step(step, state_sh: TrainState, batch_sh: dict, mesh, rules, name: str):

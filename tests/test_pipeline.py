@@ -12,7 +12,7 @@ import pytest
 
 from qalign_jax import config as config_lib
 from qalign_jax import metrics, sharding, train
-from qalign_jax.loops import grpo, pipeline, prime_data, sft
+from qalign_jax.loops import pipeline
 from qalign_jax.models import hf, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,9 +75,10 @@ def _fake_stages(monkeypatch, calls, kept=2):
         base = load.from_config(config, sharding.make_mesh(config.mesh.shape))
         hf.export_hf(os.path.join(workdir, "hf"), base.cfg, base.params, base.tokenizer)
 
-    monkeypatch.setattr(prime_data, "run", fake_prime)
-    monkeypatch.setattr(sft, "run", fake_sft)
-    monkeypatch.setattr(grpo, "run", fake_grpo)
+    # The pipeline runs its stages through `train.run_stage`, which dispatches on LOOPS.
+    monkeypatch.setitem(train.LOOPS, "prime_data", fake_prime)
+    monkeypatch.setitem(train.LOOPS, "sft", fake_sft)
+    monkeypatch.setitem(train.LOOPS, "grpo", fake_grpo)
 
 
 def test_runs_stages_in_order_resumes_and_evaluates(tmp_path, monkeypatch, capsys):
