@@ -36,8 +36,11 @@ new constitution, or after `max_rounds`. With `train=False` it only discovers (r
 constitutions, rubric), e.g. between two GRPO phases: `checkpoint.init=<GRPO phase 1 workdir>`,
 then the second phase with `judge.rubric=<workdir>/rubrics/rubric_v<r>.json`.
 
-Resume: every stage writes its output in `round_<r>/` (answers and revisions as JSONL a batch
-at a time, stage results as JSON written atomically); a rerun of the same command skips
+Code: `run` reads the finished rounds back and runs `run_round`, which calls the stages in
+order: `redteam_stage` (1-2), `propose_stage` (3), `compile_stage` (4), `revise_stage` (5),
+`sft_stage` (6). Resume: every stage writes its output in `round_<r>/` (answers and revisions
+as JSONL a batch at a time with `stages.map_in_batches`, stage results as JSON written
+atomically with `stages.run_once`); a rerun of the same command skips
 finished stages and finished prompt ids, and SFT resumes from its own checkpoints. The judge
 and the proposer never change (frozen base weights), the first proposer attempt is greedy,
 and sampling keys depend on the round and the batch's first prompt, so a resumed run repeats
