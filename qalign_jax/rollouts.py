@@ -137,6 +137,7 @@ class Rollouts:
     suffix_ids: list[list[int]]  # the inserted findings block (ends in <Think>); not trained
     cont_ids: list[list[int]]  # pass 2: reflection, </Think>, revision, end of turn
     cont_logp: list[np.ndarray]
+    cont_finish: list[str | None]  # pass 2's finish reason (a reviser's: its revision's)
     drafts: list[str]  # decoded, stripped
     findings: list[str | None]  # the findings block text
     thinks: list[str | None]  # the parsed reflection
@@ -168,7 +169,8 @@ def _text(tok, ids, reason) -> str:
 def revise_from_text(reviser, contexts: list[list[int]], opts: RolloutConfig, rng):
     """A reviser's pass 2 from token contexts that end in the forced <Think>.
 
-    Returns (what follows <Think>: reflection, </Think>, revision; tokens generated)."""
+    Returns (what follows <Think>: reflection, </Think>, revision; the revisions' finish
+    reasons; tokens generated)."""
     tok = reviser.tokenizer
     k1, k2 = jax.random.split(rng)
     stop = sampler.encode_stop_sequences(tok, (reflection.THINK_CLOSE,))
@@ -185,7 +187,7 @@ def revise_from_text(reviser, contexts: list[list[int]], opts: RolloutConfig, rn
         reviser, second, _sampler_config(opts, tok, opts.revision_max_tokens), k2
     )
     texts = [t + _text(tok, ids, r) for t, ids, r in zip(thinks, rev.tokens, rev.finish_reasons)]
-    return texts, int(out.lengths.sum() + rev.lengths.sum())
+    return texts, list(rev.finish_reasons), int(out.lengths.sum() + rev.lengths.sum())
 
 
 def rollout(
@@ -251,7 +253,8 @@ def rollout(
         records=list(records), prompt_ids=[list(p) for p in prompt_ids], draft_ids=draft_ids,
         draft_logp=draft_logp, draft_finish=list(first.finish_reasons), suffix_ids=empty,
         cont_ids=[[] for _ in range(n)], cont_logp=[np.zeros(0, np.float32)] * n,
-        drafts=drafts, findings=none, thinks=list(none), revisions=list(none), errors=list(none),
+        cont_finish=list(none), drafts=drafts, findings=list(none), thinks=list(none),
+        revisions=list(none), errors=list(none),
         draft_verdicts=draft_verdicts, revision_verdicts=list(none), rewards=None,
         sequence_ids=[], trained_mask=[], sampler_logp=[], new_tokens=new_tokens, timings=timings,
     )  # fmt: skip
@@ -279,6 +282,7 @@ def _second_pass(ro: Rollouts, policy, judge, opts, first, keep, rng, reviser) -
         )  # fmt: skip
         ro.cont_ids = [list(t) for t in second.tokens]
         ro.cont_logp = [np.asarray(lp) for lp in second.logprobs]
+        ro.cont_finish = list(second.finish_reasons)
         texts = [tok.decode(t) for t in ro.cont_ids]
         ro.new_tokens += int(second.lengths.sum())
     else:
@@ -287,7 +291,7 @@ def _second_pass(ro: Rollouts, policy, judge, opts, first, keep, rng, reviser) -
             rtok.apply_chat_template([{"role": "user", "content": r.prompt}]) + rtok.encode(d + b)
             for r, d, b in zip(ro.records, ro.drafts, ro.findings)
         ]
-        texts, generated = revise_from_text(reviser, contexts, opts, rng)
+        texts, ro.cont_finish, generated = revise_from_text(reviser, contexts, opts, rng)
         ro.new_tokens += generated
     ro.timings["sampling"] += time.perf_counter() - t0
     parsed = [reflection.parse_continuation(t) for t in texts]

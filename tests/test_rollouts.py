@@ -56,7 +56,7 @@ def test_two_pass_rows_masks_and_rewards(setup):
     ro = rollouts.rollout(policy, judge, rows, ids, opts, *jax.random.split(jax.random.key(1)))
     n = len(rows)
     for field in ("draft_ids", "draft_logp", "draft_finish", "suffix_ids", "cont_ids",
-                  "cont_logp", "drafts", "findings", "thinks", "revisions", "errors",
+                  "cont_logp", "cont_finish", "drafts", "findings", "thinks", "revisions", "errors",
                   "draft_verdicts", "revision_verdicts", "sequence_ids", "trained_mask",
                   "sampler_logp"):  # fmt: skip
         assert len(getattr(ro, field)) == n, field
@@ -125,7 +125,7 @@ def test_single_pass_is_the_two_pass_draft_with_its_end_of_turn(setup):
             b.draft_ids[i]
         )
     assert b.suffix_ids == b.cont_ids == [[]] * len(rows)
-    assert b.revisions == b.errors == b.revision_verdicts == [None] * len(rows)
+    assert b.revisions == b.errors == b.revision_verdicts == b.cont_finish == [None] * len(rows)
     np.testing.assert_allclose(b.rewards, [v.scores.reward for v in b.draft_verdicts])
     # Without a judge: no verdicts, no rewards (evaluation's single pass).
     c = rollouts.rollout(policy, None, rows, ids, one, k_draft)
@@ -142,6 +142,7 @@ def test_reviser_writes_pass_two_from_text(setup):
         reviser=policy,
     )  # fmt: skip
     assert ro.suffix_ids == ro.cont_ids == [[]] * G  # text only
+    assert all(f in sampler.FINISH_REASONS for f in ro.cont_finish)
     assert all(f.endswith(reflection.THINK_OPEN) for f in ro.findings)
     # The reflection is closed for the reviser, so every continuation has its </Think>.
     assert all(e != "the reflection is never closed with </Think>" for e in ro.errors)
