@@ -130,3 +130,48 @@ def test_read_pairs_names_a_broken_line(tmp_path):
     path.write_text("\n")
     with pytest.raises(ValueError, match="holds no pairs; delete it to resample"):
         dpo.read_pairs(str(path))
+
+
+def test_pair_sampling_resumes_after_the_last_finished_batch(tmp_path, monkeypatch):
+    """`make_pairs` appends each batch's outcomes; a rerun samples only the unfinished batches,
+    with the keys a fresh run gives them (fold_in of the batch's first prompt index)."""
+    from types import SimpleNamespace
+
+    from qalign_jax import data, rollouts
+
+    config = smoke_config()
+    d = config.dpo
+    d.num_generations, d.sample_batch_prompts, d.min_margin = 2, 2, 0.0
+    records = [data.PromptRecord(f"p{i}", f"prompt {i}", "c", "harmful") for i in range(5)]
+    prompt_ids = {r.id: [1, 2, 3] for r in records}
+    calls = []
+
+    def fake_rollout(policy, judge, rows, ids, opts, rng, *a, **kw):
+        first = int(rows[0].id[1:])
+        calls.append((first, int(jax.random.key_data(rng)[-1])))
+        # Prompt i's two answers score (i, 0): a pair, except prompt 0's (0, 0), a tie.
+        rewards = np.array([float(int(r.id[1:])) if j == 0 else 0.0
+                            for r in rows[::2] for j in range(2)])  # fmt: skip
+        return SimpleNamespace(
+            rewards=rewards, drafts=[f"answer {k}" for k in range(len(rows))],
+            draft_ids=[[7, k] for k in range(len(rows))],
+            timings={"sampling": 1.0, "judging": 2.0},
+        )  # fmt: skip
+
+    monkeypatch.setattr(rollouts, "rollout", fake_rollout)
+    rng = jax.random.key(3)
+    path = str(tmp_path / dpo.SAMPLES_FILE)
+    fresh, stats = dpo.make_pairs(config, None, None, records, prompt_ids, rng, path)
+    assert [p["id"] for p in fresh] == ["p1", "p2", "p3", "p4"]  # p0 is a tie
+    assert stats["pairs/ties_skipped"] == 1 and stats["time/judging_s"] == pytest.approx(6.0)
+    fresh_calls = list(calls)
+    assert [c[0] for c in fresh_calls] == [0, 2, 4]
+
+    # Killed after the first batch: only prompts 2.. are sampled again, with the same keys.
+    lines = open(path).read().splitlines()
+    with open(path, "w") as f:
+        f.write("\n".join(lines[:2]) + "\n")
+    calls.clear()
+    resumed, _ = dpo.make_pairs(config, None, None, records, prompt_ids, rng, path)
+    assert calls == fresh_calls[1:]
+    assert resumed == fresh

@@ -54,7 +54,8 @@ from qalign_jax import judge as judge_lib
 from qalign_jax.checkpoint import TrainState
 from qalign_jax.models import llama, load
 
-PAIRS_FILE = "pairs.jsonl"
+PAIRS_FILE = "pairs.jsonl"  # the pairs, written whole once sampling has finished
+SAMPLES_FILE = "pair_samples.jsonl"  # each prompt's outcome (a pair or a tie), per batch
 SIDES = ("chosen", "rejected")
 ROW_KEYS = ("tokens", "positions", "targets", "mask")
 BATCH_KEYS = tuple(f"{s}_{k}" for s in SIDES for k in ROW_KEYS) + ("ref_chosen", "ref_rejected")
@@ -76,42 +77,52 @@ def best_and_worst(rewards: np.ndarray, min_margin: float) -> tuple[int, int] | 
     return best, worst
 
 
-def make_pairs(config, policy, judge, records, prompt_ids, rng) -> tuple[list[dict], dict]:
+def make_pairs(
+    config, policy, judge, records, prompt_ids, rng, samples_path: str
+) -> tuple[list[dict], dict]:
     """Samples G answers per prompt, judges them and keeps best vs worst; returns (pairs, stats).
 
-    Prompts are sampled `dpo.sample_batch_prompts` at a time (x G rows per sampler call).
+    Prompts are sampled `dpo.sample_batch_prompts` at a time (x G rows per sampler call); each
+    batch's outcome (a pair or a tie per prompt) is appended to `samples_path`, so a killed run
+    resumes after its last finished batch (`stages.map_in_batches`). A batch's key is
+    `fold_in(rng, index of its first prompt)`, whatever an earlier run finished.
     """
     d = config.dpo
     opts = rollouts.RolloutConfig(
         two_pass=False, draft_max_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p
     )
-    pairs, ties, t_sample, t_judge = [], [], 0.0, 0.0
-    for start in range(0, len(records), d.sample_batch_prompts):
-        batch = records[start : start + d.sample_batch_prompts]
+
+    def sample(batch, first_index: int) -> list[dict]:
         rows = [r for r in batch for _ in range(d.num_generations)]
         ro = rollouts.rollout(
             policy, judge, rows, [prompt_ids[r.id] for r in rows], opts,
-            jax.random.fold_in(rng, start),
+            jax.random.fold_in(rng, first_index),
         )  # fmt: skip
-        t_sample += ro.timings["sampling"]
-        t_judge += ro.timings["judging"]
-        texts = ro.drafts
         rewards = ro.rewards.reshape(len(batch), -1)
+        seconds = {k: ro.timings[k] / len(batch) for k in ("sampling", "judging")}
+        out = []
         for i, r in enumerate(batch):
             choice = best_and_worst(rewards[i], d.min_margin)
-            if choice is None:
-                ties.append(r.id)
-                continue
-            w, lo = (i * d.num_generations + j for j in choice)
-            pairs.append({
-                "id": r.id, "prompt": r.prompt, "category": r.category, "label": r.label,
-                "prompt_ids": prompt_ids[r.id],
-                "chosen_ids": ro.draft_ids[w], "rejected_ids": ro.draft_ids[lo],
-                "chosen": texts[w], "rejected": texts[lo],
-                "chosen_reward": float(rewards[i, choice[0]]),
-                "rejected_reward": float(rewards[i, choice[1]]),
-                "rewards": [float(x) for x in rewards[i]],
-            })  # fmt: skip
+            pair = None
+            if choice is not None:
+                w, lo = (i * d.num_generations + j for j in choice)
+                pair = {
+                    "id": r.id, "prompt": r.prompt, "category": r.category, "label": r.label,
+                    "prompt_ids": prompt_ids[r.id],
+                    "chosen_ids": ro.draft_ids[w], "rejected_ids": ro.draft_ids[lo],
+                    "chosen": ro.drafts[w], "rejected": ro.drafts[lo],
+                    "chosen_reward": float(rewards[i, choice[0]]),
+                    "rejected_reward": float(rewards[i, choice[1]]),
+                    "rewards": [float(x) for x in rewards[i]],
+                }  # fmt: skip
+            out.append({"id": r.id, "pair": pair, "seconds": seconds})
+        return out
+
+    done = stages.map_in_batches(
+        records, sample, samples_path, batch_size=d.sample_batch_prompts, label="dpo pairs"
+    )
+    pairs = [row["pair"] for row in done if row["pair"] is not None]
+    ties = [row["id"] for row in done if row["pair"] is None]
     stats = {
         "pairs/prompts": len(records), "pairs/kept": len(pairs), "pairs/ties_skipped": len(ties),
         "pairs/sampled": len(records) * d.num_generations,
@@ -119,7 +130,8 @@ def make_pairs(config, policy, judge, records, prompt_ids, rng) -> tuple[list[di
         "pairs/mean_gap": float(
             np.mean([p["chosen_reward"] - p["rejected_reward"] for p in pairs] or [0.0])
         ),
-        "time/sampling_s": t_sample, "time/judging_s": t_judge,
+        "time/sampling_s": sum(row["seconds"]["sampling"] for row in done),
+        "time/judging_s": sum(row["seconds"]["judging"] for row in done),
     }  # fmt: skip
     if ties:
         logging.info("dpo: %d prompts skipped as ties (e.g. %s)", len(ties), ties[:3])
@@ -258,7 +270,7 @@ def run(config, workdir: str) -> None:
         )  # fmt: skip
         reference = dataclasses.replace(base, params=params)
 
-    # Stage 1: pairs (reused when the workdir has them).
+    # Stage 1: pairs (reused when the workdir has them; sampling resumes per batch).
     pairs_path = os.path.join(workdir, PAIRS_FILE)
     if files.exists(pairs_path):
         pairs = read_pairs(pairs_path)
@@ -270,6 +282,7 @@ def run(config, workdir: str) -> None:
         pairs, stats = make_pairs(
             config, reference, judge, records, prompt_ids,
             jax.random.fold_in(jax.random.key(config.seed), 1 << 20),
+            os.path.join(workdir, SAMPLES_FILE),
         )  # fmt: skip
         if not pairs:
             raise ValueError(
