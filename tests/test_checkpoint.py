@@ -103,6 +103,31 @@ def test_unfinished_save_is_never_latest_and_is_cleaned_up(tmp_path):
     manager.close()
 
 
+def test_a_workdir_is_a_model_source(tmp_path):
+    # One source switch (load.py): a run's workdir of orbax checkpoints loads like a GGUF or
+    # a Hugging Face directory, with the architecture its config.json recorded.
+    mesh = sharding.make_mesh((1, -1, 1))
+    state, _, _ = small_state(mesh)
+    workdir = tmp_path / "run"
+    manager = checkpoint.make_manager(str(workdir), keep=2)
+    checkpoint.save(manager, state, {"step": 4})
+    manager.wait_until_finished()
+    manager.close()
+    assert load.resolve_source(str(workdir)) == ("orbax", str(workdir))
+    with pytest.raises(FileNotFoundError, match="no config.json naming its model.source"):
+        load.describe(str(workdir))
+    cfg, tokenizer = load.describe(str(workdir), arch_source="random:tiny")
+    assert cfg == TINY and tokenizer is None
+
+    (workdir / "config.json").write_text(json.dumps({"model": {"source": "random:tiny"}}))
+    assert load.describe(str(workdir), dtype="bfloat16")[0] == TINY.replace(dtype="bfloat16")
+    model = load.load_model(str(workdir), mesh=mesh)
+    assert model.cfg == TINY and model.source == str(workdir)
+    for x, y in zip(jax.tree.leaves(model.params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        assert x.sharding == y.sharding
+
+
 def test_next_stage_reads_params_from_a_workdir_or_a_hf_dir(tmp_path, monkeypatch):
     mesh = sharding.make_mesh((1, -1, 1))
     state, abstract, shardings = small_state(mesh)
