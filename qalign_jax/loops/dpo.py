@@ -28,7 +28,6 @@ policy at the start (`checkpoint.init`'s weights when set).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import time
@@ -262,13 +261,9 @@ def run(config, workdir: str) -> None:
     judge = judge_lib.from_config(config, base)
     graphdef, abstract_params = llama.abstract_model(cfg)
     param_sh = sharding.param_shardings(abstract_params, mesh, rules)
-    reference, start = base, f"the policy {config.model.source}"
-    if config.checkpoint.init:
-        params, start = load.initial_params(
-            cfg, param_sh, source=config.model.source, init=config.checkpoint.init,
-            mesh=mesh, rules=rules, seed=config.seed,
-        )  # fmt: skip
-        reference = dataclasses.replace(base, params=params)
+    reference, start = load.with_init(
+        base, config.checkpoint.init, source=config.model.source, seed=config.seed
+    )
 
     # Stage 1: pairs (reused when the workdir has them; sampling resumes per batch).
     pairs_path = os.path.join(workdir, PAIRS_FILE)

@@ -260,13 +260,9 @@ def run(config, workdir: str) -> None:
     make_state = train_state.jit_init_state(tx, state_sh)
 
     # The KL reference is the policy at the start of RL; the judge stays the base model.
-    reference, start = initial, f"the policy {config.model.source}"
-    if config.checkpoint.init:
-        params, start = load.initial_params(
-            cfg, state_sh.params, source=config.model.source, init=config.checkpoint.init,
-            mesh=mesh, rules=rules, seed=config.seed,
-        )  # fmt: skip
-        reference = dataclasses.replace(initial, params=params)
+    reference, start = load.with_init(
+        initial, config.checkpoint.init, source=config.model.source, seed=config.seed
+    )
     state, meta, origin = checkpoint.restore_or_init(
         manager, abstract_state, make_state,
         # A copy: the train state is donated, the reference must survive.
@@ -312,10 +308,12 @@ def run(config, workdir: str) -> None:
             )
             t_train = time.perf_counter()
             host = training_batch(ro, adv, seq_len, tok.pad_id)
-            rows_in = tuple(train_state.put_batch(
-                {k: host[k] for k in ("tokens", "positions", "targets")},
-                dict.fromkeys(("tokens", "positions", "targets"), row_sh),
-            ).values())  # fmt: skip
+            rows_in = None  # placed only when a forward below needs the rows
+            if g.num_iterations > 1 or g.kl_beta > 0:
+                rows_in = tuple(train_state.put_batch(
+                    {k: host[k] for k in ("tokens", "positions", "targets")},
+                    dict.fromkeys(("tokens", "positions", "targets"), row_sh),
+                ).values())  # fmt: skip
             if g.num_iterations > 1:  # the old policy: the training forward before any update
                 host["old_logp"] = sharding.to_host(logp_fn(state.params, *rows_in))
             host["ref_logp"] = (

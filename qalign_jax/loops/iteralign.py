@@ -810,7 +810,7 @@ def run_round(env: Env, index: int, init: str | None, library: list[dict]) -> tu
         library=library,
     )  # fmt: skip
     files.makedirs(rnd.dir)
-    policy = load.with_init(env.base, init, source=env.config.model.source, seed=env.config.seed)
+    policy, _ = load.with_init(env.base, init, source=env.config.model.source, seed=env.config.seed)
     print(f"iteralign round {index}/{env.config.iteralign.max_rounds}: policy "
           f"{init or env.config.model.source}")  # fmt: skip
     summary = {"round": index, "policy_before": init, "library_file": ROUND_LIBRARY}

@@ -11,7 +11,7 @@ Sources (`config.model.source` in experiment configs):
   '/path/model.gguf'  a llama-architecture GGUF (dequantized)
   '/path/hf_dir'      a Hugging Face directory: config.json + *.safetensors (+ tokenizer files)
   'random:<preset>'   random weights of a preset in `llama.PRESETS` (tests, smoke runs)
-  '/path/workdir'     a run's orbax checkpoints (its newest params; the architecture is the
+  '<run workdir>'     a run's orbax checkpoints (its newest params; the architecture is the
                       `model.source` recorded in the workdir's config.json)
 
 Shapes first: the abstract parameters and their shardings are derived before any weight is
@@ -250,16 +250,17 @@ def initial_params(
         )
 
 
-def with_init(model: LoadedModel, init: str, *, source: str, seed: int) -> LoadedModel:
-    """`model` itself when `init` is empty, else `model` with `init`'s weights (same shapes)."""
+def with_init(model: LoadedModel, init: str, *, source: str, seed: int) -> tuple[LoadedModel, str]:
+    """(`model` with `init`'s weights on the same shapes and mesh, origin text); `model` itself
+    when `init` is empty."""
     if not init:
-        return model
+        return model, f"the policy {source}"
     shardings = sharding.param_shardings(llama.abstract_model(model.cfg)[1], model.mesh,
                                          model.rules)  # fmt: skip
     params, origin = initial_params(model.cfg, shardings, source=source, init=init,
                                     mesh=model.mesh, rules=model.rules, seed=seed)  # fmt: skip
     logging.info("policy: %s", origin)
-    return dataclasses.replace(model, params=params)
+    return dataclasses.replace(model, params=params), origin
 
 
 def load_tokenizer(source: str) -> tokenizer_lib.Tokenizer:
