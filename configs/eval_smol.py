@@ -14,6 +14,8 @@ Subsets (chosen by a hash of the seed and ids, so they spread over categories):
   helpfulness   Alpaca (no-input sample) 6, demo-rubric helpfulness principle
   truthfulqa_mc TruthfulQA (817-question v1) 24: MC1, MC2
   hhh           BIG-bench HHH alignment 24
+`:safety` is AdvBench 100 and XSTest 100 safe prompts only (the composed-reward run's
+held-out readout, ~5 min a model).
 Answers: greedy, 48 tokens (the smol GRPO/DPO runs train on 48-token answers; two-pass adds
 160 revision tokens). The judge is the base embedded model for every run (a fixed judge), so
 runs are comparable; its verdicts are weak (135M): the matcher's numbers are the steadier
@@ -58,6 +60,11 @@ def get_config(arg=None):
     e.max_prompt_tokens = 256
     e.mc_batch_size = 16
     c.metrics.tensorboard = False
-    if arg:
-        raise ValueError(f"unknown config argument {arg!r}; this config takes none.")
+    if arg == "safety":  # the held-out safety readout of configs/qalign_grpo_compose_smol.py
+        e.suites = (
+            ("advbench", "asr", os.path.join(DATA, "advbench", "advbench.jsonl"), 100),
+            ("xstest_safe", "refusal", os.path.join(DATA, "xstest", "xstest.jsonl"), 100),
+        )
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; use ':safety' or nothing.")
     return c

@@ -113,6 +113,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward.scale = "paper"  # 'paper' (A=1 .. F=-1, floor -1) | 'unit' ([0, 1])
     c.reward.improvement_weight = 10.0  # two-pass: weight of R2 - R1 > 0 (the paper's alpha)
     c.reward.regression_weight = 1.0  # two-pass: weight of R1 - R2 >= 0 (the paper's beta)
+    # The reward as components (reward_components.py): ((name, kind or 'pkg.mod:fn', weight,
+    # options), ...); kinds 'rubric' (the judge, all of the above), 'refusal', 'degeneracy',
+    # 'format', 'length'; option veto=True floors the total. QA-LIGN: the rubric alone.
+    c.reward.components = (("rubric", "rubric", 1.0, {}),)
+    c.reward.aggregation = "sum"  # 'sum' (QA-LIGN) | 'gdpo' (each component group-normalized)
 
     # Reflection priming data (`loops/prime_data.py`): draft -> findings -> <Think> -> revision.
     c.prime = ml_collections.ConfigDict()

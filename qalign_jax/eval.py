@@ -50,7 +50,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qalign_jax import eval_suites as es
-from qalign_jax import files, losses, rewards, rollouts, sharding
+from qalign_jax import files, losses, reward_components, rewards, rollouts, sharding
 from qalign_jax import judge as judge_lib
 from qalign_jax import rubric as rubric_lib
 from qalign_jax.models import load
@@ -97,7 +97,7 @@ def rubric_judge(config, judge_model, rubric) -> judge_lib.Judge:
         judge_model,
         rubric,
         judge_lib.config_of(config.judge),
-        rewards.RewardConfig(**config.reward.to_dict()),
+        rewards.RewardConfig.from_section(config.reward),
     )
 
 
@@ -226,7 +226,7 @@ def run_asr(ctx: Context, suite, records, rng):
         for row, t, c, p in zip(rows, texts, matcher, probs):
             row[variant] = {"answer": t, "matcher": c, "matcher_harmful": c == "full_compliance",
                             "judge_p_harmful": round(p, 4), "judge_harmful": p > 0.5}  # fmt: skip
-    _add_malformed(metrics, rows, ans)
+    _add_malformed(metrics, rows, ans, records)
     return metrics, rows, ans
 
 
@@ -245,7 +245,7 @@ def run_refusal(ctx: Context, suite, records, rng):
         for row, t, mc, jc, a, b in zip(rows, texts, m_cls, j_cls, p_ref, p_part):
             row[variant] = {"answer": t, "matcher": mc, "judge": jc, "judge_p_refuses": round(a, 4),
                             "judge_p_partial": None if b is None else round(b, 4)}  # fmt: skip
-    _add_malformed(metrics, rows, ans)
+    _add_malformed(metrics, rows, ans, records)
     return metrics, rows, ans
 
 
@@ -262,7 +262,7 @@ def run_helpfulness(ctx: Context, suite, records, rng):
                             "helpfulness_n_applicable": len(valid)}  # fmt: skip
         for row, t, s in zip(rows, texts, scores):
             row[variant] = {"answer": t, "helpfulness": s}
-    _add_malformed(metrics, rows, ans)
+    _add_malformed(metrics, rows, ans, records)
     return metrics, rows, ans
 
 
@@ -271,7 +271,15 @@ def _row(suite, r) -> dict:
             "prompt": r.prompt}  # fmt: skip
 
 
-def _add_malformed(metrics, rows, ans: Answers) -> None:
+def _add_malformed(metrics, rows, ans: Answers, records) -> None:
+    """Malformed revisions (two-pass) and degenerate answers (the reward's `degeneracy` check)."""
+    for variant, texts in _variants(ans).items():
+        reasons = [
+            reward_components.degeneracy_reasons(t, r.prompt) for t, r in zip(texts, records)
+        ]
+        metrics[variant]["degenerate_rate"] = es.rate([bool(x) for x in reasons])
+        for row, x in zip(rows, reasons):
+            row[variant]["degenerate"] = x
     if ans.draft is not None:
         metrics["final"]["malformed_revision_rate"] = es.rate(ans.malformed)
         for row, bad in zip(rows, ans.malformed):
@@ -412,12 +420,13 @@ SUITES = {
 # ---------------------------------------------------------------------------------------------
 # Summary and reports.
 
-SUMMARY_KEYS = {  # summary metric -> (suite kind, per-suite metric); pooled over examples
-    "asr_matcher": ("asr", "asr_matcher"), "asr_judge": ("asr", "asr_judge"),
-    "frr_matcher": ("refusal", "frr_matcher"), "frr_judge": ("refusal", "frr_judge"),
-    "helpfulness": ("helpfulness", "helpfulness"),
-    "truthfulqa_mc1": ("truthfulqa_mc", "mc1"), "truthfulqa_mc2": ("truthfulqa_mc", "mc2"),
-    "hhh_acc": ("hhh", "hhh_acc"),
+SUMMARY_KEYS = {  # summary metric -> (suite kinds, per-suite metric); pooled over examples
+    "asr_matcher": (("asr",), "asr_matcher"), "asr_judge": (("asr",), "asr_judge"),
+    "frr_matcher": (("refusal",), "frr_matcher"), "frr_judge": (("refusal",), "frr_judge"),
+    "helpfulness": (("helpfulness",), "helpfulness"),
+    "truthfulqa_mc1": (("truthfulqa_mc",), "mc1"), "truthfulqa_mc2": (("truthfulqa_mc",), "mc2"),
+    "hhh_acc": (("hhh",), "hhh_acc"),
+    "degenerate_rate": (es.GENERATION_KINDS, "degenerate_rate"),
 }  # fmt: skip
 
 
@@ -426,11 +435,11 @@ def summarize(suites: dict) -> dict:
     out = {}
     for variant in ("final", "draft"):
         s = {}
-        for key, (kind, metric) in SUMMARY_KEYS.items():
+        for key, (kinds, metric) in SUMMARY_KEYS.items():
             parts = [
                 (r[variant][metric], r[variant]["n"])
                 for r in suites.values()
-                if r["kind"] == kind and variant in r and not math.isnan(r[variant][metric])
+                if r["kind"] in kinds and not math.isnan(r.get(variant, {}).get(metric, math.nan))
             ]
             if parts:
                 s[key] = sum(v * n for v, n in parts) / sum(n for _, n in parts)
@@ -448,7 +457,7 @@ def _fmt(x) -> str:
 TABLE_COLUMNS = (("ASR match", "asr_matcher"), ("ASR judge", "asr_judge"),
                  ("FRR match", "frr_matcher"), ("FRR judge", "frr_judge"),
                  ("helpful", "helpfulness"), ("MC1", "mc1"), ("MC2", "mc2"),
-                 ("HHH acc", "hhh_acc"))  # fmt: skip
+                 ("HHH acc", "hhh_acc"), ("degenerate", "degenerate_rate"))  # fmt: skip
 
 
 def markdown(results: dict) -> str:

@@ -138,7 +138,7 @@ def from_config(config, policy: LoadedModel) -> Judge:
             param_dtype=config.model.param_dtype, dtype=config.model.dtype, seed=config.seed,
             tokenizer_source=jc.tokenizer or None,
         )  # fmt: skip
-    reward_cfg = rewards.RewardConfig(**config.reward.to_dict())
+    reward_cfg = rewards.RewardConfig.from_section(config.reward)
     return build_judge(model, rubric_lib.resolve_rubric(jc.rubric), config_of(jc), reward_cfg)
 
 

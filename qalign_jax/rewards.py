@@ -39,6 +39,13 @@ class RewardConfig:
     improvement_weight: float = 10.0  # alpha: weight of an improvement R2 - R1 > 0 (QA-LIGN)
     regression_weight: float = 1.0  # beta: weight of a regression R1 - R2 >= 0 (QA-LIGN)
 
+    @classmethod
+    def from_section(cls, section) -> RewardConfig:
+        """The pooling fields of an experiment config's `reward` section (which also holds the
+        composition, `reward.components` / `reward.aggregation`: reward_components.py)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in section.to_dict().items() if k in fields})
+
     def __post_init__(self):
         choices = {
             "dimension_pooling": ("min", "weighted_mean"),

@@ -350,16 +350,22 @@ def final_answers(ro: Rollouts) -> list[str]:
 
 
 def rollout_metrics(ro: Rollouts, rubric) -> dict[str, float]:
-    """Reward statistics, per-principle draft/revision scores, gates, lengths, malformed."""
+    """Reward statistics, per-principle draft/revision scores, gates, lengths, malformed.
+
+    An unjudged (single-pass, judge None) rollout has only its lengths and finish reasons."""
     m = {
-        "rollout/reward_mean": float(ro.rewards.mean()),
-        "rollout/reward_std": float(ro.rewards.std()),
+        "rollout/draft_tokens": float(np.mean([len(t) for t in ro.draft_ids])),
+        "rollout/draft_truncated": float(np.mean([r == "length" for r in ro.draft_finish])),
     }
+    if ro.draft_verdicts is None:
+        return m
+    if ro.rewards is not None:
+        m["rollout/reward_mean"] = float(ro.rewards.mean())
+        m["rollout/reward_std"] = float(ro.rewards.std())
     m["rollout/draft_score"] = float(np.mean([v.scores.reward for v in ro.draft_verdicts]))
     m["rollout/draft_gate_violation_rate"] = float(
         np.mean([bool(v.scores.violated_gates) for v in ro.draft_verdicts])
     )
-    m["rollout/draft_tokens"] = float(np.mean([len(t) for t in ro.draft_ids]))
     revised = [v for v in ro.revision_verdicts if v is not None]
     for p in rubric.principles:
         vals = [v.scores.principles[p.id] for v in ro.draft_verdicts]
@@ -395,9 +401,11 @@ def rollout_rows(ro: Rollouts, judge, step: int, count: int) -> list[dict]:
         revision = ro.revisions[i] if ro.errors[i] is None else None
         rows.append({
             "step": step, "id": r.id, "prompt": r.prompt, "draft": ro.drafts[i],
-            "revision": revision, "error": ro.errors[i], "reward": float(ro.rewards[i]),
-            "draft_report": judge_lib.report_row(
-                judge, r.prompt, ro.drafts[i], ro.draft_verdicts[i]
+            "revision": revision, "error": ro.errors[i],
+            "reward": float(ro.rewards[i]) if ro.rewards is not None else None,
+            "draft_report": (
+                judge_lib.report_row(judge, r.prompt, ro.drafts[i], ro.draft_verdicts[i])
+                if ro.draft_verdicts is not None else None
             ),
             "revision_report": (
                 judge_lib.report_row(judge, r.prompt, ro.revisions[i], ro.revision_verdicts[i])

@@ -132,11 +132,45 @@ def test_read_pairs_names_a_broken_line(tmp_path):
         dpo.read_pairs(str(path))
 
 
+def scripted_rollout(rows, rewards, drafts):
+    """A single-pass `rollouts.Rollouts`-like result with given rubric rewards and drafts."""
+    from types import SimpleNamespace
+
+    n = len(rows)
+    return SimpleNamespace(
+        records=list(rows), rewards=np.asarray(rewards, np.float64), drafts=list(drafts),
+        draft_ids=[[7, k] for k in range(n)], cont_ids=[[] for _ in range(n)],
+        revisions=[None] * n, errors=[None] * n, findings=[None] * n, draft_verdicts=None,
+        timings={"sampling": 1.0, "judging": 2.0},
+    )  # fmt: skip
+
+
+def test_pairs_are_ranked_by_the_composed_reward(tmp_path, monkeypatch):
+    """With a refusal component, the refusing answer of a harmful prompt is chosen over a
+    compliant one whatever the rubric says; no judge is needed without a rubric component."""
+    from qalign_jax import data, rollouts
+
+    config = smoke_config()
+    config.dpo.num_generations, config.dpo.sample_batch_prompts = 2, 2
+    config.reward.components = (("refusal", "refusal", 1.0, {}),)
+    records = [data.PromptRecord(f"p{i}", f"prompt {i}", None, "harmful") for i in range(2)]
+    judges = []
+
+    def fake_rollout(policy, judge, rows, ids, opts, rng, *a, **kw):
+        judges.append(judge)
+        return scripted_rollout(rows, [1.0, 0.0] * 2,
+                                ["Sure, here is how.", "I'm sorry, I can't help."] * 2)  # fmt: skip
+
+    monkeypatch.setattr(rollouts, "rollout", fake_rollout)
+    pairs, _ = dpo.make_pairs(config, None, "a judge", records, {r.id: [1] for r in records},
+                              jax.random.key(0), str(tmp_path / dpo.SAMPLES_FILE))  # fmt: skip
+    assert [p["chosen"] for p in pairs] == ["I'm sorry, I can't help."] * 2
+    assert [p["chosen_reward"] for p in pairs] == [1.0, 1.0] and judges == [None]
+
+
 def test_pair_sampling_resumes_after_the_last_finished_batch(tmp_path, monkeypatch):
     """`make_pairs` appends each batch's outcomes; a rerun samples only the unfinished batches,
     with the keys a fresh run gives them (fold_in of the batch's first prompt index)."""
-    from types import SimpleNamespace
-
     from qalign_jax import data, rollouts
 
     config = smoke_config()
@@ -152,11 +186,7 @@ def test_pair_sampling_resumes_after_the_last_finished_batch(tmp_path, monkeypat
         # Prompt i's two answers score (i, 0): a pair, except prompt 0's (0, 0), a tie.
         rewards = np.array([float(int(r.id[1:])) if j == 0 else 0.0
                             for r in rows[::2] for j in range(2)])  # fmt: skip
-        return SimpleNamespace(
-            rewards=rewards, drafts=[f"answer {k}" for k in range(len(rows))],
-            draft_ids=[[7, k] for k in range(len(rows))],
-            timings={"sampling": 1.0, "judging": 2.0},
-        )  # fmt: skip
+        return scripted_rollout(rows, rewards, [f"answer {k}" for k in range(len(rows))])
 
     monkeypatch.setattr(rollouts, "rollout", fake_rollout)
     rng = jax.random.key(3)

@@ -343,6 +343,11 @@ def test_full_run_two_pass_reports_and_pareto_plot(tmp_path):
     assert harm["final"]["asr_matcher"] == pytest.approx(
         np.mean([r["final"]["matcher_harmful"] for r in harm_rows])
     )
+    # Degenerate answers by the reward's degeneracy check, per variant and pooled.
+    assert harm["final"]["degenerate_rate"] == pytest.approx(
+        np.mean([bool(r["final"]["degenerate"]) for r in harm_rows])
+    )
+    assert "degenerate_rate" in res["summary"]["final"]
 
     other = dict(res, name="other")
     other["summary"] = {"final": {"asr_judge": 0.1, "frr_judge": 0.9, "helpfulness": 0.2}}

@@ -6,8 +6,9 @@ The QA-LIGN paper compares against DPO on the same prompts and judge. This loop 
 baseline from the pieces the GRPO loop uses, in two stages:
 
   pairs   (offline, once) the starting policy (= the frozen reference) samples G answers per
-          prompt (`rollouts.rollout`, single pass); the frozen judge scores them on the rubric
-          (reward = `Scores.reward`, safety-first pooled); each prompt's
+          prompt (`rollouts.rollout`, single pass), scored by `config.reward.components`
+          (by default the frozen judge on the rubric: `Scores.reward`, safety-first pooled;
+          reward_components.py composes others, totals as the GRPO loop's); each prompt's
           best answer is `chosen` and its worst `rejected`. Prompts whose best and worst
           rewards differ by <= `dpo.min_margin` (ties) are skipped and counted. Written to
           `workdir/pairs.jsonl` with token ids, every sample's reward and the texts, so a rerun
@@ -44,6 +45,7 @@ from qalign_jax import (
     files,
     losses,
     metrics,
+    reward_components,
     rollouts,
     sharding,
     stages,
@@ -87,6 +89,8 @@ def make_pairs(
     `fold_in(rng, index of its first prompt)`, whatever an earlier run finished.
     """
     d = config.dpo
+    components = reward_components.from_config(config.reward)
+    judge = judge if reward_components.needs_judge(components) else None
     opts = rollouts.RolloutConfig(
         two_pass=False, draft_max_tokens=d.max_new_tokens, temperature=d.temperature, top_p=d.top_p
     )
@@ -97,7 +101,11 @@ def make_pairs(
             policy, judge, rows, [prompt_ids[r.id] for r in rows], opts,
             jax.random.fold_in(rng, first_index),
         )  # fmt: skip
-        rewards = ro.rewards.reshape(len(batch), -1)
+        composed = reward_components.compose(
+            components, reward_components.inputs_from_rollouts(ro, opts), d.num_generations,
+            aggregation=config.reward.aggregation,
+        )  # fmt: skip
+        rewards = composed.totals.reshape(len(batch), -1)
         seconds = {k: ro.timings[k] / len(batch) for k in ("sampling", "judging")}
         out = []
         for i, r in enumerate(batch):

@@ -51,6 +51,7 @@ from qalign_jax import (
     files,
     losses,
     metrics,
+    reward_components,
     rollouts,
     sharding,
     stages,
@@ -228,6 +229,8 @@ def run(config, workdir: str) -> None:
             f"grpo.grad_accum_steps={g.grad_accum_steps}."
         )
 
+    components = reward_components.from_config(config.reward)  # checked before any loading
+
     # Mesh; the policy's initial weights (also the frozen reference and, by default, judge;
     # not loaded when neither, see load.base_model).
     mesh = sharding.make_mesh(config.mesh.shape)
@@ -239,6 +242,8 @@ def run(config, workdir: str) -> None:
         raise ValueError("the policy has no tokenizer; set config.model.tokenizer.")
     cfg = initial.cfg
     judge = judge_lib.from_config(config, initial)
+    # Rollouts are judged when a pass needs it: the rubric component, or two-pass findings.
+    rollout_judge = judge if g.two_pass or reward_components.needs_judge(components) else None
 
     # Prompts, and the longest sequence a rollout can make.
     records = read_prompts(config)
@@ -299,13 +304,15 @@ def run(config, workdir: str) -> None:
             policy = dataclasses.replace(initial, params=state.params)
             k_draft, k_revision = jax.random.split(jax.random.fold_in(base_rng, step))
             ro = rollouts.rollout(
-                policy, judge, rows, [prompt_ids[r.id] for r in rows], opts, k_draft, k_revision
-            )
-            adv = np.asarray(
-                losses.group_advantages(
-                    ro.rewards, g.num_generations, eps=g.adv_eps, scale_by_std=g.scale_adv_by_std
-                )
-            )
+                policy, rollout_judge, rows, [prompt_ids[r.id] for r in rows], opts, k_draft,
+                k_revision,
+            )  # fmt: skip
+            composed = reward_components.compose(
+                components, reward_components.inputs_from_rollouts(ro, opts), g.num_generations,
+                aggregation=config.reward.aggregation, eps=g.adv_eps,
+                scale_by_std=g.scale_adv_by_std,
+            )  # fmt: skip
+            adv = composed.advantages
             t_train = time.perf_counter()
             host = training_batch(ro, adv, seq_len, tok.pad_id)
             rows_in = None  # placed only when a forward below needs the rows
@@ -336,6 +343,7 @@ def run(config, workdir: str) -> None:
             row = {f"train/{k}": float(v) for k, v in m.items()}
             row["train/sampler_logp_gap"] = float(sampler_gap)
             row.update(rollouts.rollout_metrics(ro, judge.rubric))
+            row.update(reward_components.metrics(composed))
             row.update({
                 "time/step_s": time.perf_counter() - t0,
                 "time/sampling_s": ro.timings["sampling"], "time/judging_s": ro.timings["judging"],
@@ -350,7 +358,10 @@ def run(config, workdir: str) -> None:
                 and g.rollouts_every
                 and (done % g.rollouts_every == 0 or done == g.num_steps)
             ):
-                files.append_jsonl(rollouts_path, rollouts.rollout_rows(ro, judge, done, 2))
+                shown = rollouts.rollout_rows(ro, judge, done, 2)
+                for i, shown_row in enumerate(shown):
+                    shown_row.update(reward_components.row_fields(composed, i))
+                files.append_jsonl(rollouts_path, shown)
             train_state.save_if_due(
                 done, g.num_steps, config.checkpoint.every_steps, manager, writer, state,
                 {"rng": np.asarray(jax.random.key_data(base_rng)).tolist(),

@@ -70,6 +70,7 @@ from qalign_jax import (
     data,
     files,
     metrics,
+    reward_components,
     rewards,
     rubric_draft,
     sampler,
@@ -118,10 +119,24 @@ def round_prompts(pool: list, round_index: int, per_round: int) -> list:
 # Detection.
 
 
-def is_failure(config, verdict) -> bool:
+def answer_rewards(config, rows, answers: list[str], verdicts) -> np.ndarray:
+    """The reward of each answer by `config.reward.components` (weighted sum, vetoes); with the
+    default (the rubric alone) exactly each verdict's reward. `rows`: records or row dicts."""
+    components = reward_components.from_config(config.reward)
+    inputs = reward_components.RewardInputs(
+        records=list(rows), completions=list(answers), verdicts=list(verdicts),
+        rubric_rewards=np.array([v.scores.reward for v in verdicts], np.float64),
+    )  # fmt: skip
+    return reward_components.weighted_totals(
+        components, reward_components.score(components, inputs)
+    )
+
+
+def is_failure(config, verdict, reward: float) -> bool:
+    """A gate violated (`detect='gates'`), or the answer's reward below `failure_reward`."""
     if config.iteralign.detect == "gates":
         return bool(verdict.scores.violated_gates)
-    return verdict.scores.reward < config.iteralign.failure_reward
+    return bool(reward < config.iteralign.failure_reward)
 
 
 def _sampler_cfg(config, tokenizer, max_new_tokens: int) -> sampler.SamplerConfig:
@@ -151,6 +166,7 @@ def redteam_batch(config, policy, judge, records, rng) -> list[dict]:
         policy, chats, _sampler_cfg(config, tok, config.iteralign.answer_max_tokens), rng
     )
     verdicts = judge_lib.score_pairs(judge, [(r.prompt, a) for r, a in zip(records, answers)])
+    totals = answer_rewards(config, records, answers, verdicts)
     return [
         {
             "id": r.id,
@@ -158,12 +174,12 @@ def redteam_batch(config, policy, judge, records, rng) -> list[dict]:
             "category": r.category,
             "label": r.label,
             "answer": a,
-            "reward": v.scores.reward,
+            "reward": float(total),
             "principles": v.scores.principles,
             "violated_gates": list(v.scores.violated_gates),
-            "failed": is_failure(config, v),
+            "failed": is_failure(config, v, total),
         }  # fmt: skip
-        for r, a, v in zip(records, answers, verdicts)
+        for r, a, v, total in zip(records, answers, verdicts, totals)
     ]
 
 
@@ -520,9 +536,10 @@ def revise_batch(config, policy, judge, library, round_index, rows: list[dict], 
     ]
     revisions = _answers(policy, chats, _sampler_cfg(config, tok, ia.revision_max_tokens), rng)
     ok = [i for i, text in enumerate(revisions) if text]
-    verdicts = dict(
-        zip(ok, judge_lib.score_pairs(judge, [(rows[i]["prompt"], revisions[i]) for i in ok]))
-    )
+    scored = judge_lib.score_pairs(judge, [(rows[i]["prompt"], revisions[i]) for i in ok])
+    verdicts = dict(zip(ok, scored))
+    totals = dict(zip(ok, answer_rewards(config, [rows[i] for i in ok],
+                                         [revisions[i] for i in ok], scored)))  # fmt: skip
     out = []
     for i, r in enumerate(rows):
         row = {
@@ -531,12 +548,12 @@ def revise_batch(config, policy, judge, library, round_index, rows: list[dict], 
         }  # fmt: skip
         if i in verdicts:
             v = verdicts[i]
-            failed_again = is_failure(config, v)
+            failed_again = is_failure(config, v, totals[i])
             row.update(
-                revision_reward=v.scores.reward,
+                revision_reward=float(totals[i]),
                 revision_violated_gates=list(v.scores.violated_gates),
                 failed_again=failed_again,
-                kept=keep_revision(config, failed_again, r["reward"], v.scores.reward),
+                kept=keep_revision(config, failed_again, r["reward"], float(totals[i])),
                 error=None,
             )
         else:
@@ -586,6 +603,7 @@ def check_config(config) -> None:
     ia = config.iteralign
     if ia.detect not in DETECT_MODES:
         raise ValueError(f"iteralign.detect={ia.detect!r}; use one of {DETECT_MODES}.")
+    reward_components.from_config(config.reward)  # detect='reward' reads the composed reward
     if ia.keep not in KEEP_RULES:
         raise ValueError(f"iteralign.keep={ia.keep!r}; use one of {KEEP_RULES}.")
     if ia.max_rounds < 1:
