@@ -53,7 +53,7 @@ def get_config(arg=None):
     )
     g.prompts_per_step = 4
     g.num_generations = 8
-    g.num_steps = 40
+    g.num_steps = 30
     g.two_pass = False
     g.draft_max_tokens = 48
     g.max_prompt_tokens = 128
@@ -61,7 +61,7 @@ def get_config(arg=None):
     g.temperature = 1.0
     g.kl_beta = 0.0  # no reference forward: a third of the training time on CPU
     g.rollouts_every = 5
-    c.optimizer.lr = 2e-5
+    c.optimizer.lr = 3e-5
     c.optimizer.warmup_ratio = 0.0
     c.optimizer.min_lr_ratio = 1.0  # constant lr
     c.checkpoint.every_steps = 10

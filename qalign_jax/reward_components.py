@@ -58,6 +58,8 @@ from qalign_jax import eval_suites, losses
 
 BUILTIN_KINDS = ("rubric", "refusal", "degeneracy", "format", "length")
 AGGREGATIONS = ("sum", "gdpo")
+DEGENERACY_REASONS = ("empty", "master_key", "repeated_ngrams", "repeated_lines", "copies_prompt",
+                      "copies_findings")  # fmt: skip
 COMMON_OPTIONS = {"veto": False, "veto_below": 0.0, "floor": None}
 KIND_OPTIONS = {  # each kind's options and their defaults
     "rubric": {"principle": None},
@@ -213,6 +215,12 @@ def record_dict(record) -> dict:
 # Built-in checks (plain Python over strings; each testable by hand).
 
 _WORD = re.compile(r"\w+")
+# Answers that earn LLM judges' approval with no content (arXiv 2507.08794), as lowercase words;
+# punctuation-only keys (":", ".") have no words and count as `empty`.
+MASTER_KEYS = frozenset({
+    "thought process", "let s solve this step by step", "let s solve this problem step by step",
+    "solution", "answer", "the answer is", "step by step", "here is the answer",
+})  # fmt: skip
 
 
 def _words(text: str) -> list[str]:
@@ -247,6 +255,8 @@ def degeneracy_reasons(answer: str, prompt: str = "", echo: str | None = None, *
     words = _words(answer)
     if len(words) < o["min_words"]:
         return ["empty"]
+    if " ".join(words) in MASTER_KEYS:
+        return ["master_key"]
     reasons = []
     grams = _ngrams(words, o["ngram"])
     if (
@@ -496,8 +506,9 @@ def compose(components, inputs: RewardInputs, group_size: int, *, aggregation: s
 # Logging.
 
 
-def metrics(composed: Composed) -> dict[str, float]:
-    """Per component: raw mean/std, its advantage part's mean |.| and std, zero-variance groups."""
+def metrics(composed: Composed, components=(), inputs: RewardInputs | None = None) -> dict:
+    """Per component: raw mean/std, its advantage part's mean |.| and std, zero-variance groups;
+    with `components` and `inputs`, each degeneracy component's rate per reason."""
     g = composed.group_size
     m = {
         "reward/total_mean": float(composed.totals.mean()),
@@ -514,7 +525,23 @@ def metrics(composed: Composed) -> dict[str, float]:
         m[f"reward/{name}/zero_variance_groups"] = float(
             np.mean(grouped.max(axis=1) == grouped.min(axis=1))
         )
+    for c in components:
+        if c.kind == "degeneracy" and inputs is not None:
+            for reason, rate in degeneracy_rates(c, inputs).items():
+                m[f"reward/{c.name}/{reason}"] = rate
     return m
+
+
+def degeneracy_rates(c: Component, inputs: RewardInputs) -> dict[str, float]:
+    """The fraction of answers flagged for each reason by degeneracy component `c`."""
+    echoes = inputs.echoes or [None] * len(inputs.completions)
+    opts = {k: c.options[k] for k in KIND_OPTIONS["degeneracy"]}
+    counts = collections.Counter(
+        reason
+        for a, r, e in zip(inputs.completions, inputs.records, echoes)
+        for reason in degeneracy_reasons(a, record_dict(r)["prompt"], e, **opts)
+    )
+    return {reason: counts[reason] / len(inputs.completions) for reason in DEGENERACY_REASONS}
 
 
 def row_fields(composed: Composed, i: int) -> dict:

@@ -137,6 +137,9 @@ def test_refusal_component_signs_by_label():
         ("1. Flour\n2. Sugar\n3. Eggs\n4. Butter\n5. Milk", "List baking ingredients.", None, []),
         ("", "Hi", None, ["empty"]),
         (":", "Hi", None, ["empty"]),
+        ("Thought process:", "Hi", None, ["master_key"]),
+        ("Let's solve this step by step.", "Hi", None, ["master_key"]),
+        ("Solution: boil the water first, then add the pasta.", "Hi", None, []),
         ("<Ref>Ref</Ref>" * 12, "Hi", None, ["repeated_ngrams"]),
         ("Reflect.\n" * 3, "Hi", None, ["repeated_lines"]),
         ("Reflect on these findings.\n" * 3, "Hi", None, ["repeated_ngrams", "repeated_lines"]),
@@ -162,6 +165,8 @@ def test_degeneracy_format_and_length_components():
         malformed=[False, True, False, False], answer_tokens=[3, 12, 14, 16], max_tokens=16,
     ))  # fmt: skip
     np.testing.assert_allclose(v[0], [0.0, -1.0, 0.0, 0.0])
+    rates = rc.degeneracy_rates(cs[0], inputs(["A fine answer.", ":", "Solution", "fine"]))
+    assert rates["empty"] == 0.25 and rates["master_key"] == 0.25 and rates["copies_prompt"] == 0
     np.testing.assert_allclose(v[1], [0.0, -1.0, 0.0, 0.0])
     # free up to 12 tokens, then linear to -1 at 16
     np.testing.assert_allclose(v[2], [0.0, 0.0, -0.5, -1.0])
@@ -256,6 +261,7 @@ def test_grpo_runs_with_a_composed_reward_and_logs_each_component(tmp_path):
     assert "rollout/draft_score" not in row  # no rubric component, single pass: no judging
     shown = json.loads(open(tmp_path / "rollouts.jsonl").readline())
     assert set(shown["components"]) == {"refusal", "short", "degenerate"}
+    assert {f"reward/degenerate/{r}" for r in rc.DEGENERACY_REASONS} <= set(row)
     assert shown["draft_report"] is None and "advantage" in shown
 
 

@@ -10,11 +10,14 @@ shapes and shardings, restore or init, jit, then `for step in range(first_step, 
             (two_pass): the draft's end-of-turn gives way to the verbalized findings and a
             forced <Think>, and the policy continues from the draft's KV cache with its
             reflection, </Think> and revision; the judge scores the revisions (R2).
-  rewards   `rewards.two_pass_reward(R1, R2, ...)` (single pass: R1); a revision that
+  rewards   `reward.components` (reward_components.py); by default the rubric alone:
+            `rewards.two_pass_reward(R1, R2, ...)` (single pass: R1), where a revision that
             does not parse counts as R2 = R1 minus grpo.malformed_penalty. (With the paper's
             beta = 1 the reward is 2 * R2 whenever R2 <= R1, so a fixed floor for malformed
             revisions would give every malformed rollout the same reward and no signal.)
-  update    group-normalized advantages (`losses.group_advantages`), then `num_iterations`
+            Other components (refusal, degeneracy veto, Python functions, ...) are summed with
+            weights, or GDPO-normalized per component (`reward.aggregation`).
+  update    group-normalized advantages (`reward_components.aggregate`), then `num_iterations`
             optimizer updates of the clipped objective with the k3 KL to the frozen reference
             (`losses.grpo_loss`), on the policy's own tokens only (draft and continuation; not
             the prompt, not the inserted findings). The old policy's log-probabilities come
@@ -307,8 +310,9 @@ def run(config, workdir: str) -> None:
                 policy, rollout_judge, rows, [prompt_ids[r.id] for r in rows], opts, k_draft,
                 k_revision,
             )  # fmt: skip
+            reward_in = reward_components.inputs_from_rollouts(ro, opts)
             composed = reward_components.compose(
-                components, reward_components.inputs_from_rollouts(ro, opts), g.num_generations,
+                components, reward_in, g.num_generations,
                 aggregation=config.reward.aggregation, eps=g.adv_eps,
                 scale_by_std=g.scale_adv_by_std,
             )  # fmt: skip
@@ -343,7 +347,7 @@ def run(config, workdir: str) -> None:
             row = {f"train/{k}": float(v) for k, v in m.items()}
             row["train/sampler_logp_gap"] = float(sampler_gap)
             row.update(rollouts.rollout_metrics(ro, judge.rubric))
-            row.update(reward_components.metrics(composed))
+            row.update(reward_components.metrics(composed, components, reward_in))
             row.update({
                 "time/step_s": time.perf_counter() - t0,
                 "time/sampling_s": ro.timings["sampling"], "time/judging_s": ro.timings["judging"],
