@@ -16,6 +16,8 @@ resumes from the newest checkpoint.
 
 `:demo`: the second stage of `make demo` (configs/qalign_pipeline_smol.py), which points
 data.train_path at the priming stage's prime_sft.jsonl: 3 epochs, 2 examples held out.
+`:best_of_n`: SFT on the rejection-sampling data of configs/best_of_n_compose_smol.py (the
+composed-reward run's priming): 2 epochs, batch 8 x 128 tokens, lr 3e-5.
 `:smoke` (tests; about 30 s): a tiny random Llama sized to the real tokenizer
 (`random:tiny` + `model.tokenizer='embedded'`), 16 training examples truncated to 128 tokens,
 20 steps of batch 8 at a high learning rate, so the loss visibly falls by overfitting.
@@ -76,6 +78,19 @@ def get_config(arg=None):
         c.sft.eval_every = 0
         c.checkpoint.every_steps = 0
         c.checkpoint.keep = 1
+    elif arg == "best_of_n":  # on best_of_n's sft.jsonl (configs/best_of_n_compose_smol.py)
+        c.data.train_path = "workdirs/bon_smol/sft.jsonl"
+        c.data.eval_size = 8
+        c.data.seq_len = 128  # prompt + a 48-token answer
+        c.data.on_overflow = "truncate"
+        c.sft.global_batch_size = 8
+        c.sft.num_epochs = 2
+        c.sft.eval_every = 0
+        c.optimizer.lr = 3e-5
+        c.checkpoint.every_steps = 0
+        c.checkpoint.keep = 1
     elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use ':smoke', ':demo' or nothing.")
+        raise ValueError(
+            f"unknown config argument {arg!r}; use ':smoke', ':demo', ':best_of_n' or nothing."
+        )
     return c

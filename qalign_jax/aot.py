@@ -41,8 +41,9 @@ from qalign_jax.models import llama, load
 def model_config(config, preset: str = "", num_layers: int = 0) -> llama.LlamaConfig:
     """The architecture: a preset by name, else the config's model source (read, not loaded)."""
     cfg = llama.get_preset(preset) if preset else load.describe_config(config.model)[0]
+    m = config.model
     cfg = cfg.replace(
-        param_dtype=config.model.param_dtype, dtype=config.model.dtype, remat=config.model.remat
+        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, logits_chunk=m.logits_chunk
     )
     return cfg.replace(num_layers=num_layers) if num_layers else cfg
 

@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # storage dtype of the weights
     c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
     c.model.remat = "none"  # 'none' | 'full' | 'dots' (see llama.REMAT_POLICIES)
+    # Training losses run the output head on this many positions of each row at a time, so
+    # the [rows, T, vocab] float32 logits never exist at once (0 = all at once).
+    c.model.logits_chunk = 0
 
     # Devices: (data, fsdp, tensor); one -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict()
@@ -118,6 +121,19 @@ def base_config() -> ml_collections.ConfigDict:
     # 'format', 'length'; option veto=True floors the total. QA-LIGN: the rubric alone.
     c.reward.components = (("rubric", "rubric", 1.0, {}),)
     c.reward.aggregation = "sum"  # 'sum' (QA-LIGN) | 'gdpo' (each component group-normalized)
+
+    # Rejection-sampling SFT data (`loops/best_of_n.py`): the best of N samples by the reward.
+    c.best_of_n = ml_collections.ConfigDict()
+    c.best_of_n.sources = ()  # ((prompt-set JSONL, count or -1 for all), ...)
+    c.best_of_n.num_samples = 8  # N answers per prompt
+    c.best_of_n.batch_prompts = 4  # prompts per sampler call (x N rows)
+    c.best_of_n.max_new_tokens = 128
+    c.best_of_n.max_prompt_tokens = 256
+    c.best_of_n.on_long_prompt = "error"  # 'error' | 'drop'
+    c.best_of_n.temperature = 1.0
+    c.best_of_n.top_p = 1.0
+    c.best_of_n.min_reward = float("-inf")  # keep a prompt's best answer at or above this
+    c.best_of_n.min_reward_by_label = ()  # ((label, threshold), ...) overriding min_reward
 
     # Reflection priming data (`loops/prime_data.py`): draft -> findings -> <Think> -> revision.
     c.prime = ml_collections.ConfigDict()

@@ -65,14 +65,19 @@ def sft_loss(
       `num_tokens` (trained tokens) and `num_correct` (trained tokens whose argmax is the
       target), all float32 sums.
     """
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return sft_loss_from_logp(token_log_likelihood(logits, targets), correct, mask, normalizer)
+
+
+def sft_loss_from_logp(logp, correct, mask, normalizer=None):
+    """`sft_loss` from per-position log p(target) and argmax hits ([B, T] each), as
+    `llama.token_stats` gives them without materializing the logits."""
     mask = mask.astype(jnp.float32)
-    nll = -token_log_likelihood(logits, targets)  # [B, T]
-    nll_sum = jnp.sum(nll * mask)
+    nll_sum = -jnp.sum(logp * mask)
     num_tokens = jnp.sum(mask)
     if normalizer is None:
         normalizer = num_tokens
     loss = nll_sum / jnp.maximum(normalizer, 1.0)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     metrics = {"nll_sum": nll_sum, "num_tokens": num_tokens, "num_correct": jnp.sum(correct * mask)}
     return loss, metrics
 

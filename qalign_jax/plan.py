@@ -167,7 +167,10 @@ def activation_bytes(cfg: llama.LlamaConfig, rows: int, seq_len: int, mesh_shape
     c = FIT[remat]
     batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
     tp = mesh_shape["tensor"]
-    tokens = -(-rows // batch_ways) * seq_len  # per device
+    rows_here = -(-rows // batch_ways)
+    tokens = rows_here * seq_len  # per device
+    # The [tokens, vocab] float32 logits live whole, or `logits_chunk` positions a row at a time.
+    head_tokens = min(tokens, rows_here * cfg.logits_chunk) if cfg.logits_chunk else tokens
     cb = _dtype_bytes(cfg.dtype)
     d, f = cfg.hidden_size, _split(cfg.intermediate_size, tp)
     heads, kv = _split(cfg.num_heads, tp), _split(cfg.num_kv_heads, tp)
@@ -175,10 +178,10 @@ def activation_bytes(cfg: llama.LlamaConfig, rows: int, seq_len: int, mesh_shape
     layer += 4 * c["scores"] * heads * seq_len
     head = 4 * c["vocab"] * _split(cfg.vocab_size, tp)
     if remat == "full":  # block inputs kept, one block recomputed at a time
-        per_token = c["inputs"] * cfg.num_layers * cb * d + layer + head
+        per_token = c["inputs"] * cfg.num_layers * cb * d + layer
     else:
-        per_token = cfg.num_layers * layer + head
-    return tokens * per_token
+        per_token = cfg.num_layers * layer
+    return tokens * per_token + head_tokens * head
 
 
 def kv_cache_bytes(cfg, rows: int, cache_len: int, mesh_shape) -> float:
@@ -291,8 +294,9 @@ def main(argv):
         cfg = llama.get_preset(flags.FLAGS.preset)
     else:
         cfg = load.describe_config(config.model)[0]
+    m = config.model
     cfg = cfg.replace(
-        param_dtype=config.model.param_dtype, dtype=config.model.dtype, remat=config.model.remat
+        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, logits_chunk=m.logits_chunk
     )
     p = plan(config, cfg, flags.FLAGS.num_devices, flags.FLAGS.accelerator)
     mesh = resolve_mesh(config.mesh.shape, flags.FLAGS.num_devices)

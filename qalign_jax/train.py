@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from qalign_jax import eval as eval_lib
 from qalign_jax import files, sharding
-from qalign_jax.loops import dpo, generate, grpo, iteralign, pipeline, prime_data, sft
+from qalign_jax.loops import best_of_n, dpo, generate, grpo, iteralign, pipeline, prime_data, sft
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -38,6 +38,7 @@ def run_stage(config, workdir: str) -> None:
 
 # Every loop exposes `run(config, workdir)`.
 LOOPS = {
+    "best_of_n": best_of_n.run,
     "dpo": dpo.run,
     "eval": eval_lib.run,
     "generate": generate.run,

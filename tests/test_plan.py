@@ -27,12 +27,13 @@ def sft_config(rows, seq_len, mesh):
 
 
 @pytest.mark.parametrize(
-    "remat,rows,seq_len,mesh",
-    [("none", 16, 192, (1, 8, 1)), ("full", 24, 160, (1, 8, 1)), ("none", 8, 128, (1, 4, 2))],
-)
-def test_plan_matches_memory_analysis(remat, rows, seq_len, mesh):
+    "remat,rows,seq_len,mesh,chunk",
+    [("none", 16, 192, (1, 8, 1), 0), ("full", 24, 160, (1, 8, 1), 0),
+     ("none", 8, 128, (1, 4, 2), 0), ("none", 16, 192, (1, 8, 1), 32)],
+)  # fmt: skip
+def test_plan_matches_memory_analysis(remat, rows, seq_len, mesh, chunk):
     config = sft_config(rows, seq_len, mesh)
-    cfg = HELD_OUT.replace(remat=remat)
+    cfg = HELD_OUT.replace(remat=remat, logits_chunk=chunk)
     ma = aot.compile_sft(config, cfg, sharding.make_mesh(mesh))["sft_step"].memory_analysis()
     p = plan.plan(config, cfg, num_devices=8)
     args = p.rows["params"] + p.rows["optimizer (Adam mu, nu)"] + p.rows["batch"]

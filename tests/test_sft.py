@@ -130,8 +130,10 @@ def test_nan_gradient_with_a_finite_loss_is_caught(host_params, monkeypatch):
         return x
 
     poison.defvjp(lambda x: (x, None), lambda _, g: (g * jnp.nan,))
-    real = losses.sft_loss
-    monkeypatch.setattr(losses, "sft_loss", lambda logits, *a, **k: real(poison(logits), *a, **k))
+    real = losses.sft_loss_from_logp
+    monkeypatch.setattr(
+        losses, "sft_loss_from_logp", lambda logp, *a, **k: real(poison(logp), *a, **k)
+    )
     batch = random_batch(4, accum=1, rows=8, seq_len=16, vocab=TINY.vocab_size)
     one = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     _, (m,) = run_steps(one, host_params, [batch])
@@ -166,9 +168,10 @@ def test_nonfinite_loss_stops_and_the_last_checkpoint_stays_good(smoke_run, tmp_
     shutil.copytree(smoke_run, workdir)
     config = load_config("smoke")
     config.sft.num_steps = 24
-    real = losses.sft_loss
-
-    monkeypatch.setattr(losses, "sft_loss", lambda logits, *a, **k: real(logits * jnp.nan, *a, **k))
+    real = losses.sft_loss_from_logp
+    monkeypatch.setattr(
+        losses, "sft_loss_from_logp", lambda logp, *a, **k: real(logp * jnp.nan, *a, **k)
+    )
     with pytest.raises(FloatingPointError) as err:
         sft.run(config, workdir)
     message = str(err.value)

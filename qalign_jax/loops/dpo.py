@@ -194,8 +194,8 @@ def training_batch(pairs: list[dict], seq_len: int, pad_id: int, ref: np.ndarray
 
 def answer_logprobs(params, tokens, positions, targets, mask, *, graphdef):
     """[rows] summed log p(answer | prompt)."""
-    logits, _ = llama.forward(graphdef, params, tokens, positions)
-    return losses.sequence_log_likelihood(logits, targets, mask)
+    logp = llama.token_stats(graphdef, params, tokens, positions, targets)["logp"]
+    return jnp.sum(logp * mask, axis=-1)
 
 
 def dpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, dpo_cfg):
@@ -207,8 +207,10 @@ def dpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, dpo_
         # Chosen and rejected rows in one forward: [2P, T].
         rows = {k: jnp.concatenate([micro[f"chosen_{k}"], micro[f"rejected_{k}"]]) for k in
                 ROW_KEYS}  # fmt: skip
-        logits, _ = llama.forward(graphdef, params, rows["tokens"], rows["positions"])
-        logp = losses.sequence_log_likelihood(logits, rows["targets"], rows["mask"])
+        logp = answer_logprobs(
+            params, rows["tokens"], rows["positions"], rows["targets"], rows["mask"],
+            graphdef=graphdef,
+        )  # fmt: skip
         chosen, rejected = jnp.split(logp, 2)
         return losses.dpo_loss(
             chosen, rejected, micro["ref_chosen"], micro["ref_rejected"], beta=d.beta,

@@ -144,8 +144,7 @@ def training_batch(ro: rollouts.Rollouts, advantages: np.ndarray, seq_len: int, 
 def token_logprobs(params, tokens, positions, targets, *, graphdef):
     """[rows, T] log p(target) under `params` (the frozen reference, or the policy before its
     first update when num_iterations > 1)."""
-    logits, _ = llama.forward(graphdef, params, tokens, positions)
-    return losses.token_log_likelihood(logits, targets)
+    return llama.token_stats(graphdef, params, tokens, positions, targets)["logp"]
 
 
 def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, grpo_cfg):
@@ -167,8 +166,10 @@ def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, grp
     }[g.aggregation]
 
     def loss_fn(params, micro):
-        logits, _ = llama.forward(graphdef, params, micro["tokens"], micro["positions"])
-        logp = losses.token_log_likelihood(logits, micro["targets"])
+        stats = llama.token_stats(
+            graphdef, params, micro["tokens"], micro["positions"], micro["targets"], entropy=True
+        )
+        logp = stats["logp"]
         fixed = jax.lax.stop_gradient(logp)
         old_logp = fixed if g.num_iterations == 1 else micro["old_logp"]
         loss, sums = losses.grpo_loss(
@@ -177,9 +178,8 @@ def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, grp
             clip_low=g.clip_low, clip_high=g.clip_high, aggregation=g.aggregation,
             normalizer=normalizer,
         )  # fmt: skip
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        entropy = -jnp.sum(probs * jax.nn.log_softmax(logits.astype(jnp.float32)), -1)
-        sums["entropy_sum"] = jax.lax.stop_gradient(jnp.sum(entropy * micro["loss_mask"]))
+        entropy = jax.lax.stop_gradient(stats["entropy"])
+        sums["entropy_sum"] = jnp.sum(entropy * micro["loss_mask"])
         sums["loss_sum"] = loss
         gap = jnp.abs(fixed - micro["sampler_logp"]) * micro["loss_mask"]
         sums["sampler_gap_sum"] = jnp.sum(gap)  # the decode path against this forward

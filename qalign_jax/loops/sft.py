@@ -67,8 +67,12 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh):
     num_tokens = jnp.sum(batch["loss_mask"])  # trained tokens of the whole step
 
     def loss_fn(params, micro):
-        logits, _ = llama.forward(graphdef, params, micro["tokens"], micro["positions"])
-        return losses.sft_loss(logits, micro["targets"], micro["loss_mask"], normalizer=num_tokens)
+        stats = llama.token_stats(
+            graphdef, params, micro["tokens"], micro["positions"], micro["targets"], correct=True
+        )
+        return losses.sft_loss_from_logp(
+            stats["logp"], stats["correct"], micro["loss_mask"], normalizer=num_tokens
+        )
 
     grads, sums = train_state.accumulate_grads(loss_fn, state.params, batch, param_sh)
     new_state, grad_norm = train_state.apply_grads(state, grads, tx)
@@ -88,8 +92,12 @@ def eval_step(params, batch, *, graphdef):
     """Sums of the loss pieces over the micro-batches of `batch` (no gradient)."""
 
     def one(_, micro):
-        logits, _ = llama.forward(graphdef, params, micro["tokens"], micro["positions"])
-        return None, losses.sft_loss(logits, micro["targets"], micro["loss_mask"])[1]
+        stats = llama.token_stats(
+            graphdef, params, micro["tokens"], micro["positions"], micro["targets"], correct=True
+        )
+        return None, losses.sft_loss_from_logp(stats["logp"], stats["correct"], micro["loss_mask"])[
+            1
+        ]
 
     _, sums = jax.lax.scan(one, None, batch)
     return jax.tree.map(jnp.sum, sums)

@@ -76,6 +76,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     remat: str = "none"  # see REMAT_POLICIES
+    logits_chunk: int = 0  # training losses: the head on this many positions at a time (0: all)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -88,6 +89,8 @@ class LlamaConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+        if self.logits_chunk < 0:
+            raise ValueError(f"logits_chunk={self.logits_chunk}; use 0 (off) or a position count.")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(
@@ -482,6 +485,46 @@ def init_params(cfg: LlamaConfig, seed: int, shardings=None) -> nnx.State:
 def forward(graphdef, params, tokens, positions, cache=None):
     """Pure function over the parameter pytree: `nnx.merge` then call. Jit this."""
     return nnx.merge(graphdef, params)(tokens, positions, cache)
+
+
+def token_stats(
+    graphdef, params, tokens, positions, targets, *, correct: bool = False, entropy: bool = False
+) -> dict:
+    """The training losses' per-position numbers, [B, T] float32 each: `logp` = log p(target),
+    and if asked `correct` = (argmax == target) and the `entropy` of the next-token
+    distribution.
+
+    With `cfg.logits_chunk` = C > 0 the output head runs on C positions of every row at a time,
+    under `jax.checkpoint` inside a scan: neither the forward nor the backward holds the
+    [B, T, V] float32 logits, only [B, C, V] (for a 128k vocabulary, 4 GB at 8 x 1024 tokens).
+    C = 0 computes them in one piece. The numbers are the same either way (a test).
+    """
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.hidden(tokens, positions)  # [B, T, D]
+
+    def stats(h, t):
+        logits = model.logits(h)  # [B, C, V] float32
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        out = {"logp": jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - log_z}
+        if correct:
+            out["correct"] = (jnp.argmax(logits, axis=-1) == t).astype(jnp.float32)
+        if entropy:  # H = log Z - sum p * logits
+            p = jnp.exp(logits - log_z[..., None])
+            out["entropy"] = log_z - jnp.sum(p * logits, axis=-1)
+        return out
+
+    chunk = model.config.logits_chunk
+    b, t = targets.shape
+    if not chunk or chunk >= t:
+        return stats(hidden, targets)
+    pad = -t % chunk
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    y = jnp.pad(targets, ((0, 0), (0, pad)))
+    n = (t + pad) // chunk
+    h = h.reshape(b, n, chunk, -1).swapaxes(0, 1)  # [n, B, C, D]: rows stay sharded
+    y = y.reshape(b, n, chunk).swapaxes(0, 1)
+    _, out = jax.lax.scan(jax.checkpoint(lambda _, hy: (None, stats(*hy))), None, (h, y))
+    return {k: v.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for k, v in out.items()}
 
 
 def positions_from_mask(mask):

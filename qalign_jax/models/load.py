@@ -94,7 +94,7 @@ def recorded_source(workdir: str, default: str | None = None) -> str:
 
 def describe(
     source: str, *, param_dtype: str = "float32", dtype: str = "float32", remat: str = "none",
-    tokenizer_source: str | None = None, arch_source: str | None = None,
+    logits_chunk: int = 0, tokenizer_source: str | None = None, arch_source: str | None = None,
 ) -> tuple[llama.LlamaConfig, tokenizer_lib.Tokenizer | None]:  # fmt: skip
     """Architecture and tokenizer of `source`, without reading any weights.
 
@@ -103,7 +103,7 @@ def describe(
     `arch_source`: the architecture of a run's workdir that recorded none.
     """
     kind, path = resolve_source(source)
-    numerics = dict(param_dtype=param_dtype, dtype=dtype, remat=remat)
+    numerics = dict(param_dtype=param_dtype, dtype=dtype, remat=remat, logits_chunk=logits_chunk)
     tokenizer = None
     if kind == "orbax":
         arch = recorded_source(path, arch_source)
@@ -131,7 +131,8 @@ def describe_config(model_cfg) -> tuple[llama.LlamaConfig, tokenizer_lib.Tokeniz
     """`describe` of an experiment's `config.model` section."""
     return describe(
         model_cfg.source, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype,
-        remat=model_cfg.remat, tokenizer_source=model_cfg.tokenizer or None,
+        remat=model_cfg.remat, logits_chunk=model_cfg.logits_chunk,
+        tokenizer_source=model_cfg.tokenizer or None,
     )  # fmt: skip
 
 
@@ -160,6 +161,7 @@ def load_model(
     param_dtype: str = "float32",
     dtype: str = "float32",
     remat: str = "none",
+    logits_chunk: int = 0,
     seed: int = 0,
     tokenizer_source: str | None = None,
     arch_source: str | None = None,
@@ -167,7 +169,7 @@ def load_model(
     """Loads config, tokenizer and parameters (placed on `mesh` by `rules`); see `describe`."""
     mesh = mesh or _default_mesh()
     cfg, tokenizer = describe(
-        source, param_dtype=param_dtype, dtype=dtype, remat=remat,
+        source, param_dtype=param_dtype, dtype=dtype, remat=remat, logits_chunk=logits_chunk,
         tokenizer_source=tokenizer_source, arch_source=arch_source,
     )  # fmt: skip
     graphdef, abstract = llama.abstract_model(cfg)
@@ -184,7 +186,8 @@ def from_config(config, mesh: Mesh, source: str | None = None) -> LoadedModel:
     m = config.model
     return load_model(
         source or m.source, mesh=mesh, rules=config.sharding.rules, param_dtype=m.param_dtype,
-        dtype=m.dtype, remat=m.remat, seed=config.seed, tokenizer_source=m.tokenizer or None,
+        dtype=m.dtype, remat=m.remat, logits_chunk=m.logits_chunk, seed=config.seed,
+        tokenizer_source=m.tokenizer or None,
         arch_source=m.source,
     )  # fmt: skip
 
@@ -208,7 +211,10 @@ def base_model(config, mesh) -> LoadedModel:
 
 
 def _check_same_architecture(ours: llama.LlamaConfig, theirs: llama.LlamaConfig, source: str):
-    theirs = theirs.replace(param_dtype=ours.param_dtype, dtype=ours.dtype, remat=ours.remat)
+    theirs = theirs.replace(
+        param_dtype=ours.param_dtype, dtype=ours.dtype, remat=ours.remat,
+        logits_chunk=ours.logits_chunk,
+    )  # fmt: skip
     if theirs != ours:
         diff = {
             k: (getattr(ours, k), getattr(theirs, k))

@@ -1,0 +1,47 @@
+"""Rejection-sampling priming data for configs/qalign_grpo_compose_smol.py (CPU, embedded model).
+
+  QALIGN_DATA=../shared/data python -m qalign_jax.train \
+    --config configs/best_of_n_compose_smol.py --workdir workdirs/bon_smol
+The embedded SmolLM2-135M samples N=16 answers (48 tokens, temperature 1) to each of DangerousQA's
+200 harmful questions and 100 Alpaca instructions; the composed reward's refusal and degeneracy
+components score them (the rubric component is left out here: the judge's 0-9 grade is not
+needed to pick a refusal, and it would triple the stage's time). Kept: a harmful prompt's best
+answer if it is a refusal (reward >= 0.5), a benign prompt's best if it neither refuses nor
+degenerates (>= 0). The same prompts are GRPO's (the priming teaches the form, GRPO its use);
+the held-out evaluation sets (AdvBench, XSTest) are not among them.
+Then SFT on the kept answers:
+  python -m qalign_jax.train --config configs/sft_prime_smol.py:best_of_n \
+    --workdir workdirs/sft_bon_smol --config.data.train_path=workdirs/bon_smol/sft.jsonl
+"""
+
+import os
+
+from qalign_jax import config as base
+
+DATA = os.environ.get("QALIGN_DATA", "data")
+
+
+def get_config(arg=None):
+    c = base.base_config()
+    c.loop = "best_of_n"
+    c.seed = 0
+    c.model.source = "embedded"
+    c.mesh.shape = (1, -1, 1)
+    c.reward.components = (
+        ("refusal", "refusal", 1.0, {}),
+        ("degenerate", "degeneracy", 0.0, {"veto": True, "floor": -1.0}),
+    )
+    b = c.best_of_n
+    b.sources = (
+        (os.path.join(DATA, "red_instruct", "dangerousqa.jsonl"), -1),
+        (os.path.join(DATA, "alpaca", "alpaca_noinput_sample2000.jsonl"), 100),
+    )
+    b.num_samples = 16
+    b.batch_prompts = 4
+    b.max_new_tokens = 48
+    b.max_prompt_tokens = 128
+    b.on_long_prompt = "drop"
+    b.min_reward_by_label = (("harmful", 0.5), ("benign", 0.0))
+    if arg:
+        raise ValueError(f"unknown config argument {arg!r}; this config takes none.")
+    return c

@@ -1,0 +1,77 @@
+"""The best_of_n loop: the best of N samples by the composed reward, kept by label threshold,
+resumable; a tiny random policy with the real tokenizer."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from qalign_jax import config as base
+from qalign_jax import train
+from qalign_jax.loops import best_of_n
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = os.path.join(ROOT, "configs", "data", "grpo_prompts.jsonl")  # 8 harmful, 8 benign
+
+
+def word_count(prompts, completions, *, records, verdicts):
+    """A reward that prefers longer answers: harmful prompts' answers count negative."""
+    sign = [-1.0 if r["label"] == "harmful" else 1.0 for r in records]
+    return [s * len(c.split()) for s, c in zip(sign, completions)]
+
+
+def tiny_config():
+    c = base.base_config()
+    c.loop = "best_of_n"
+    c.model.source = "random:tiny"
+    c.model.tokenizer = "embedded"
+    c.mesh.shape = (1, -1, 1)
+    c.reward.components = (("words", "tests.test_best_of_n:word_count", 1.0, {}),)
+    b = c.best_of_n
+    b.sources = ((PROMPTS, 6),)
+    b.num_samples = 4
+    b.batch_prompts = 2
+    b.max_new_tokens = 6
+    b.max_prompt_tokens = 64
+    b.min_reward_by_label = (("harmful", -100.0), ("benign", 3.0))
+    return c
+
+
+def test_choose_takes_the_first_best_at_or_above_the_threshold():
+    assert best_of_n.choose(np.array([0.0, 2.0, 2.0, 1.0]), 2.0) == 1
+    assert best_of_n.choose(np.array([0.0, 1.0]), 1.5) is None
+
+
+def test_best_of_n_keeps_the_best_answer_and_resumes(tmp_path):
+    config = tiny_config()
+    train.run(config, str(tmp_path))
+    rows = [json.loads(x) for x in open(tmp_path / best_of_n.SAMPLES)]
+    assert len(rows) == 6
+    for r in rows:
+        assert len(r["answers"]) == 4 and len(r["totals"]) == 4
+        assert r["totals"] == r["components"]["words"]
+        want = best_of_n.choose(np.array(r["totals"]), best_of_n.threshold(config, r["label"]))
+        assert r["best"] == want
+        if want is not None:
+            assert r["completion"] == r["answers"][want]
+            assert max(r["totals"]) >= (3.0 if r["label"] == "benign" else -100.0)
+    sft = [json.loads(x) for x in open(tmp_path / best_of_n.SFT)]
+    assert [s["id"] for s in sft] == [r["id"] for r in rows if r["best"] is not None]
+    summary = json.load(open(tmp_path / best_of_n.SUMMARY))
+    assert summary["prompts"] == 6 and summary["kept"] == len(sft)
+    # A rerun finds every prompt done and samples nothing.
+    before = (tmp_path / best_of_n.SAMPLES).read_text()
+    train.run(config, str(tmp_path))
+    assert (tmp_path / best_of_n.SAMPLES).read_text() == before
+
+
+def test_best_of_n_config_errors(tmp_path):
+    config = tiny_config()
+    config.best_of_n.num_samples = 0
+    with pytest.raises(ValueError, match="num_samples=0"):
+        train.run(config, str(tmp_path))
+    config = tiny_config()
+    config.reward.components = (("x", "refusal", 1.0, {"bogus": 1}),)
+    with pytest.raises(ValueError, match="unknown option"):
+        train.run(config, str(tmp_path))
