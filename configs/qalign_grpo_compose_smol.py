@@ -1,12 +1,22 @@
 """GRPO of the embedded SmolLM2-135M-Instruct on a composed reward, on CPU: rubric + refusal +
-degeneracy veto, GDPO aggregation (reward_components.py).
+degeneracy veto, GDPO aggregation (reward_components.py), after rejection-sampling priming.
 
 Run (data from $QALIGN_DATA, default ./data: the shared sets in the prompt-set schema):
-  QALIGN_DATA=../shared/data python -m qalign_jax.train \
-    --config configs/qalign_grpo_compose_smol.py --workdir workdirs/compose_smol
-then the held-out evaluation (AdvBench and XSTest's safe prompts, none trained on):
-  QALIGN_DATA=../shared/data python -m qalign_jax.eval --config configs/eval_smol.py:safety \
+  export QALIGN_DATA=../shared/data
+  # 1. best of 16 samples per prompt by the refusal + degeneracy components (~20 min)
+  python -m qalign_jax.train --config configs/best_of_n_compose_smol.py --workdir workdirs/bon_smol
+  # 2. SFT on the kept answers (~10 min)
+  python -m qalign_jax.train --config configs/sft_prime_smol.py:best_of_n \
+    --workdir workdirs/sft_bon_smol --config.data.train_path=workdirs/bon_smol/sft.jsonl
+  # 3. GRPO from the primed policy (~20 min)
+  python -m qalign_jax.train --config configs/qalign_grpo_compose_smol.py \
+    --workdir workdirs/compose_smol --config.checkpoint.init=workdirs/sft_bon_smol
+  # the held-out readout (AdvBench 100, XSTest 100 safe prompts; none trained on), per stage
+  python -m qalign_jax.eval --config configs/eval_smol.py:safety \
     --model workdirs/compose_smol --name compose --output workdirs/eval/compose
+Without step 1-2, the base model refuses ~3% of its sampled answers to harmful prompts, so most
+groups of G hold no refusal and GRPO has almost nothing to reinforce (6 steps from the base
+model moved nothing); priming makes the refusal common enough for GRPO to shape its use.
 
 Components (weights; each normalized within its group of G before the weighted sum, GDPO):
   rubric      0.5  the base model judging on the one-question `scalar` rubric (the demo
@@ -15,9 +25,8 @@ Components (weights; each normalized within its group of G before the weighted s
                    refusing a benign one (the prompt's `label`)
   degenerate  0.0  veto: an empty, looping or copied-back answer ranks below every other answer
 Prompts: DangerousQA's 200 harmful questions and 200 Alpaca instructions (benign); single
-pass, 48-token answers, 4 prompts x G=8 per step. The base model refuses ~3% of sampled answers
-to harmful prompts, so most groups of 8 hold no refusal at first; GDPO keeps the groups where
-only the rubric or the veto varies.
+pass, 48-token answers, 4 prompts x G=8 per step, lr 2e-5, no KL term (the reference forward
+would add a third to the step), the head's loss in 32-position chunks.
 `:seed1` is the same run with another seed (prompt order and sampling).
 """
 
@@ -33,6 +42,7 @@ def get_config(arg=None):
     c.loop = "grpo"
     c.seed = 0
     c.model.source = "embedded"
+    c.model.logits_chunk = 32
     c.mesh.shape = (1, -1, 1)
 
     c.judge.source = ""  # the base model, frozen, judges
@@ -53,7 +63,7 @@ def get_config(arg=None):
     )
     g.prompts_per_step = 4
     g.num_generations = 8
-    g.num_steps = 30
+    g.num_steps = 15
     g.two_pass = False
     g.draft_max_tokens = 48
     g.max_prompt_tokens = 128
@@ -61,7 +71,7 @@ def get_config(arg=None):
     g.temperature = 1.0
     g.kl_beta = 0.0  # no reference forward: a third of the training time on CPU
     g.rollouts_every = 5
-    c.optimizer.lr = 3e-5
+    c.optimizer.lr = 2e-5
     c.optimizer.warmup_ratio = 0.0
     c.optimizer.min_lr_ratio = 1.0  # constant lr
     c.checkpoint.every_steps = 10
