@@ -227,6 +227,8 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path):
         ({"num_generations": 1}, "need G >= 2"),
         ({"prompts_per_step": 3, "num_generations": 2}, "not divisible by data x fsdp = 8"),
         ({"on_overlap": "maybe"}, "use one of"),
+        ({"loss": "ppo"}, r"grpo.loss='ppo'; use one of"),
+        ({"dynamic_sampling": "dapo"}, "grpo.dynamic_sampling='dapo'; use one of"),
     ],
 )
 def test_config_errors(tmp_path, overrides, message):
