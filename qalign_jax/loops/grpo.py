@@ -22,7 +22,11 @@ shapes and shardings, restore or init, jit, then `for step in range(first_step, 
             (`losses.grpo_loss`), on the policy's own tokens only (draft and continuation; not
             the prompt, not the inserted findings). The old policy's log-probabilities come
             from the training forward (`grpo_step`); the sampler's are only compared with
-            them (`train/sampler_logp_gap`).
+            them (`train/sampler_logp_gap`). `grpo.loss='gspo'|'gspo_token'` takes the ratio
+            per sequence instead (GSPO).
+  shaping   `grpo_variants.py` (DAPO): zero-variance groups dropped from the loss or resampled
+            (`grpo.dynamic_sampling`), truncated rows masked or softly penalized
+            (`grpo.overlong`); the batch stays B x G rows.
 
 The scalar-reward baseline of the paper is the same loop with `judge.rubric='scalar'` (one
 holistic 0-9 question instead of the rubric). The judge is frozen: `judge.source=''` judges
