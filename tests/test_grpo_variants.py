@@ -1,5 +1,6 @@
 """DAPO's batch shaping by hand: zero-variance groups, the resampling bound, overlong rows."""
 
+import os
 import types
 
 import numpy as np
@@ -8,6 +9,8 @@ import pytest
 from qalign_jax import config as base
 from qalign_jax import data, grpo_variants, reward_components, rollouts
 
+SMOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                    "qalign_grpo_smol.py")  # fmt: skip
 RUBRIC = reward_components.parse_components([("rubric", "rubric", 1.0, {})])
 
 
@@ -141,3 +144,14 @@ def test_soft_overlong_penalty_is_added_to_the_reward():
 def test_config_errors(field, value, message):
     with pytest.raises(ValueError, match=message):
         grpo_variants.check_config(grpo_cfg(**{field: value}))
+
+
+def test_smol_config_recipes():
+    gspo = base.load_file(SMOL + ":gspo").grpo
+    dapo = base.load_file(SMOL + ":dapo").grpo
+    for g in (gspo, dapo):
+        grpo_variants.check_config(g)
+    assert (gspo.loss, gspo.clip_low, gspo.clip_high) == ("gspo", 3e-4, 4e-4)
+    assert (dapo.dynamic_sampling, dapo.overlong, dapo.kl_beta) == ("resample", "soft_penalty", 0)
+    with pytest.raises(ValueError, match="':gspo', ':dapo'"):
+        base.load_file(SMOL + ":gpso")
