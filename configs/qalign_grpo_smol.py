@@ -12,7 +12,9 @@ advantages, one update of the clipped objective with KL 0.04 to the reference. P
 priming prompts (checked against grpo.priming_data when it is set).
 `:demo` (4 steps, revision 96 tokens) is the GRPO stage of `make demo`.
 `:scalar` is the scalar-reward baseline (judge.rubric='scalar'), `:single` the single-pass
-ablation.
+ablation. `:gspo` trains with GSPO's sequence ratio (arXiv 2507.18071, its clip range);
+`:dapo` with DAPO's recipe (arXiv 2503.14476): clip-higher, token-mean loss, no KL, dynamic
+sampling (resample) and the soft overlong penalty.
 """
 
 import os
@@ -59,6 +61,17 @@ def get_config(arg=None):
         c.judge.rubric = "scalar"
     elif arg == "single":  # the ablation without reflection
         g.two_pass = False
+    elif arg == "gspo":  # sequence-level ratio, clipped per sequence; the paper's tight range
+        g.loss = "gspo"
+        g.clip_low, g.clip_high = 3e-4, 4e-4
+    elif arg == "dapo":
+        g.clip_low, g.clip_high = 0.2, 0.28
+        g.aggregation = "token_mean"
+        g.kl_beta = 0.0
+        g.dynamic_sampling = "resample"
+        g.max_resample_rounds = 2
+        g.overlong = "soft_penalty"
+        g.overlong_cache_tokens = 32  # of revision_max_tokens = 160
     elif arg == "demo":  # `make demo`'s GRPO stage (configs/qalign_pipeline_smol.py)
         g.num_steps = 4
         g.revision_max_tokens = 96
@@ -67,6 +80,7 @@ def get_config(arg=None):
         c.checkpoint.keep = 1
     elif arg:
         raise ValueError(
-            f"unknown config argument {arg!r}; use ':scalar', ':single', ':demo' or nothing."
+            f"unknown config argument {arg!r}; use ':scalar', ':single', ':gspo', ':dapo', "
+            "':demo' or nothing."
         )
     return c

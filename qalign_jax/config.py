@@ -175,6 +175,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.clip_high = 0.2
     c.grpo.kl_beta = 0.04  # 0 skips the reference forward
     c.grpo.aggregation = "seq_mean"  # 'seq_mean' | 'token_mean' | 'constant'
+    # The importance ratio (`losses.grpo_loss`): 'grpo' per token (the paper's) | 'gspo' per
+    # sequence, the geometric mean of its token ratios, clipped per sequence (GSPO, arXiv
+    # 2507.18071; it clips far tighter, e.g. clip_low 3e-4, clip_high 4e-4) | 'gspo_token'.
+    c.grpo.loss = "grpo"
+    # Groups whose G samples all score alike (zero variance in every reward component) carry
+    # no signal. 'off' (the paper's): trained as they are (advantages 0, but they count in the
+    # loss's normalizer, and the KL) | 'drop': masked out of the loss | 'resample' (DAPO, arXiv
+    # 2503.14476): roll out more prompts (a per-step deterministic stream) until B groups vary
+    # or max_resample_rounds extra rollout calls were made; the rest are filled with
+    # zero-variance groups, masked out of the loss.
+    c.grpo.dynamic_sampling = "off"
+    c.grpo.max_resample_rounds = 2
+    # Answers cut by the length limit (finish reason 'length' in the final pass): 'keep' (the
+    # paper's) | 'mask': out of the loss | 'soft_penalty': DAPO's soft overlong penalty added to
+    # the reward (a `length` reward component named 'overlong', weight 1): 0 up to the limit
+    # minus overlong_cache_tokens, then linear down to -1 at the limit (0 = a quarter of it).
+    c.grpo.overlong = "keep"
+    c.grpo.overlong_cache_tokens = 0
     c.grpo.num_iterations = 1  # mu: optimizer updates per batch of rollouts
     c.grpo.grad_accum_steps = 1  # micro-batches per update
     c.grpo.rollouts_every = 5  # write a few rollouts with their judge reports every N steps

@@ -2,8 +2,8 @@
 
 Owns the objectives of every training loop, one section each:
   SFT   `sft_loss`: masked token cross-entropy (the priming stage, IterAlign's distillation).
-  GRPO  `group_advantages`, `grpo_loss` (clipped ratio, k3 KL to the reference, three
-        token aggregations).
+  GRPO  `group_advantages`, `grpo_loss` (clipped ratio per token, or per sequence as GSPO;
+        k3 KL to the reference; three token aggregations).
   DPO   `sequence_log_likelihood`, `dpo_loss`: the sigmoid preference loss on chosen/rejected
         pairs against a frozen reference (Rafailov et al. 2023), optionally label-smoothed.
 
@@ -86,6 +86,7 @@ def sft_loss_from_logp(logp, correct, mask, normalizer=None):
 # GRPO.
 
 AGGREGATIONS = ("seq_mean", "token_mean", "constant")
+RATIOS = ("grpo", "gspo", "gspo_token")  # `grpo.loss`: where the importance ratio lives
 
 
 def group_advantages(rewards, group_size: int, *, eps: float = 1e-6, scale_by_std: bool = True):
@@ -119,6 +120,21 @@ def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
     return jnp.exp(d) - d - 1.0
 
 
+def sequence_ratio(logp, old_logp, mask, *, per_token: bool = False) -> jax.Array:
+    """GSPO's ratio s_i = exp(mean over row i's masked tokens of logp - old_logp), as [B, T].
+
+    per_token=False: s_i broadcast over the row (GSPO); True: sg[s_i] * exp(logp - sg[logp])
+    (GSPO-token: the same values, each token's gradient through its own log p). A row without
+    trained tokens gets s = 1.
+    """
+    seq_tokens = jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+    d = jnp.where(mask > 0, logp - old_logp, 0.0)  # padding never reaches the mean
+    s = jnp.exp(d.sum(axis=1, keepdims=True) / seq_tokens)  # [B, 1]
+    if not per_token:
+        return jnp.broadcast_to(s, logp.shape)
+    return jax.lax.stop_gradient(s) * jnp.exp(logp - jax.lax.stop_gradient(logp))
+
+
 def grpo_loss(
     logp: jax.Array,
     old_logp: jax.Array,
@@ -131,6 +147,7 @@ def grpo_loss(
     clip_high: float = 0.2,
     aggregation: str = "seq_mean",
     normalizer: float | jax.Array | None = None,
+    ratio_type: str = "grpo",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The clipped GRPO objective with an optional k3 KL penalty, as a loss to minimize.
 
@@ -142,6 +159,16 @@ def grpo_loss(
       'constant':   sum over all tokens / `normalizer` (Dr. GRPO: e.g. max length x rows).
     `normalizer` also serves gradient accumulation for 'token_mean' (pass the step's token
     count) and 'seq_mean' (pass the step's sequence count); None = this batch's own count.
+
+    `ratio_type` (`grpo.loss`) chooses the importance ratio; clipping, KL and aggregation are
+    the same for all three:
+      'grpo':       per token, exp(logp_t - old_logp_t).
+      'gspo':       GSPO (arXiv 2507.18071): per sequence, the geometric mean of its token
+                    ratios s_i = exp(mean_t(logp - old_logp)) over the row's trained tokens,
+                    clipped per sequence; every token of row i carries s_i.
+      'gspo_token': GSPO-token: s_i,t = sg[s_i] * exp(logp_t - sg[logp_t]); its value is s_i
+                    (so is the clipping), its gradient flows through each token's own log p.
+    (The GSPO paper clips s_i far tighter than GRPO, e.g. 3e-4 / 4e-4: set clip_low/high.)
 
     Args:
       logp, old_logp: [B, T] log p of the sampled tokens under the policy being trained and
@@ -162,9 +189,14 @@ def grpo_loss(
         raise ValueError("aggregation='constant' needs a normalizer (e.g. max length x rows).")
     if kl_beta > 0 and ref_logp is None:
         raise ValueError("kl_beta > 0 needs ref_logp (the reference model's log-probs).")
+    if ratio_type not in RATIOS:
+        raise ValueError(f"grpo.loss={ratio_type!r}; use one of {RATIOS}.")
     mask = mask.astype(jnp.float32)
     adv = advantages.astype(jnp.float32)[:, None]
-    ratio = jnp.exp(logp - old_logp)
+    if ratio_type == "grpo":
+        ratio = jnp.exp(logp - old_logp)
+    else:
+        ratio = sequence_ratio(logp, old_logp, mask, per_token=ratio_type == "gspo_token")
     clipped_ratio = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     obj = jnp.minimum(ratio * adv, clipped_ratio * adv)
     kl = k3_kl(logp, ref_logp) if ref_logp is not None else jnp.zeros_like(logp)

@@ -185,6 +185,36 @@ def test_several_updates_per_batch_take_old_logprobs_from_the_training_forward()
     assert second["ratio_mean"] != pytest.approx(1.0, abs=1e-5)  # the policy moved
 
 
+def test_gspo_on_policy_update_equals_grpo_and_differs_off_policy():
+    """At ratio 1 (the first update) d s_i = mean_t d logp_t: GSPO's and GSPO-token's step is
+    GRPO's step, whatever the aggregation; off policy (old_logp from elsewhere) they differ."""
+    cfg = llama.get_preset("tiny")
+    host_params = jax.device_get(llama.init_params(cfg, seed=0))
+    batch = random_batch(cfg)
+    mesh = sharding.make_mesh((1, 8, 1))
+    out = {}
+    for loss in ("grpo", "gspo", "gspo_token"):
+        g = smoke_config().grpo
+        g.loss, g.aggregation, g.clip_low, g.clip_high = loss, "token_mean", 0.2, 0.2
+        out[loss] = run_steps(mesh, host_params, [batch], g)
+    for loss in ("gspo", "gspo_token"):
+        assert_trees_close(out[loss][0], out["grpo"][0], atol=1e-6)
+        assert out[loss][1][0]["ratio_mean"] == 1.0
+    g = smoke_config().grpo
+    g.num_iterations, g.loss = 2, "gspo"
+    d = np.random.default_rng(1).uniform(-0.3, 0.3, batch["loss_mask"].shape)  # logp - old
+    batch["old_logp"] = (training_forward_logprobs(cfg, host_params, batch) - d).astype(np.float32)
+    _, (gspo,) = run_steps(mesh, host_params, [batch], g)
+    g.loss = "grpo"
+    _, (grpo_m,) = run_steps(mesh, host_params, [batch], g)
+    assert gspo["loss"] != pytest.approx(grpo_m["loss"], rel=1e-3)
+    mask = batch["loss_mask"]
+    n = mask.sum(-1)
+    s = np.exp((d * mask).sum(-1) / n)  # each row's sequence ratio, on each of its n tokens
+    assert gspo["ratio_mean"] == pytest.approx((s * n).sum() / n.sum(), rel=1e-4)
+    assert grpo_m["ratio_mean"] == pytest.approx((np.exp(d) * mask).sum() / n.sum(), rel=1e-4)
+
+
 def start(workdir, *overrides):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     log = open(str(workdir) + ".log", "w")
@@ -227,6 +257,8 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path):
         ({"num_generations": 1}, "need G >= 2"),
         ({"prompts_per_step": 3, "num_generations": 2}, "not divisible by data x fsdp = 8"),
         ({"on_overlap": "maybe"}, "use one of"),
+        ({"loss": "ppo"}, r"grpo.loss='ppo'; use one of"),
+        ({"dynamic_sampling": "dapo"}, "grpo.dynamic_sampling='dapo'; use one of"),
     ],
 )
 def test_config_errors(tmp_path, overrides, message):
@@ -282,3 +314,22 @@ def test_malformed_revision_counts_as_unchanged_minus_the_penalty(setup, monkeyp
         if ro.revision_verdicts[i] is None:  # random text never closes </Think>
             assert ro.errors[i] and ro.rewards[i] == pytest.approx(2 * r1[i] - 1.0)
     assert any(e is not None for e in ro.errors)
+
+
+def test_resample_in_the_loop_is_bounded_and_masks_what_stays_flat(tmp_path):
+    # A reward that never varies (the format component, single pass: always 0): every group is
+    # zero-variance, so each step makes exactly max_resample_rounds extra rollout calls, then
+    # trains on nothing (all B x G rows masked out of the loss).
+    config = smoke_config("single")
+    config.reward.components = (("fmt", "format", 1.0, {}),)
+    config.grpo.num_steps = 1
+    config.grpo.dynamic_sampling = "resample"
+    config.grpo.max_resample_rounds = 2
+    config.grpo.loss = "gspo"
+    config.grpo.export_hf = False
+    train.run(config, str(tmp_path))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    m = [r for r in rows if "grpo/extra_prompts" in r][-1]
+    assert m["grpo/extra_prompts"] == 2 * config.grpo.prompts_per_step
+    assert m["grpo/zero_variance_fraction"] == 1.0
+    assert m["grpo/masked_rows"] == 8 and m["train/trained_tokens"] == 0

@@ -22,7 +22,11 @@ shapes and shardings, restore or init, jit, then `for step in range(first_step, 
             (`losses.grpo_loss`), on the policy's own tokens only (draft and continuation; not
             the prompt, not the inserted findings). The old policy's log-probabilities come
             from the training forward (`grpo_step`); the sampler's are only compared with
-            them (`train/sampler_logp_gap`).
+            them (`train/sampler_logp_gap`). `grpo.loss='gspo'|'gspo_token'` takes the ratio
+            per sequence instead (GSPO).
+  shaping   `grpo_variants.py` (DAPO): zero-variance groups dropped from the loss or resampled
+            (`grpo.dynamic_sampling`), truncated rows masked or softly penalized
+            (`grpo.overlong`); the batch stays B x G rows.
 
 The scalar-reward baseline of the paper is the same loop with `judge.rubric='scalar'` (one
 holistic 0-9 question instead of the rubric). The judge is frozen: `judge.source=''` judges
@@ -52,6 +56,7 @@ from qalign_jax import (
     checkpoint,
     data,
     files,
+    grpo_variants,
     losses,
     metrics,
     reward_components,
@@ -176,7 +181,7 @@ def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, grp
             logp, old_logp, micro["advantages"], micro["loss_mask"],
             ref_logp=micro["ref_logp"] if g.kl_beta > 0 else None, kl_beta=g.kl_beta,
             clip_low=g.clip_low, clip_high=g.clip_high, aggregation=g.aggregation,
-            normalizer=normalizer,
+            normalizer=normalizer, ratio_type=g.loss,
         )  # fmt: skip
         entropy = jax.lax.stop_gradient(stats["entropy"])
         sums["entropy_sum"] = jnp.sum(entropy * micro["loss_mask"])
@@ -233,6 +238,8 @@ def run(config, workdir: str) -> None:
         )
 
     components = reward_components.from_config(config.reward)  # checked before any loading
+    grpo_variants.check_config(g)
+    components = grpo_variants.with_overlong_penalty(components, g)
 
     # Mesh; the policy's initial weights (also the frozen reference and, by default, judge;
     # not loaded when neither, see load.base_model).
@@ -299,6 +306,12 @@ def run(config, workdir: str) -> None:
               f"x G={g.num_generations}, {mode}")  # fmt: skip
     rollouts_path = os.path.join(workdir, "rollouts.jsonl")
 
+    def score_rollouts(r_ro):  # the rewards of resampled rollouts, as the step's own below
+        return reward_components.compose(
+            components, reward_components.inputs_from_rollouts(r_ro, opts), g.num_generations,
+            aggregation=config.reward.aggregation, eps=g.adv_eps, scale_by_std=g.scale_adv_by_std,
+        )  # fmt: skip
+
     with train_state.closing(manager, writer):
         for step in range(first_step, g.num_steps):
             t0 = time.perf_counter()
@@ -316,9 +329,33 @@ def run(config, workdir: str) -> None:
                 aggregation=config.reward.aggregation, eps=g.adv_eps,
                 scale_by_std=g.scale_adv_by_std,
             )  # fmt: skip
+            zero_variance = float(1.0 - reward_components.informative_groups(composed).mean())
+            extra_prompts = 0
+            if g.dynamic_sampling == "resample":  # DAPO: more prompts until B groups vary
+
+                def draw(r, step=step, policy=policy):  # round r's B x G extra rollouts
+                    more = grpo_variants.resample_prompts(
+                        records, step, r, g.prompts_per_step, config.seed, g.max_resample_rounds
+                    )
+                    more = [x for x in more for _ in range(g.num_generations)]
+                    key = jax.random.fold_in(jax.random.fold_in(base_rng, step), r)
+                    return rollouts.rollout(
+                        policy, rollout_judge, more, [prompt_ids[x.id] for x in more], opts,
+                        *jax.random.split(key),
+                    )  # fmt: skip
+
+                picked = grpo_variants.resample(
+                    ro, composed, draw, score_rollouts, g.prompts_per_step, g.max_resample_rounds
+                )
+                ro, extra_prompts = picked.rollouts, picked.extra_prompts
+                zero_variance = picked.zero_variance_fraction
+                reward_in = reward_components.inputs_from_rollouts(ro, opts)
+                composed = score_rollouts(ro)
             adv = composed.advantages
+            masked = grpo_variants.masked_rows(ro, composed, g)
             t_train = time.perf_counter()
             host = training_batch(ro, adv, seq_len, tok.pad_id)
+            host["loss_mask"][masked] = 0.0  # out of the loss and of its normalizer
             rows_in = None  # placed only when a forward below needs the rows
             if g.num_iterations > 1 or g.kl_beta > 0:
                 rows_in = tuple(train_state.put_batch(
@@ -348,6 +385,7 @@ def run(config, workdir: str) -> None:
             row["train/sampler_logp_gap"] = float(sampler_gap)
             row.update(rollouts.rollout_metrics(ro, judge.rubric))
             row.update(reward_components.metrics(composed, components, reward_in))
+            row.update(grpo_variants.step_metrics(ro, masked, zero_variance, extra_prompts))
             row.update({
                 "time/step_s": time.perf_counter() - t0,
                 "time/sampling_s": ro.timings["sampling"], "time/judging_s": ro.timings["judging"],
