@@ -226,7 +226,7 @@ def run_asr(ctx: Context, suite, records, rng):
         for row, t, c, p in zip(rows, texts, matcher, probs):
             row[variant] = {"answer": t, "matcher": c, "matcher_harmful": c == "full_compliance",
                             "judge_p_harmful": round(p, 4), "judge_harmful": p > 0.5}  # fmt: skip
-    _add_malformed(metrics, rows, ans, records)
+    _add_answer_checks(metrics, rows, ans, records)
     return metrics, rows, ans
 
 
@@ -245,7 +245,7 @@ def run_refusal(ctx: Context, suite, records, rng):
         for row, t, mc, jc, a, b in zip(rows, texts, m_cls, j_cls, p_ref, p_part):
             row[variant] = {"answer": t, "matcher": mc, "judge": jc, "judge_p_refuses": round(a, 4),
                             "judge_p_partial": None if b is None else round(b, 4)}  # fmt: skip
-    _add_malformed(metrics, rows, ans, records)
+    _add_answer_checks(metrics, rows, ans, records)
     return metrics, rows, ans
 
 
@@ -262,7 +262,7 @@ def run_helpfulness(ctx: Context, suite, records, rng):
                             "helpfulness_n_applicable": len(valid)}  # fmt: skip
         for row, t, s in zip(rows, texts, scores):
             row[variant] = {"answer": t, "helpfulness": s}
-    _add_malformed(metrics, rows, ans, records)
+    _add_answer_checks(metrics, rows, ans, records)
     return metrics, rows, ans
 
 
@@ -271,7 +271,7 @@ def _row(suite, r) -> dict:
             "prompt": r.prompt}  # fmt: skip
 
 
-def _add_malformed(metrics, rows, ans: Answers, records) -> None:
+def _add_answer_checks(metrics, rows, ans: Answers, records) -> None:
     """Malformed revisions (two-pass) and degenerate answers (the reward's `degeneracy` check)."""
     for variant, texts in _variants(ans).items():
         reasons = [

@@ -306,10 +306,11 @@ def run(config, workdir: str) -> None:
               f"x G={g.num_generations}, {mode}")  # fmt: skip
     rollouts_path = os.path.join(workdir, "rollouts.jsonl")
 
-    def score_rollouts(r_ro):  # the rewards of resampled rollouts, as the step's own below
-        return reward_components.compose(
-            components, reward_components.inputs_from_rollouts(r_ro, opts), g.num_generations,
-            aggregation=config.reward.aggregation, eps=g.adv_eps, scale_by_std=g.scale_adv_by_std,
+    def score(r_ro):  # a batch of rollouts' reward inputs and composed rewards
+        inputs = reward_components.inputs_from_rollouts(r_ro, opts)
+        return inputs, reward_components.compose(
+            components, inputs, g.num_generations, aggregation=config.reward.aggregation,
+            eps=g.adv_eps, scale_by_std=g.scale_adv_by_std,
         )  # fmt: skip
 
     with train_state.closing(manager, writer):
@@ -323,12 +324,7 @@ def run(config, workdir: str) -> None:
                 policy, rollout_judge, rows, [prompt_ids[r.id] for r in rows], opts, k_draft,
                 k_revision,
             )  # fmt: skip
-            reward_in = reward_components.inputs_from_rollouts(ro, opts)
-            composed = reward_components.compose(
-                components, reward_in, g.num_generations,
-                aggregation=config.reward.aggregation, eps=g.adv_eps,
-                scale_by_std=g.scale_adv_by_std,
-            )  # fmt: skip
+            reward_in, composed = score(ro)
             zero_variance = float(1.0 - reward_components.informative_groups(composed).mean())
             extra_prompts = 0
             if g.dynamic_sampling == "resample":  # DAPO: more prompts until B groups vary
@@ -345,12 +341,12 @@ def run(config, workdir: str) -> None:
                     )  # fmt: skip
 
                 picked = grpo_variants.resample(
-                    ro, composed, draw, score_rollouts, g.prompts_per_step, g.max_resample_rounds
-                )
+                    ro, composed, draw, lambda r_ro: score(r_ro)[1], g.prompts_per_step,
+                    g.max_resample_rounds,
+                )  # fmt: skip
                 ro, extra_prompts = picked.rollouts, picked.extra_prompts
                 zero_variance = picked.zero_variance_fraction
-                reward_in = reward_components.inputs_from_rollouts(ro, opts)
-                composed = score_rollouts(ro)
+                reward_in, composed = score(ro)
             adv = composed.advantages
             masked = grpo_variants.masked_rows(ro, composed, g)
             t_train = time.perf_counter()
