@@ -16,6 +16,17 @@ stays small (`_chunks`); and with `skip_inapplicable` (default) the rubric is sc
 level of its applicability DAG, so a question whose conditions failed for every pair in the
 batch is never computed.
 
+The chat head common to every pair (system prompt with the grade scale, the chat template's
+opening) is prefilled once per judge weights (`_prefill_head`) and every pair's context extends
+that one-row cache (`share_system_prefix`, default; the same keys at the same positions as
+prefilling it per pair, scores equal within fp32 rounding).
+
+Reuse (`judge_cache.py`): a (prompt, response) repeated in one `score_pairs` call is judged
+once (GRPO groups repeat short refusals); with `cache_entries` verdicts are remembered across
+calls, and with `cache_dir` (local or gs://) across runs, keyed by the judge weights, rubric,
+template and answer-shaping config. Scores are pooled from the stored answers on every read.
+`judge.cache_stats` counts hits, duplicates, misses and the seconds saved.
+
 Generate mode (`JudgeConfig.mode='generate'`) is the naive baseline and the path for judges
 whose answers must be generated: each question gets its own full context (prefix + suffix),
 the judge generates a few tokens, and the first option word found is the answer (one-hot);

@@ -64,7 +64,8 @@ def test_duplicates_in_one_call_are_judged_once(model, rubric):
     stats = judge.cache_stats
     assert (stats.duplicates, stats.misses, stats.hits) == (2, 3, 0)
     assert stats.saved_s > 0 and stats.hit_rate() == pytest.approx(2 / 5)
-    assert_same(verdicts[0], verdicts[2]) and assert_same(verdicts[0], verdicts[3])
+    assert_same(verdicts[0], verdicts[2])
+    assert_same(verdicts[0], verdicts[3])
     assert verdicts[0] is not verdicts[2]  # each position gets its own Verdict
     unique = judge_lib.score_pairs(make_judge(model, rubric), [A, B, C])
     for v, u in zip([verdicts[0], verdicts[1], verdicts[4]], unique):
@@ -182,3 +183,21 @@ def test_sampled_generate_mode_is_never_reused(model, rubric):
 def test_cache_config_errors():
     with pytest.raises(ValueError, match="needs cache_entries >= 1"):
         judge_lib.JudgeConfig(cache_dir="/tmp/x")
+
+
+def test_replay_from_a_bucket(model, rubric, tmp_path, monkeypatch):
+    """cache_dir on gs:// (served by tests/fake_gcs.py): one shard per call, replayed."""
+    from tests import fake_gcs
+
+    fake_gcs.install(str(tmp_path / "gcs"), monkeypatch)
+    url = "gs://b/judge_cache"
+    writer = make_judge(model, rubric, cache_entries=10, cache_dir=url)
+    computed = judge_lib.score_pairs(writer, [A, B])
+    judge_lib.score_pairs(writer, [B, C])  # B from memory, C computed: a second shard
+    shards = fake_gcs.objects(str(tmp_path / "gcs"), "b/judge_cache")
+    assert len(shards) == 2 and all(s.endswith(".jsonl") for s in shards)
+    reader = make_judge(model, rubric, cache_entries=10, cache_dir=url)
+    replayed = judge_lib.score_pairs(reader, [A, B, C])
+    assert (reader.cache_stats.hits, reader.cache_stats.misses) == (3, 0)
+    assert_same(replayed[0], computed[0])
+    assert_same(replayed[1], computed[1])
