@@ -16,12 +16,16 @@ speedup is given with and without them.
 Prints questions/s for both, the speedup, and how often both pick the same answer; then the
 judge-consistency check (the same pairs scored repeatedly; coefficient of variation of each
 principle score) for logit mode and generate mode at temperature 0 and 1. Writes JSON.
+Then two lines on a GRPO-like batch (`prefix_and_cache`): the gain of prefilling the judge's
+system prompt once per judge instead of once per pair, and the judge cache with duplicate
+responses in the batch (off vs on, and the batch replayed).
 
 (Pairs come from ../shared/data: the first turn of HH-RLHF harmless-base `chosen` transcripts
 and Alpaca seed tasks with their reference outputs.)
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -146,6 +150,77 @@ def showcase(model, rubric_name):
     return out
 
 
+REFUSAL = "I'm sorry, but I can't help with that."
+
+
+def grpo_batch(num_prompts: int, group: int, refusals: int) -> list[tuple[str, str]]:
+    """A GRPO-like batch: `group` answers per prompt, `refusals` of them the same short refusal
+    (the duplicates a policy produces), the rest distinct answers from ../shared/data."""
+    pool = read_pairs(num_prompts * (group - refusals))
+    out = []
+    for i in range(num_prompts):
+        prompt = pool[i][0]
+        answers = [r for _, r in pool[i * (group - refusals) : (i + 1) * (group - refusals)]]
+        out += [(prompt, r) for r in answers] + [(prompt, REFUSAL)] * refusals
+    return out
+
+
+def best_of(n: int, fn) -> float:
+    """The fastest of n warm runs of fn() (the 2-core bench machine is shared)."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def prefix_and_cache(model, rubric_name: str, num_prompts: int, group: int, refusals: int):
+    """The shared system prefix and the judge cache on a GRPO-like batch (`grpo_batch`), judged
+    as the GRPO loop does (`rubric_name`, default the one-question `scalar` rubric, where the
+    prefill is the whole cost; 4 responses per prefill).
+
+    (1) prefix: the chat head (system prompt, grade scale) prefilled inside every pair's context
+        (the old path, `share_system_prefix=False`) vs once per judge, on the distinct pairs;
+    (2) cache: every pair computed (`_score_unique`: no in-call dedup, the path before the
+        cache) vs `score_pairs` (duplicates computed once), then the same batch again with
+        `cache_entries` (an ablation re-judging it: every pair replayed).
+    """
+    rubric = rubric_lib.load_rubric(rubric_lib.builtin_rubric_path(rubric_name))
+    pairs = grpo_batch(num_prompts, group, refusals)
+    unique = list(dict.fromkeys(pairs))
+    old = judge_lib.build_judge(model, rubric, judge_lib.JudgeConfig(share_system_prefix=False))
+    new = judge_lib.build_judge(model, rubric, judge_lib.JudgeConfig(cache_entries=100_000))
+    dedup = judge_lib.build_judge(model, rubric)  # cache_entries=0: in-call duplicates only
+    rng = jax.random.key(0)
+    for j in (old, new, dedup):  # compiles (each judge jits its own programs)
+        judge_lib._score_unique(j, pairs, rng)
+    t_old = best_of(2, lambda: judge_lib._score_unique(old, unique, rng))
+    t_new = best_of(2, lambda: judge_lib._score_unique(new, unique, rng))
+    t_off = best_of(2, lambda: judge_lib._score_unique(new, pairs, rng))
+    t_on = best_of(2, lambda: judge_lib.score_pairs(dedup, pairs))
+    judge_lib.score_pairs(new, pairs)  # fills the cache
+    stats_before = dataclasses.replace(new.cache_stats)
+    t_replay = best_of(1, lambda: judge_lib.score_pairs(new, pairs))
+    s = new.cache_stats
+    result = {
+        "rubric": rubric_name, "pairs": len(pairs), "distinct_pairs": len(unique),
+        "head_tokens": len(new.head_ids),
+        "prefix_old_s": t_old, "prefix_shared_s": t_new, "prefix_speedup": t_old / t_new,
+        "cache_off_s": t_off, "cache_on_s": t_on, "cache_speedup": t_off / t_on,
+        "replay_s": t_replay, "replay_hits": s.hits + s.duplicates - stats_before.hits - stats_before.duplicates,
+        "replay_saved_s": s.saved_s - stats_before.saved_s,
+    }  # fmt: skip
+    print(f"shared system prefix ({len(new.head_ids)} head tokens prefilled once per judge), "
+          f"rubric {rubric_name}, {len(unique)} responses: per pair {t_old:.2f}s, once "
+          f"{t_new:.2f}s -> {t_old / t_new:.2f}x")  # fmt: skip
+    print(f"GRPO-like batch ({num_prompts} prompts x {group}, {refusals} identical refusals each:"
+          f" {len(pairs)} pairs, {len(unique)} distinct): cache off {t_off:.2f}s, on "
+          f"{t_on:.2f}s -> {t_off / t_on:.2f}x; the batch again from the cache {t_replay:.3f}s "
+          f"({result['replay_hits']} hits, {result['replay_saved_s']:.1f}s saved)")  # fmt: skip
+    return result
+
+
 def gpu_8b(num_responses: int, batch: int) -> dict:
     """Responses/s with every default-rubric question for `llama3_1_8b` shapes on one GPU.
 
@@ -198,6 +273,10 @@ def main():
     )
     ap.add_argument("--gpu-8b", action="store_true", help="llama3_1_8b shapes, random weights")
     ap.add_argument("--batch", type=int, default=16, help="--gpu-8b: responses per prefill")
+    ap.add_argument("--grpo_rubric", default="scalar", help="prefix/cache lines: the rubric")
+    ap.add_argument("--grpo_prompts", type=int, default=4, help="prefix/cache lines: prompts")
+    ap.add_argument("--grpo_group", type=int, default=8, help="prefix/cache lines: answers each")
+    ap.add_argument("--grpo_refusals", type=int, default=3, help="of which identical refusals")
     args = ap.parse_args()
     if args.gpu_8b:
         result = gpu_8b(max(args.num_responses, 4 * args.batch), args.batch)
@@ -287,6 +366,10 @@ def main():
           f"speedup excluding compile {result['speedup_excluding_compile']:.1f}x")  # fmt: skip
     print(f"ours cold (first pass, {c_cold:.1f}s of XLA compile): {t_cold:.1f}s -> "
           f"{result['speedup_vs_ours_cold']:.1f}x")  # fmt: skip
+
+    result["prefix_and_cache"] = prefix_and_cache(
+        model, args.grpo_rubric, args.grpo_prompts, args.grpo_group, args.grpo_refusals
+    )
 
     if args.consistency_repeats > 0:
         c_rubric = rubric_lib.load_rubric(rubric_lib.builtin_rubric_path(args.consistency_rubric))

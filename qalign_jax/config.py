@@ -105,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.judge.max_context_tokens = 1024  # judge prefix budget (system + prompt + response)
     c.judge.on_long_context = "truncate"  # 'truncate' the response's end | 'error'
     c.judge.skip_inapplicable = True  # never compute a question whose conditions failed
+    # Judge cache (`judge_cache.py`): a (prompt, response) repeated in one call is always judged
+    # once; these replay verdicts across calls and runs (keyed by judge weights, rubric, template).
+    c.judge.cache_entries = 0  # verdicts kept in memory across calls; 0 = off
+    c.judge.cache_dir = ""  # also store/replay verdicts here (local or gs://); needs entries > 0
 
     # Rewards (`rewards.py`); defaults are QA-LIGN's.
     c.reward = ml_collections.ConfigDict()

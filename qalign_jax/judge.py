@@ -16,6 +16,17 @@ stays small (`_chunks`); and with `skip_inapplicable` (default) the rubric is sc
 level of its applicability DAG, so a question whose conditions failed for every pair in the
 batch is never computed.
 
+The chat head common to every pair (system prompt with the grade scale, the chat template's
+opening) is prefilled once per judge weights (`_prefill_head`) and every pair's context extends
+that one-row cache (`share_system_prefix`, default; the same keys at the same positions as
+prefilling it per pair, scores equal within fp32 rounding).
+
+Reuse (`judge_cache.py`): a (prompt, response) repeated in one `score_pairs` call is judged
+once (GRPO groups repeat short refusals); with `cache_entries` verdicts are remembered across
+calls, and with `cache_dir` (local or gs://) across runs, keyed by the judge weights, rubric,
+template and answer-shaping config. Scores are pooled from the stored answers on every read.
+`judge.cache_stats` counts hits, duplicates, misses and the seconds saved.
+
 Generate mode (`JudgeConfig.mode='generate'`) is the naive baseline and the path for judges
 whose answers must be generated: each question gets its own full context (prefix + suffix),
 the judge generates a few tokens, and the first option word found is the answer (one-hot);
@@ -48,7 +59,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from qalign_jax import rewards, sampler, sharding
+from qalign_jax import judge_cache, rewards, sampler, sharding
 from qalign_jax import rubric as rubric_lib
 from qalign_jax.models import llama
 from qalign_jax.models.load import LoadedModel
@@ -72,6 +83,9 @@ class JudgeConfig:
     system_prompt: str = DEFAULT_SYSTEM
     generate_max_tokens: int = 6  # generate mode: tokens per answer
     generate_temperature: float = 0.0  # generate mode: 0 = greedy
+    share_system_prefix: bool = True  # logit mode: prefill the chat head (system) once per judge
+    cache_entries: int = 0  # verdicts remembered across calls (`judge_cache`); 0 = off
+    cache_dir: str = ""  # also replay/store verdicts here (local or gs://); '' = memory only
 
     def __post_init__(self):
         if self.mode not in ("logits", "generate"):
@@ -82,6 +96,11 @@ class JudgeConfig:
             )
         if self.batch_size < 1 or self.question_chunk < 1:
             raise ValueError("judge batch_size and question_chunk must be >= 1.")
+        if self.cache_dir and self.cache_entries < 1:
+            raise ValueError(
+                f"judge cache_dir={self.cache_dir!r} needs cache_entries >= 1 (the in-memory "
+                "index the directory is loaded into); set judge.cache_entries, e.g. 100000."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +138,11 @@ class Judge:
     option_valid: np.ndarray  # [Q, max options] bool
     prefill_fn: object  # `_prefill` jitted for this judge model (`sharding.jit`)
     score_fn: object  # `_score_chunk` jitted for this judge model
+    prefill_head_fn: object  # `_prefill_head` jitted for this judge model
+    cache: judge_cache.VerdictCache
+    cache_stats: judge_cache.CacheStats = dataclasses.field(default_factory=judge_cache.CacheStats)
     stats: dict = dataclasses.field(default_factory=dict)
+    memo: dict = dataclasses.field(default_factory=dict)  # by params identity: head cache, ns
 
 
 def from_config(config, policy: LoadedModel) -> Judge:
@@ -147,7 +170,8 @@ def config_of(jc) -> JudgeConfig:
     return JudgeConfig(
         mode=jc.mode, batch_size=jc.batch_size, question_chunk=jc.question_chunk,
         max_context_tokens=jc.max_context_tokens, on_long_context=jc.on_long_context,
-        skip_inapplicable=jc.skip_inapplicable,
+        skip_inapplicable=jc.skip_inapplicable, cache_entries=jc.cache_entries,
+        cache_dir=jc.cache_dir,
     )  # fmt: skip
 
 
@@ -205,17 +229,20 @@ def build_judge(
         option_set=np.array([sets.index(q.options) for q in questions], np.int32),
         suffix_ids=[tok.encode(q.text + tail) for q in questions],
         option_ids=option_ids, option_valid=option_valid,
+        cache=judge_cache.VerdictCache(cfg.cache_entries, cfg.cache_dir),
         **jit_programs(model.graphdef, model.mesh, model.rules),
     )  # fmt: skip
 
 
 def jit_programs(graphdef, mesh, rules) -> dict:
-    """The judge's two programs for one judge model, jitted on its mesh and rules."""
+    """The judge's programs for one judge model, jitted on its mesh and rules."""
     return {
         "prefill_fn": sharding.jit(functools.partial(_prefill, graphdef), mesh=mesh, rules=rules,
                                    name="judge_prefill"),
         "score_fn": sharding.jit(functools.partial(_score_chunk, graphdef), mesh=mesh,
                                  rules=rules, name="judge_score"),
+        "prefill_head_fn": sharding.jit(functools.partial(_prefill_head, graphdef), mesh=mesh,
+                                        rules=rules, name="judge_prefill_head"),
     }  # fmt: skip
 
 
@@ -252,13 +279,32 @@ def length_bucket(n: int, minimum: int = 16) -> int:
     return 3 * p // 4 if n <= 3 * p // 4 and p >= 4 else p
 
 
-def _prefill(graphdef, params, tokens, positions, header_tokens, header_positions):
-    """Each pair's context once ([Bp, P]), then each option set's header after it (header
-    arrays [G, Bp, H]) -> one prefix cache of Bp rows per option set."""
+def _prefill_head(graphdef, params, tokens):
+    """The chat head common to every pair (system prompt, grade scale; tokens [1, C]) -> a
+    one-row cache that every pair's context extends (`_prefill`)."""
     model = nnx.merge(graphdef, params)
-    cache = llama.init_cache(
-        model.config, tokens.shape[0], tokens.shape[1] + header_tokens.shape[2]
-    )
+    cache = llama.init_cache(model.config, 1, tokens.shape[1])
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    return model.hidden(tokens, positions, cache)[1]
+
+
+def _prefill(graphdef, params, tokens, positions, header_tokens, header_positions, head=None):
+    """Each pair's context once ([Bp, P]), then each option set's header after it (header
+    arrays [G, Bp, H]) -> one prefix cache of Bp rows per option set.
+
+    head: None (the contexts hold the whole chat head) or the `_prefill_head` cache of C slots
+    that every row starts from (the contexts hold the rest, positions from C on)."""
+    model = nnx.merge(graphdef, params)
+    bp, c = tokens.shape[0], 0 if head is None else head.positions.shape[1]
+    cache = llama.init_cache(model.config, bp, c + tokens.shape[1] + header_tokens.shape[2])
+    if head is not None:  # every row starts with the same head slots
+        rows = lambda x: jnp.broadcast_to(x, (x.shape[0], bp, *x.shape[2:]))  # noqa: E731
+        cache = llama.KVCache(
+            k=cache.k.at[:, :, :c].set(rows(head.k).astype(cache.k.dtype)),
+            v=cache.v.at[:, :, :c].set(rows(head.v).astype(cache.v.dtype)),
+            positions=cache.positions.at[:, :c].set(jnp.broadcast_to(head.positions, (bp, c))),
+            index=jnp.asarray(c, jnp.int32),
+        )
     _, cache = model.hidden(tokens, positions, cache)
     return tuple(
         model.hidden(h_tokens, h_positions, cache)[1]
@@ -295,20 +341,39 @@ def _left_pad(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray
     return tokens, mask
 
 
-def _prefill_batch(judge: Judge, contexts: list[list[int]]):
+def _head_cache(judge: Judge):
+    """The chat head's one-row cache, prefilled once per judge weights (`_prefill_head`)."""
+    m = judge.model
+    if judge.memo.get("head_params") is not m.params:
+        tokens = np.asarray([judge.head_ids], np.int32)
+        judge.memo.update(head_params=m.params, head=judge.prefill_head_fn(m.params, tokens))
+    return judge.memo["head"]
+
+
+def _prefill_batch(judge: Judge, contexts: list[list[int]], share_head: bool | None = None):
     """Prefills a batch's judge prefixes, every pair's context followed by each option set's
-    header -> (per option set: a prefix cache of Bp rows; [G, Bp] prefix lengths)."""
+    header -> (per option set: a prefix cache of Bp rows; [G, Bp] prefix lengths).
+
+    With share_head (default `cfg.share_system_prefix`) the chat head common to every context
+    (`head_ids`: system prompt, grade scale) comes from `_head_cache` and only the rest of each
+    context is prefilled; the caches hold the same keys at the same positions either way."""
     m, sets = judge.model, len(judge.header_ids)
+    share_head = judge.cfg.share_system_prefix if share_head is None else share_head
+    head, start = None, 0
+    if share_head:
+        head, start = _head_cache(judge), len(judge.head_ids)
+        assert all(c[:start] == judge.head_ids for c in contexts), "contexts start with the head"
+        contexts = [c[start:] for c in contexts]
     tokens, mask = _left_pad(contexts, length_bucket(max(map(len, contexts))))
-    positions = np.where(mask > 0, np.cumsum(mask, 1) - 1, -1)
+    positions = np.where(mask > 0, start + np.cumsum(mask, 1) - 1, -1)
     h_tokens, h_mask = _left_pad([h for h in judge.header_ids for _ in contexts],
                                  max(map(len, judge.header_ids)))  # fmt: skip
-    lengths = np.tile(mask.sum(1), sets)  # each header continues its pair's context
+    lengths = np.tile(start + mask.sum(1), sets)  # each header continues its pair's context
     h_positions = np.where(h_mask > 0, lengths[:, None] + np.cumsum(h_mask, 1) - 1, -1)
     caches = judge.prefill_fn(
         m.params, tokens, positions.astype(np.int32),
         h_tokens.reshape(sets, len(contexts), -1),
-        h_positions.reshape(sets, len(contexts), -1).astype(np.int32),
+        h_positions.reshape(sets, len(contexts), -1).astype(np.int32), head,
     )  # fmt: skip
     return caches, (lengths + h_mask.sum(1)).reshape(sets, len(contexts))
 
@@ -493,37 +558,108 @@ def _judge_batch(judge: Judge, contexts: list[list[int]], rng) -> list[dict]:
 
 
 def score_pairs(judge: Judge, pairs, rng=None) -> list[Verdict]:
-    """Judges (prompt, response) pairs; returns one Verdict per pair, in input order."""
+    """Judges (prompt, response) pairs; returns one Verdict per pair, in input order.
+
+    A pair repeated in `pairs` is computed once; with `cfg.cache_entries` pairs judged by an
+    earlier call (or found in `cfg.cache_dir`) are replayed (`judge_cache`). Counts and saved
+    seconds accumulate in `judge.cache_stats`.
+    """
     if not pairs:
         return []
     rng = jax.random.key(0) if rng is None else rng
-    rubric, cfg = judge.rubric, judge.cfg
-    values = np.asarray(list(rubric.grades.values()))
+    cache, stats = judge.cache, judge.cache_stats
+    if judge.cfg.mode == "generate" and judge.cfg.generate_temperature > 0:  # samples: no reuse
+        records = _score_unique(judge, pairs, rng)
+        stats.misses += len(pairs)
+        stats.computed_s += sum(r["seconds"] for r in records)
+        return [_verdict(judge, r) for r in records]
+    if cache.enabled:
+        cache.use(_namespace(judge))
+    keys = [judge_cache.pair_key(p, r) for p, r in pairs]
+    records, todo = {}, {}
+    for key, pair in zip(keys, pairs):
+        if key in records or key in todo:
+            stats.duplicates += 1
+            continue
+        found = cache.get(key)
+        if found is None:
+            todo[key] = pair
+        else:
+            records[key] = found
+            stats.hits += 1
+    computed = _score_unique(judge, list(todo.values()), rng)
+    records.update(zip(todo, computed))
+    cache.put(list(zip(todo, computed)))
+    stats.misses += len(todo)
+    stats.computed_s += sum(r["seconds"] for r in computed)
+    first = set()
+    for key in keys:
+        if key in first or key not in todo:
+            stats.saved_s += records[key]["seconds"]
+        first.add(key)
+    return [_verdict(judge, records[key]) for key in keys]
+
+
+def _namespace(judge: Judge) -> str:
+    """The cache namespace of this judge (`judge_cache.namespace`), memoized per weights."""
+    m, cfg = judge.model, judge.cfg
+    if judge.memo.get("ns_params") is not m.params:
+        answer_cfg = {
+            k: getattr(cfg, k)
+            for k in ("mode", "max_context_tokens", "on_long_context", "skip_inapplicable",
+                      "system_prompt", "generate_max_tokens", "generate_temperature")
+        }  # fmt: skip
+        template = [judge.head_ids, judge.header_ids, judge.suffix_ids,
+                    context_text("\x00prompt", "\x00response")]  # fmt: skip
+        ns = judge_cache.namespace(
+            judge_cache.weights_fingerprint(m.params), judge.rubric, template, answer_cfg
+        )
+        judge.memo.update(ns_params=m.params, ns=ns)
+    return judge.memo["ns"]
+
+
+def _score_unique(judge: Judge, pairs, rng) -> list[dict]:
+    """Computes each pair's record (`judge_cache.make_record`), in input order."""
+    cfg = judge.cfg
     built = [_context_ids(judge, p, r) for p, r in pairs]
     # Batches of similar lengths pad their prefixes less (logit scores do not depend on it).
     order = sorted(range(len(pairs)), key=lambda i: len(built[i][0]))
-    verdicts = [None] * len(pairs)
+    records = [None] * len(pairs)
     for start in range(0, len(order), cfg.batch_size):
         batch = order[start : start + cfg.batch_size]
         rng, key = jax.random.split(rng)
-        for i, st in zip(batch, _judge_batch(judge, [built[i][0] for i in batch], key)):
-            answers, per_q = {}, {}
-            for q in rubric.questions:
+        t0 = time.perf_counter()
+        per_pair = _judge_batch(judge, [built[i][0] for i in batch], key)
+        seconds = (time.perf_counter() - t0) / len(batch)
+        for i, st in zip(batch, per_pair):
+            answers = {}
+            for q in judge.rubric.questions:
                 applicable = st["applicable"][q.id]
                 p, mass, text = st["scored"].get(q.id, (None, 0.0, None))
                 if not applicable and cfg.skip_inapplicable:
                     p, mass, text = None, 0.0, None  # batch-independent reports
-                if p is not None:
-                    per_q[q.id] = p
-                answers[q.id] = Answer(
-                    probs=p, argmax=None if p is None else q.options[int(np.argmax(p))],
-                    expected=float(p @ values) if q.kind == "graded" and p is not None else None,
-                    applicable=applicable, option_mass=mass, text=text,
-                )  # fmt: skip
-            applicable = {qid: a.applicable for qid, a in answers.items()}
-            scores = rewards.score_response(rubric, per_q, applicable, judge.reward_cfg)
-            verdicts[i] = Verdict(answers, scores, built[i][1])
-    return verdicts
+                answers[q.id] = (p, mass, text, applicable)
+            records[i] = judge_cache.make_record(answers, built[i][1], seconds)
+    return records
+
+
+def _verdict(judge: Judge, record: dict) -> Verdict:
+    """A fresh Verdict from a record: answers as computed, scores pooled under reward_cfg."""
+    values = np.asarray(list(judge.rubric.grades.values()))
+    answers, per_q = {}, {}
+    for q in judge.rubric.questions:
+        a = record["answers"][q.id]
+        p = judge_cache.record_probs(a)
+        if p is not None:
+            per_q[q.id] = p
+        answers[q.id] = Answer(
+            probs=p, argmax=None if p is None else q.options[int(np.argmax(p))],
+            expected=float(p @ values) if q.kind == "graded" and p is not None else None,
+            applicable=a["applicable"], option_mass=a["mass"], text=a["text"],
+        )  # fmt: skip
+    applicable = {qid: a.applicable for qid, a in answers.items()}
+    scores = rewards.score_response(judge.rubric, per_q, applicable, judge.reward_cfg)
+    return Verdict(answers, scores, record["truncated"])
 
 
 def report_row(judge: Judge, prompt: str, response: str, verdict: Verdict) -> dict:

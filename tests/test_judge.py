@@ -3,6 +3,7 @@ applicability, generate-then-parse, and clear errors. Tiny random judge with the
 (embedded) tokenizer, so prompts, options and the chat template are the real ones."""
 
 import copy
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,27 @@ def test_shared_prefix_equals_full_forward(full_judge):
         ref = full_forward_probs(full_judge, prompt, response)
         for q, r in zip(full_judge.rubric.questions, ref):
             np.testing.assert_allclose(v.answers[q.id].probs, r, atol=1e-5)
+
+
+def test_shared_system_prefix_equals_prefilling_it_per_pair(model, full_judge):
+    """The chat head prefilled once and extended per pair (default) scores as the old path that
+    prefilled it inside every pair's context; the cache holds the same positions either way."""
+    cfg = dataclasses.replace(full_judge.cfg, share_system_prefix=False)
+    old = judge_lib.build_judge(model, full_judge.rubric, cfg)
+    assert full_judge.cfg.share_system_prefix and len(full_judge.head_ids) > 20
+    for a, b in zip(judge_lib.score_pairs(full_judge, PAIRS), judge_lib.score_pairs(old, PAIRS)):
+        for qid, x in a.answers.items():
+            np.testing.assert_allclose(x.probs, b.answers[qid].probs, atol=1e-5)
+            assert x.option_mass == pytest.approx(b.answers[qid].option_mass, abs=1e-5)
+    contexts = [judge_lib._context_ids(full_judge, *p)[0] for p in PAIRS[:2]]
+    (shared, *_), lengths = judge_lib._prefill_batch(full_judge, contexts, share_head=True)
+    (per_pair, *_), old_lengths = judge_lib._prefill_batch(full_judge, contexts, share_head=False)
+    np.testing.assert_array_equal(lengths, old_lengths)
+    for row in range(2):  # the same positions filled, in order: head, context, header
+        real = np.asarray(shared.positions[row])[np.asarray(shared.positions[row]) >= 0]
+        np.testing.assert_array_equal(real, np.arange(lengths[0, row]))
+        old_real = np.asarray(per_pair.positions[row])
+        np.testing.assert_array_equal(old_real[old_real >= 0], real)
 
 
 def test_judge_reads_the_question_under_its_option_header(judge):
