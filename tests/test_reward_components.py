@@ -256,7 +256,8 @@ def test_grpo_runs_with_a_composed_reward_and_logs_each_component(tmp_path):
     train.run(config, str(tmp_path))
     row = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")][-1]
     for key in ("reward/refusal/mean", "reward/short/adv_std", "reward/degenerate/mean",
-                "reward/veto_rate", "reward/zero_variance_groups", "rollout/draft_tokens"):  # fmt: skip
+                "reward/veto_rate", "reward/zero_variance_groups", "rollout/draft_tokens",
+                "judge/cache_hit_rate"):  # fmt: skip
         assert key in row, key
     assert "rollout/draft_score" not in row  # no rubric component, single pass: no judging
     shown = json.loads(open(tmp_path / "rollouts.jsonl").readline())

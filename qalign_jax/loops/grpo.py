@@ -381,6 +381,7 @@ def run(config, workdir: str) -> None:
             row["train/sampler_logp_gap"] = float(sampler_gap)
             row.update(rollouts.rollout_metrics(ro, judge.rubric))
             row.update(reward_components.metrics(composed, components, reward_in))
+            row.update(judge.cache_stats.metrics())  # cumulative since the judge was built
             row.update(grpo_variants.step_metrics(ro, masked, zero_variance, extra_prompts))
             row.update({
                 "time/step_s": time.perf_counter() - t0,
