@@ -156,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
     # QA-LIGN GRPO (`loops/grpo.py`, `losses.grpo_loss`); defaults are the paper's where it
     # gives them (G = 5, two-pass rollouts).
     c.grpo = ml_collections.ConfigDict()
-    c.grpo.sources = ()  # ((prompt-set JSONL, count or -1), ...): the RL prompts
+    c.grpo.sources = ()  # ((prompt-set JSONL, count or -1[, options]), ...): the RL prompts
     c.grpo.priming_data = ""  # the priming stage's prime_data.jsonl ('' = no check)
     c.grpo.on_overlap = "error"  # a prompt id also in priming_data: 'error' | 'exclude'
     c.grpo.prompts_per_step = 2  # B prompts per step
