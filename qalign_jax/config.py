@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.loop = "generate"  # which loop `qalign_jax.train` runs; see train.LOOPS
     c.seed = 0  # the one seed of a run; loops split it, steps fold in the step number
+    # SFT and GRPO check `plan.py`'s peak bytes per device against the device before loading
+    # anything: 'error' stops a run that cannot fit (naming settings that would), 'warn', 'off'.
+    c.memory_check = "error"
     c.distributed = "auto"  # jax.distributed.initialize(): 'auto' | 'on' | 'off'
 
     # The model: 'embedded' | path/to/model.gguf | path/to/hf_dir | 'random:<preset>'.

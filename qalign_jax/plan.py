@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qalign_jax import rollouts, sampler, sharding
@@ -212,7 +213,7 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
         g = config.grpo
         micro = g.prompts_per_step * g.num_generations // g.grad_accum_steps
         lengths = grpo_lengths(config)
-        seq_len, cache_len, block = lengths.seq_len, lengths.cache_len, lengths.findings_tokens
+        seq_len, cache_len = lengths.seq_len, lengths.cache_len
     else:
         raise ValueError(f"config.loop={config.loop!r}; the planner knows 'sft' and 'grpo'.")
     batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
@@ -247,7 +248,8 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
         batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
         bucket = sampler.bucket(rollout_rows, (rollout_rows,), batch_ways)  # grpo's buckets
         rows["decode weights (compute dtype)"] = compute_elems
-        pass1 = kv_cache_bytes(cfg, bucket, cache_len - g.revision_max_tokens - block, mesh_shape)
+        second = lengths.findings_width + g.revision_max_tokens if g.two_pass else 0
+        pass1 = kv_cache_bytes(cfg, bucket, cache_len - second, mesh_shape)
         both = kv_cache_bytes(cfg, bucket, cache_len, mesh_shape)
         rows["KV cache, both passes"] = both
         notes.append(
@@ -266,6 +268,91 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
         )  # fmt: skip
     memory = ACCELERATORS.get(accelerator, 0.0)
     return Plan(rows, train, rollout, max(train, rollout), memory, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fail fast: the loops check the plan against the device before loading or sampling anything.
+
+
+def device_memory() -> tuple[float, str]:
+    """Bytes one local device may use and a description: the runtime's limit on a GPU/TPU; on
+    CPU the host's physical memory (not what is free now: the verdict must not depend on other
+    processes), shared by its local devices."""
+    import jax
+
+    dev, n = jax.local_devices()[0], jax.local_device_count()
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return float(
+            stats["bytes_limit"]
+        ), f"{dev.device_kind} ({stats['bytes_limit'] / GB:.1f} GB)"
+    host = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return host / n, f"CPU host ({host / GB:.1f} GB of memory shared by {n} local devices)"
+
+
+def fitting_settings(config, cfg: llama.LlamaConfig, num_devices: int, memory: float):
+    """[(overrides, planned peak bytes)]: for `remat` as configured and 'full', the smallest
+    `grad_accum_steps` (a power-of-two multiple of today's) whose plan fits `memory`."""
+    section = config.sft if config.loop == "sft" else config.grpo
+    rows = (
+        config.sft.global_batch_size
+        if config.loop == "sft"
+        else config.grpo.prompts_per_step * config.grpo.num_generations
+    )
+    ways = math.prod(resolve_mesh(config.mesh.shape, num_devices)[a] for a in ("data", "fsdp"))
+    out = []
+    for remat in dict.fromkeys((cfg.remat, "full")):
+        accum = section.grad_accum_steps
+        while rows % accum == 0 and (rows // accum) % ways == 0:
+            trial = config.copy_and_resolve_references()
+            (trial.sft if config.loop == "sft" else trial.grpo).grad_accum_steps = accum
+            peak = plan(trial, cfg.replace(remat=remat), num_devices).peak
+            if peak <= USABLE_FRACTION * memory:
+                flags_ = [f"--config.{config.loop}.grad_accum_steps={accum}"]
+                flags_ += [f"--config.model.remat={remat}"] if remat != cfg.remat else []
+                out.append((" ".join(flags_), peak))
+                break
+            accum *= 2
+    return out
+
+
+def check_fits(
+    config, loop: str, num_devices: int, memory: float | None = None, device: str = ""
+) -> None:
+    """Stops a run whose planned peak per device exceeds the device's memory, in seconds and
+    before any weights are loaded, naming settings that would fit (`config.memory_check`:
+    'error' stops, 'warn' logs, 'off'). Over 90% but under 100% only warns: the activations are
+    an estimate (on XLA:CPU the plan over-counted a 12.6 GB GRPO run as 19.3 GB)."""
+    mode = config.memory_check
+    if mode not in ("error", "warn", "off"):
+        raise ValueError(f"config.memory_check={mode!r}; use 'error', 'warn' or 'off'.")
+    if mode == "off":
+        return
+    if config.loop != loop:  # a stage of the pipeline: plan it as the loop it runs
+        config = config.copy_and_resolve_references()
+        config.loop = loop
+    if memory is None:
+        memory, device = device_memory()
+    cfg = load.describe_config(config.model)[0]
+    p = plan(config, cfg, num_devices)
+    if p.peak <= USABLE_FRACTION * memory:
+        return
+    fixes = fitting_settings(config, cfg, num_devices, memory)
+    fix_text = "; ".join(f"{f} ({peak / GB:.1f} GB)" for f, peak in fixes) or (
+        "none by grad_accum_steps and remat alone: fewer rows per step, shorter sequences, "
+        "a larger mesh or bfloat16 weights"
+    )
+    message = (
+        f"memory: this {config.loop} config plans {p.peak / GB:.1f} GB per device (train "
+        f"{p.train / GB:.1f} GB, of which activations "
+        f"{next(v for k, v in p.rows.items() if k.startswith('activations')) / GB:.1f} GB; "
+        f"rollout {p.rollout / GB:.1f} GB) but each device has {memory / GB:.1f} GB "
+        f"[{device}]. Settings that fit by the same plan: {fix_text}. `python -m "
+        f"qalign_jax.plan --config ...` prints every term; --config.memory_check=warn runs anyway."
+    )
+    if mode == "error" and p.peak > memory:
+        raise MemoryError(message)
+    logging.warning("%s", message)
 
 
 def format_plan(p: Plan, title: str) -> str:

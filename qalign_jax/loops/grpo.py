@@ -59,6 +59,7 @@ from qalign_jax import (
     grpo_variants,
     losses,
     metrics,
+    plan,
     reward_components,
     rollouts,
     sharding,
@@ -254,6 +255,7 @@ def run(config, workdir: str) -> None:
     # Mesh; the policy's initial weights (also the frozen reference and, by default, judge;
     # not loaded when neither, see load.base_model).
     mesh = sharding.make_mesh(config.mesh.shape)
+    plan.check_fits(config, "grpo", mesh.size)  # seconds, before any weights or rollouts
     rules = tuple(config.sharding.rules)
     sharding.check_batch_divisible(rows_per_step // g.grad_accum_steps, mesh)
     initial = load.base_model(config, mesh)
