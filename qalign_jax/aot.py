@@ -43,7 +43,11 @@ def model_config(config, preset: str = "", num_layers: int = 0) -> llama.LlamaCo
     cfg = llama.get_preset(preset) if preset else load.describe_config(config.model)[0]
     m = config.model
     cfg = cfg.replace(
-        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, logits_chunk=m.logits_chunk
+        param_dtype=m.param_dtype,
+        dtype=m.dtype,
+        remat=m.remat,
+        logits_chunk=m.logits_chunk,
+        attention=m.attention,
     )
     return cfg.replace(num_layers=num_layers) if num_layers else cfg
 

@@ -46,6 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Training losses run the output head on this many positions of each row at a time, so
     # the [rows, T, vocab] float32 logits never exist at once (0 = all at once).
     c.model.logits_chunk = 0
+    # Attention (`llama.ATTENTION`): 'xla' (the reference einsums; grouped, K/V never repeated),
+    # 'dot_product' (jax.nn.dot_product_attention: cuDNN flash attention on a GPU where it
+    # applies, XLA elsewhere), 'cudnn' (insist on cuDNN). The judge's shared-prefix attention is
+    # always the reference.
+    c.model.attention = "xla"
 
     # Devices: (data, fsdp, tensor); one -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict()

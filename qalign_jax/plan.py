@@ -383,7 +383,11 @@ def main(argv):
         cfg = load.describe_config(config.model)[0]
     m = config.model
     cfg = cfg.replace(
-        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, logits_chunk=m.logits_chunk
+        param_dtype=m.param_dtype,
+        dtype=m.dtype,
+        remat=m.remat,
+        logits_chunk=m.logits_chunk,
+        attention=m.attention,
     )
     p = plan(config, cfg, flags.FLAGS.num_devices, flags.FLAGS.accelerator)
     mesh = resolve_mesh(config.mesh.shape, flags.FLAGS.num_devices)
