@@ -134,3 +134,19 @@ def test_grpo_stops_before_loading_weights_when_it_cannot_fit(tmp_path, monkeypa
     monkeypatch.setattr(load, "base_model", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(MemoryError, match=r"each device has 0\.0 GB \[a 1 MB device\]"):
         train.run(smoke_config(), str(tmp_path))
+
+
+def test_compile_prints_the_compilers_bytes_beside_the_plan():
+    config = sft_config(16, 128, (1, 8, 1))
+    mesh = plan.compile_mesh(config)  # no topology: the local (8 fake CPU) devices
+    p = plan.plan(config, HELD_OUT, 8)
+    text = plan.compiled_report(config, HELD_OUT, mesh, p, "v5p")
+    row = next(line.split() for line in text.splitlines() if line.strip().startswith("sft_step"))
+    args_gb, temps_gb, peak_gb = map(float, row[1:4])
+    planned_args = p.rows["params"] + p.rows["optimizer (Adam mu, nu)"] + p.rows["batch"]
+    assert args_gb == pytest.approx(planned_args / plan.GB, rel=0.02, abs=2e-3)
+    assert peak_gb >= args_gb and temps_gb > 0
+    assert "train step: plan" in text and "plan / compiler" in text
+    model = plan.train_step_flops(config, HELD_OUT, 8)
+    assert model == pytest.approx(6 * HELD_OUT.num_params * 16 * 128 / 8, rel=0.2)
+    assert f"model {model / 1e12:.2f} TFLOP per device" in text and "v5p: 459 TFLOP/s" in text
