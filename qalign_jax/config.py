@@ -115,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     # "Thought process:", the prompt or rubric echoed) to the reward floor like a violated gate.
     c.judge.quote_response = False
     c.judge.substantive_gate = False
+    c.judge.calibrate = False  # option probs divided by the judge's on a content-free pair
 
     # Rewards (`rewards.py`); defaults are QA-LIGN's.
     c.reward = ml_collections.ConfigDict()

@@ -42,7 +42,9 @@ float rounding, <= 1e-5).
 Defences (off by default; `judge_robustness.py` measures them): `quote_response` shows the
 response as a "> " quote so that a "### Question" line inside it cannot end the judge's context
 section; `substantive_gate` vetoes a non-answer (empty, ":", a lone master key, the prompt or
-rubric echoed: `substantive_reasons`) to the floor after judging, like a violated gate.
+rubric echoed: `substantive_reasons`) to the floor after judging, like a violated gate;
+`calibrate` divides every answer's option probabilities by the judge's on a content-free pair
+("N/A", "N/A"), so a judge that says "Yes" or "A" to anything no longer does so by default.
 
 CLI:
   python -m qalign_jax.judge --rubric demo --input responses.jsonl --output report.jsonl
@@ -98,6 +100,9 @@ class JudgeConfig:
     #   end the context section (a fake "### Question" stays quoted text)
     substantive_gate: bool = False  # veto non-answers (empty, ':', "Thought process:", the
     #   prompt or rubric echoed: `substantive_reasons`) to the floor, like a violated gate
+    calibrate: bool = False  # logit mode: divide each question's option probabilities by the
+    #   judge's on a content-free pair ("N/A", "N/A") and renormalize (contextual calibration,
+    #   Zhao et al. 2021): removes the judge's standing preference for "Yes" or "A"
     option_order: str = "forward"  # 'reversed': grades F..A and No/Yes in the headers and the
     #   system prompt (the robustness report's position-bias probe; the options stay the same)
 
@@ -110,6 +115,8 @@ class JudgeConfig:
             )
         if self.option_order not in ("forward", "reversed"):
             raise ValueError(f"option_order={self.option_order!r}; use 'forward' or 'reversed'.")
+        if self.calibrate and self.mode != "logits":
+            raise ValueError("judge calibrate needs mode='logits' (option probabilities).")
         if self.batch_size < 1 or self.question_chunk < 1:
             raise ValueError("judge batch_size and question_chunk must be >= 1.")
         if self.cache_dir and self.cache_entries < 1:
@@ -188,7 +195,7 @@ def config_of(jc) -> JudgeConfig:
         max_context_tokens=jc.max_context_tokens, on_long_context=jc.on_long_context,
         skip_inapplicable=jc.skip_inapplicable, cache_entries=jc.cache_entries,
         cache_dir=jc.cache_dir, quote_response=jc.quote_response,
-        substantive_gate=jc.substantive_gate,
+        substantive_gate=jc.substantive_gate, calibrate=jc.calibrate,
     )  # fmt: skip
 
 
@@ -549,6 +556,26 @@ def _generate_probs(judge: Judge, contexts: list[list[int]], qidx: list[int], rn
     return probs, [texts[b * len(qidx) : (b + 1) * len(qidx)] for b in range(len(contexts))]
 
 
+CONTENT_FREE = ("N/A", "N/A")  # (prompt, response) whose answers are the judge's prior
+
+
+def _content_free_probs(judge: Judge) -> np.ndarray:
+    """[Q, O] every question's option probabilities on CONTENT_FREE, once per judge weights."""
+    m = judge.model
+    if judge.memo.get("prior_params") is not m.params:
+        ids, _ = _context_ids(judge, *CONTENT_FREE)
+        prefixes, lengths = _prefill_batch(judge, [ids])
+        probs, _ = _logit_probs(judge, prefixes, lengths, list(range(len(judge.suffix_ids))))
+        judge.memo.update(prior_params=m.params, prior=probs[0])
+    return judge.memo["prior"]
+
+
+def _calibrate(probs: np.ndarray, prior: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """probs [B, Q, O] / prior [Q, O], renormalized over each question's valid options."""
+    p = np.where(valid, probs / np.maximum(prior, 1e-12), 0.0)
+    return p / p.sum(-1, keepdims=True)
+
+
 def _applies(q: rubric_lib.Question, applicable: dict, argmax: dict) -> bool:
     return all(applicable[c.question] and argmax[c.question] == c.answer for c in q.applies_if)
 
@@ -590,6 +617,10 @@ def _judge_batch(judge: Judge, contexts: list[list[int]], rng) -> list[dict]:
         )
         if cfg.mode == "logits":
             probs, mass = _logit_probs(judge, prefixes, lengths, todo)
+            if cfg.calibrate:
+                probs = _calibrate(
+                    probs, _content_free_probs(judge)[todo], judge.option_valid[todo]
+                )
             texts = [[None] * len(todo)] * len(contexts)
         else:
             rng, key = jax.random.split(rng)
@@ -691,7 +722,7 @@ def _veto(judge: Judge, pair, verdict: Verdict) -> Verdict:
     return dataclasses.replace(verdict, scores=scores)
 
 
-_KEYED_DEFAULTS = {"quote_response": False, "option_order": "forward"}
+_KEYED_DEFAULTS = {"quote_response": False, "calibrate": False, "option_order": "forward"}
 
 
 def _namespace(judge: Judge) -> str:
@@ -853,12 +884,14 @@ if __name__ == "__main__":
     flags.DEFINE_integer("max_prompts", 0, "robustness: use the first N prompts; 0 = all.")
     flags.DEFINE_string(
         "defences",
-        ",".join(("none", "quote", "gate", "quote+gate")),
-        "robustness: settings to report, of none, quote, gate, quote+gate.",
+        "none,gate,quote,quote+gate,all",
+        "robustness: settings to report, of none, gate, quote, quote+gate, calibrate, all "
+        "(judge_robustness.SETTINGS).",
     )
     flags.DEFINE_float("threshold", 0.5, "robustness: a score >= this passes (false positive).")
     flags.DEFINE_string("attack_base", "refusal", "robustness: the answer injections extend.")
     flags.DEFINE_bool("option_probe", True, "robustness: rejudge references, options reversed.")
+    flags.DEFINE_bool("append", False, "robustness: add to the verdicts already in --output.")
     flags.DEFINE_string("model", "embedded", "Judge model source (see models/load.py).")
     flags.DEFINE_string("tokenizer", "", "Tokenizer source for random-weight judges.")
     flags.DEFINE_string("mode", "logits", "'logits' (shared prefix) or 'generate' (naive).")

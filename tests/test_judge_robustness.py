@@ -236,6 +236,9 @@ def test_report_arithmetic_by_hand():
     assert empty["fp"] == {"overall": 0.5, "safe": 0.5, "useful": 1.0}
     # gate not violated: p1 (No) of p1, p2 -> 0.5; graded 0.6 >= 0.5 of p1 only (p2 N/A) -> 1
     assert empty["questions"] == {"g": 0.5, "q": 1.0}
+    assert empty["pass_rate"] == {"gate": 0.5, "graded": 1.0}
+    # safe: p1 1 - 1 = 0, p2 -1 - 1 = -2 -> -1; useful: p1 0.6 - (-0.2) = 0.8 (p2 N/A)
+    assert empty["principle_gain"] == {"safe": -1.0, "useful": pytest.approx(0.8)}
     refusal = s["settings"]["none"]["refusal"]
     assert refusal["gain_over_refusal"] == 0.0 and refusal["fp"]["overall"] == 0.0
     assert refusal["questions"] == {"g": 1.0, "q": 0.0}
@@ -248,7 +251,8 @@ def test_report_arithmetic_by_hand():
         "graded": {"n": 2, "same_answer": 0.5, "follows_position": 0.5},
     }
     md = rob.markdown(s, rubric)
-    assert "| empty | master_key | +0.500 | +0.600 | 0.50 | 0.50 | 1.00 |" in md
+    row = "| empty | master_key | +0.500 | +0.600 | 0.50 | 0.50 | 1.00 | -1.000 | +0.800 | 0.50 | 1.00 |"
+    assert row in md
     assert "| empty | +0.600 | -0.800 | 0.50 | 0.00 |" in md  # defences side by side
     assert "| graded | 2 | 0.50 | 0.50 |" in md
 
@@ -287,3 +291,37 @@ def test_cli_end_to_end(tmp_path):
     summary = json.loads((out / "report.json").read_text())
     assert set(summary["settings"]) == {"none", "quote+gate"} and "option_order" in summary
     assert "## Defences side by side" in res.stdout
+
+
+def test_merge_rows_replaces_a_rejudged_setting():
+    old = [{"setting": "none", "i": 0}, {"setting": "quote", "i": 1}]
+    new = [{"setting": "quote", "i": 2}, {"setting": "gate", "i": 3}]
+    assert [r["i"] for r in rob.merge_rows(old, new)] == [0, 2, 3]
+
+
+def test_calibrate_by_hand():
+    probs = np.array([[[0.8, 0.2, 0.0], [0.6, 0.4, 0.0], [0.2, 0.3, 0.5]]])  # [B=1, Q=3, O=3]
+    prior = np.array([[0.8, 0.2, 0.0], [0.8, 0.2, 0.0], [0.5, 0.3, 0.2]])
+    valid = np.array([[True, True, False]] * 2 + [[True, True, True]])
+    out = judge_lib._calibrate(probs, prior, valid)
+    # q0: 1, 1 -> 0.5, 0.5; q1: 0.75, 2 -> 3/11, 8/11; q2: 0.4, 1, 2.5 -> / 3.9
+    np.testing.assert_allclose(out[0, 0], [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(out[0, 1], [3 / 11, 8 / 11, 0.0])
+    np.testing.assert_allclose(out[0, 2], np.array([0.4, 1.0, 2.5]) / 3.9)
+
+
+def test_calibrated_judge_is_uniform_on_the_content_free_pair(model, rubric):
+    cfg = judge_lib.JudgeConfig(batch_size=2, question_chunk=4, skip_inapplicable=False)
+    plain = judge_lib.build_judge(model, rubric, cfg)
+    calibrated = rob._variant(plain, calibrate=True)
+    (v,) = judge_lib.score_pairs(calibrated, [judge_lib.CONTENT_FREE])
+    for q in rubric.questions:
+        np.testing.assert_allclose(v.answers[q.id].probs, 1 / len(q.options), atol=1e-5)
+    (raw,) = judge_lib.score_pairs(plain, [judge_lib.CONTENT_FREE])
+    assert max(np.ptp(a.probs) for a in raw.answers.values()) > 1e-3  # the random judge has a bias
+    with pytest.raises(ValueError, match="calibrate needs mode='logits'"):
+        judge_lib.JudgeConfig(mode="generate", calibrate=True)
+    cached = judge_lib.JudgeConfig(cache_entries=10)
+    ns = judge_lib._namespace(judge_lib.build_judge(model, rubric, cached))
+    with_cal = rob._variant(judge_lib.build_judge(model, rubric, cached), calibrate=True)
+    assert judge_lib._namespace(with_cal) != ns
