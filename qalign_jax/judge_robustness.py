@@ -476,14 +476,19 @@ def markdown(summary: dict, rubric: rubric_lib.Rubric, title: str = "") -> str:
 
 
 def plot_heatmap(summary: dict, rubric: rubric_lib.Rubric, path: str, settings=None) -> None:
-    """Questions x response kinds, the favourable rate per cell, one panel per setting whose
-    answers differ (the gate only vetoes scores: 'gate' answers as 'none' does)."""
+    """Questions x response kinds, the favourable rate per cell, one panel per judge pass (the
+    gate only vetoes scores: 'gate' answers as 'none' does, so it gets no panel of its own)."""
     import matplotlib  # late: only the report draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = settings or [s for s in summary["settings"] if not SETTINGS.get(s, (0, 0))[1]]
+    if not settings:  # one panel per judge pass: the first setting of each (quote, calibrate)
+        passes = {}
+        for s in summary["settings"]:
+            quote, _, calibrate = SETTINGS.get(s, (s, 0, 0))
+            passes.setdefault((quote, calibrate), s)
+        settings = list(passes.values())
     settings = [s for s in settings if s in summary["settings"]] or list(summary["settings"])[:1]
     questions = [q.id for q in rubric.questions if q.kind != "condition"]
     kinds = list(summary["settings"][settings[0]])
@@ -507,6 +512,28 @@ def plot_heatmap(summary: dict, rubric: rubric_lib.Rubric, path: str, settings=N
     plt.close(fig)
 
 
+def _rounded(obj, digits: int = 4):
+    """obj with every float rounded (report.json stays small and readable)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_rounded(v, digits) for v in obj]
+    return obj
+
+
+def _compact(summary: dict, rubric) -> dict:
+    """The summary for report.json: floats rounded, and each kind's per-question rates as a
+    list in the order of a top-level "question_ids" (not the ids repeated per kind)."""
+    ids = [q.id for q in rubric.questions if q.kind != "condition"]
+    settings = {
+        name: {k: {**v, "questions": [v["questions"][q] for q in ids]} for k, v in table.items()}
+        for name, table in summary["settings"].items()
+    }
+    return _rounded({**summary, "question_ids": ids, "settings": settings})
+
+
 def write_report(rows: list[dict], rubric, out_dir: str, threshold: float, meta: dict) -> dict:
     """verdicts.jsonl, report.json, report.md and heatmap.png in out_dir; returns the summary."""
     os.makedirs(out_dir, exist_ok=True)
@@ -515,7 +542,7 @@ def write_report(rows: list[dict], rubric, out_dir: str, threshold: float, meta:
             f.write(json.dumps(r) + "\n")
     summary = {**meta, **summarize(rows, rubric, threshold)}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump(_compact(summary, rubric), f, separators=(",", ":"))  # md: the readable one
     title = f"{rubric.name} rubric, judge {meta.get('model', '?')}"
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(markdown(summary, rubric, title))
