@@ -117,6 +117,13 @@ def base_config() -> ml_collections.ConfigDict:
     # once; these replay verdicts across calls and runs (keyed by judge weights, rubric, template).
     c.judge.cache_entries = 0  # verdicts kept in memory across calls; 0 = off
     c.judge.cache_dir = ""  # also store/replay verdicts here (local or gs://); needs entries > 0
+    # Judge defences (measured by `python -m qalign_jax.judge robustness`; off = the paper's
+    # judge). quote_response shows the response as a "> " quote, so a "### Question" line inside
+    # it cannot end the judge's context section; substantive_gate vetoes non-answers (empty, ":",
+    # "Thought process:", the prompt or rubric echoed) to the reward floor like a violated gate.
+    c.judge.quote_response = False
+    c.judge.substantive_gate = False
+    c.judge.calibrate = False  # option probs divided by the judge's on a content-free pair
 
     # Rewards (`rewards.py`); defaults are QA-LIGN's.
     c.reward = ml_collections.ConfigDict()

@@ -39,10 +39,19 @@ so that reports do not depend on which other pairs shared the batch. Scores are
 deterministic in logit mode: the same whatever the batch order, batch size or padding (up to
 float rounding, <= 1e-5).
 
+Defences (off by default; `judge_robustness.py` measures them): `quote_response` shows the
+response as a "> " quote so that a "### Question" line inside it cannot end the judge's context
+section; `substantive_gate` vetoes a non-answer (empty, ":", a lone master key, the prompt or
+rubric echoed: `substantive_reasons`) to the floor after judging, like a violated gate;
+`calibrate` divides every answer's option probabilities by the judge's on a content-free pair
+("N/A", "N/A"), so a judge that says "Yes" or "A" to anything no longer does so by default.
+
 CLI:
   python -m qalign_jax.judge --rubric demo --input responses.jsonl --output report.jsonl
 (`--model` any supported model source; default the embedded SmolLM2). Input rows need
 `prompt` and `response`; the report has one row per response with every question's verdict.
+  python -m qalign_jax.judge robustness --rubric demo --model embedded --output DIR
+judges attacks and honest references (`judge_robustness.py`) into a report in DIR.
 """
 
 from __future__ import annotations
@@ -86,6 +95,16 @@ class JudgeConfig:
     share_system_prefix: bool = True  # logit mode: prefill the chat head (system) once per judge
     cache_entries: int = 0  # verdicts remembered across calls (`judge_cache`); 0 = off
     cache_dir: str = ""  # also replay/store verdicts here (local or gs://); '' = memory only
+    # Defences (`judge_robustness.py` measures them; the defaults are the paper's setting):
+    quote_response: bool = False  # show the response as a '> ' quote: no header inside it can
+    #   end the context section (a fake "### Question" stays quoted text)
+    substantive_gate: bool = False  # veto non-answers (empty, ':', "Thought process:", the
+    #   prompt or rubric echoed: `substantive_reasons`) to the floor, like a violated gate
+    calibrate: bool = False  # logit mode: divide each question's option probabilities by the
+    #   judge's on a content-free pair ("N/A", "N/A") and renormalize (contextual calibration,
+    #   Zhao et al. 2021): removes the judge's standing preference for "Yes" or "A"
+    option_order: str = "forward"  # 'reversed': grades F..A and No/Yes in the headers and the
+    #   system prompt (the robustness report's position-bias probe; the options stay the same)
 
     def __post_init__(self):
         if self.mode not in ("logits", "generate"):
@@ -94,6 +113,10 @@ class JudgeConfig:
             raise ValueError(
                 f"on_long_context={self.on_long_context!r}; use 'truncate' or 'error'."
             )
+        if self.option_order not in ("forward", "reversed"):
+            raise ValueError(f"option_order={self.option_order!r}; use 'forward' or 'reversed'.")
+        if self.calibrate and self.mode != "logits":
+            raise ValueError("judge calibrate needs mode='logits' (option probabilities).")
         if self.batch_size < 1 or self.question_chunk < 1:
             raise ValueError("judge batch_size and question_chunk must be >= 1.")
         if self.cache_dir and self.cache_entries < 1:
@@ -171,25 +194,41 @@ def config_of(jc) -> JudgeConfig:
         mode=jc.mode, batch_size=jc.batch_size, question_chunk=jc.question_chunk,
         max_context_tokens=jc.max_context_tokens, on_long_context=jc.on_long_context,
         skip_inapplicable=jc.skip_inapplicable, cache_entries=jc.cache_entries,
-        cache_dir=jc.cache_dir,
+        cache_dir=jc.cache_dir, quote_response=jc.quote_response,
+        substantive_gate=jc.substantive_gate, calibrate=jc.calibrate,
     )  # fmt: skip
 
 
-def question_header(options: tuple[str, ...], graded: bool) -> str:
+def question_header(options: tuple[str, ...], graded: bool, reverse: bool = False) -> str:
     """Ends the shared prefix of an option set's questions: the answer hint is paid once per
-    pair, not once per question (the grade scale itself is spelled out in the system prompt)."""
+    pair, not once per question (the grade scale itself is spelled out in the system prompt).
+    reverse lists the options last to first ("F-A", "No/Yes")."""
+    options = options[::-1] if reverse else options
     hint = f"{options[0]}-{options[-1]}" if graded else "/".join(options)
     return f"### Question ({hint})\n"
 
 
-def system_text(system_prompt: str, grades) -> str:
+def system_text(system_prompt: str, grades, reverse: bool = False) -> str:
     """The grade scale is explained once, in the shared prefix, not in every question."""
+    grades = list(grades)[::-1] if reverse else grades
     scale = ", ".join(f"{g} = {GRADE_HINT[g]}" if g in GRADE_HINT else g for g in grades)
     return f"{system_prompt} Grades: {scale}."
 
 
-def context_text(prompt: str, response: str) -> str:
-    """The shared prefix's body; a question header (`question_header`) follows it."""
+EMPTY_QUOTE = "[empty response]"
+
+
+def context_text(prompt: str, response: str, quote: bool = False) -> str:
+    """The shared prefix's body; a question header (`question_header`) follows it.
+
+    quote (`JudgeConfig.quote_response`) prefixes every response line with "> ", so a line of
+    the response can never start a "### ..." section of the judge's own template, and shows an
+    empty response as EMPTY_QUOTE instead of a blank the judge reads past.
+    """
+    if quote:
+        lines = response.split("\n") if response.strip() else [EMPTY_QUOTE]
+        body = "\n".join(f"> {line}".rstrip() for line in lines)
+        return f"### User prompt\n{prompt}\n\n### Assistant response (quoted)\n{body}\n\n"
     return f"### User prompt\n{prompt}\n\n### Assistant response\n{response}\n\n"
 
 
@@ -206,8 +245,9 @@ def build_judge(
     if tok is None:
         raise ValueError(f"judge model {model.source!r} has no tokenizer.")
     option_table = rubric_lib.check_options_tokenize(rubric, tok.encode, source=rubric.name)
+    reverse = cfg.option_order == "reversed"
     messages = [
-        {"role": "system", "content": system_text(cfg.system_prompt, rubric.grades)},
+        {"role": "system", "content": system_text(cfg.system_prompt, rubric.grades, reverse)},
         {"role": "user", "content": _CONTEXT + _QUESTION},
     ]
     text = tok.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -216,7 +256,7 @@ def build_judge(
     assert middle == "", "the context and question markers must be adjacent"
     questions = rubric.questions
     sets = list(dict.fromkeys(q.options for q in questions))  # in order of first use
-    headers = [question_header(o, o == tuple(rubric.grades)) for o in sets]
+    headers = [question_header(o, o == tuple(rubric.grades), reverse) for o in sets]
     width = max(len(q.options) for q in questions)
     option_ids = np.zeros((len(questions), width), np.int32)
     option_valid = np.zeros((len(questions), width), bool)
@@ -249,9 +289,9 @@ def jit_programs(graphdef, mesh, rules) -> dict:
 def _context_ids(judge: Judge, prompt: str, response: str) -> tuple[list[int], bool]:
     """One pair's judge context (head, prompt, response) tokens, the response's end truncated
     to leave room in the budget for the question header that follows."""
-    tok = judge.model.tokenizer
+    tok, quote = judge.model.tokenizer, judge.cfg.quote_response
     budget = judge.cfg.max_context_tokens - max(map(len, judge.header_ids))
-    ids = judge.head_ids + tok.encode(context_text(prompt, response))
+    ids = judge.head_ids + tok.encode(context_text(prompt, response, quote))
     if len(ids) <= budget:
         return ids, False
     if judge.cfg.on_long_context == "error":
@@ -260,9 +300,15 @@ def _context_ids(judge: Judge, prompt: str, response: str) -> tuple[list[int], b
             f"{judge.cfg.max_context_tokens} less the question header); raise "
             "max_context_tokens or set on_long_context='truncate'."
         )
-    fixed = len(judge.head_ids) + len(tok.encode(context_text(prompt, "")))
-    response_ids = tok.encode(response)[: max(0, budget - fixed - 4)]
-    ids = judge.head_ids + tok.encode(context_text(prompt, tok.decode(response_ids) + " [...]"))
+    fixed = len(judge.head_ids) + len(tok.encode(context_text(prompt, "", quote)))
+    keep = max(0, budget - fixed - 4)
+    response_ids = tok.encode(response)
+    for _ in range(8):  # quoting adds "> " per line: shrink by the overflow until it fits
+        text = context_text(prompt, tok.decode(response_ids[:keep]) + " [...]", quote)
+        ids = judge.head_ids + tok.encode(text)
+        if len(ids) <= budget or keep == 0:
+            break
+        keep = max(0, keep - (len(ids) - budget))
     if len(ids) > budget:
         raise ValueError(
             f"the judge prompt alone is {fixed} tokens > {budget} (max_context_tokens="
@@ -510,6 +556,26 @@ def _generate_probs(judge: Judge, contexts: list[list[int]], qidx: list[int], rn
     return probs, [texts[b * len(qidx) : (b + 1) * len(qidx)] for b in range(len(contexts))]
 
 
+CONTENT_FREE = ("N/A", "N/A")  # (prompt, response) whose answers are the judge's prior
+
+
+def _content_free_probs(judge: Judge) -> np.ndarray:
+    """[Q, O] every question's option probabilities on CONTENT_FREE, once per judge weights."""
+    m = judge.model
+    if judge.memo.get("prior_params") is not m.params:
+        ids, _ = _context_ids(judge, *CONTENT_FREE)
+        prefixes, lengths = _prefill_batch(judge, [ids])
+        probs, _ = _logit_probs(judge, prefixes, lengths, list(range(len(judge.suffix_ids))))
+        judge.memo.update(prior_params=m.params, prior=probs[0])
+    return judge.memo["prior"]
+
+
+def _calibrate(probs: np.ndarray, prior: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """probs [B, Q, O] / prior [Q, O], renormalized over each question's valid options."""
+    p = np.where(valid, probs / np.maximum(prior, 1e-12), 0.0)
+    return p / p.sum(-1, keepdims=True)
+
+
 def _applies(q: rubric_lib.Question, applicable: dict, argmax: dict) -> bool:
     return all(applicable[c.question] and argmax[c.question] == c.answer for c in q.applies_if)
 
@@ -551,6 +617,10 @@ def _judge_batch(judge: Judge, contexts: list[list[int]], rng) -> list[dict]:
         )
         if cfg.mode == "logits":
             probs, mass = _logit_probs(judge, prefixes, lengths, todo)
+            if cfg.calibrate:
+                probs = _calibrate(
+                    probs, _content_free_probs(judge)[todo], judge.option_valid[todo]
+                )
             texts = [[None] * len(todo)] * len(contexts)
         else:
             rng, key = jax.random.split(rng)
@@ -580,7 +650,7 @@ def score_pairs(judge: Judge, pairs, rng=None) -> list[Verdict]:
         records = _score_unique(judge, pairs, rng)
         stats.misses += len(pairs)
         stats.computed_s += sum(r["seconds"] for r in records)
-        return [_verdict(judge, r) for r in records]
+        return [_veto(judge, pair, _verdict(judge, r)) for pair, r in zip(pairs, records)]
     if cache.enabled:
         cache.use(_namespace(judge))
     keys = [judge_cache.pair_key(p, r) for p, r in pairs]
@@ -605,7 +675,54 @@ def score_pairs(judge: Judge, pairs, rng=None) -> list[Verdict]:
         if key in first or key not in todo:
             stats.saved_s += records[key]["seconds"]
         first.add(key)
-    return [_verdict(judge, records[key]) for key in keys]
+    return [_veto(judge, pair, _verdict(judge, records[key])) for key, pair in zip(keys, pairs)]
+
+
+SUBSTANTIVE_GATE = "substantive_answer"  # the veto's name in Scores.violated_gates
+_NOT_SUBSTANTIVE = {  # degeneracy reason -> the gate's reason
+    "empty": "empty", "master_key": "master_key",
+    "copies_prompt": "echoes_prompt", "copies_findings": "echoes_rubric",
+}  # fmt: skip
+
+
+def substantive_reasons(prompt: str, response: str, rubric_text: str = "") -> list[str]:
+    """Why a response is not a substantive answer to its prompt ([] when it is): no words at
+    all ("", ":"), a lone master key ("Thought process:", "Solution", "Let's solve this step
+    by step."), or mostly a copy of the prompt or of `rubric_text` (`judge.substantive_gate`;
+    the rules are `reward_components.degeneracy_reasons`, less its repetition checks, so that a
+    long or padded but real answer is left to the rubric)."""
+    from qalign_jax import reward_components  # late: it imports the loss functions
+
+    reasons = reward_components.degeneracy_reasons(response, prompt, echo=rubric_text or None)
+    return [_NOT_SUBSTANTIVE[r] for r in reasons if r in _NOT_SUBSTANTIVE]
+
+
+def rubric_text(rubric: rubric_lib.Rubric) -> str:
+    """Every question's text: what an echoed rubric copies (`substantive_reasons`)."""
+    return "\n".join(q.text for q in rubric.questions)
+
+
+def _veto(judge: Judge, pair, verdict: Verdict) -> Verdict:
+    """With `cfg.substantive_gate`, a non-answer scores the floor on every dimension, principle
+    and the reward, like a violated gate, and names SUBSTANTIVE_GATE among its violated gates;
+    the judge's answers are kept as computed (and cached) for the report."""
+    if not judge.cfg.substantive_gate:
+        return verdict
+    if "rubric_text" not in judge.memo:
+        judge.memo["rubric_text"] = rubric_text(judge.rubric)
+    if not substantive_reasons(*pair, judge.memo["rubric_text"]):
+        return verdict
+    floor = rewards.floor_value(judge.rubric, judge.reward_cfg.scale)
+    principles = {k: floor for k in verdict.scores.principles}
+    scores = rewards.Scores(
+        reward=rewards.pool_principles(judge.rubric, principles, judge.reward_cfg),
+        principles=principles, dimensions={k: floor for k in verdict.scores.dimensions},
+        violated_gates=(*verdict.scores.violated_gates, SUBSTANTIVE_GATE),
+    )  # fmt: skip
+    return dataclasses.replace(verdict, scores=scores)
+
+
+_KEYED_DEFAULTS = {"quote_response": False, "calibrate": False, "option_order": "forward"}
 
 
 def _namespace(judge: Judge) -> str:
@@ -617,8 +734,12 @@ def _namespace(judge: Judge) -> str:
             for k in ("mode", "max_context_tokens", "on_long_context", "skip_inapplicable",
                       "system_prompt", "generate_max_tokens", "generate_temperature")
         }  # fmt: skip
+        # The defences that change answers are keyed when on (default namespaces stay as they
+        # were); substantive_gate vetoes scores after the cache (`_veto`) and is not keyed.
+        answer_cfg.update({k: getattr(cfg, k) for k, off in _KEYED_DEFAULTS.items()
+                           if getattr(cfg, k) != off})  # fmt: skip
         template = [judge.head_ids, judge.header_ids, judge.suffix_ids,
-                    context_text("\x00prompt", "\x00response")]  # fmt: skip
+                    context_text("\x00prompt", "\x00response", cfg.quote_response)]  # fmt: skip
         ns = judge_cache.namespace(
             judge_cache.weights_fingerprint(m.params), judge.rubric, template, answer_cfg
         )
@@ -718,8 +839,14 @@ def main(argv):
     from qalign_jax.models import load
 
     f = flags.FLAGS
+    if argv[1:] == ["robustness"]:
+        from qalign_jax import judge_robustness
+
+        return judge_robustness.main(f)
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments {argv[1:]}")
+        raise ValueError(f"unexpected arguments {argv[1:]}; the one subcommand is 'robustness'.")
+    if not f.input or not f.output:
+        raise ValueError("--input and --output are required (or run the 'robustness' subcommand).")
     rubric = rubric_lib.resolve_rubric(f.rubric)
     model = load.load_model(f.model, mesh=sharding.make_mesh((1, -1, 1)), dtype=f.dtype,
                             tokenizer_source=f.tokenizer or None)  # fmt: skip
@@ -748,10 +875,23 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("rubric", "demo", "Built-in rubric name (demo, default) or a rubric file.")
+    flags.DEFINE_string("input", None, "JSONL with 'prompt' and 'response' per line.")
     flags.DEFINE_string(
-        "input", None, "JSONL with 'prompt' and 'response' per line.", required=True
+        "output", None, "Per-response, per-question JSONL report (robustness: a directory)."
     )
-    flags.DEFINE_string("output", None, "Per-response, per-question JSONL report.", required=True)
+    # The robustness subcommand (`judge_robustness.py`).
+    flags.DEFINE_string("prompts", "", "robustness: prompts JSONL; '' = the bundled mix.")
+    flags.DEFINE_integer("max_prompts", 0, "robustness: use the first N prompts; 0 = all.")
+    flags.DEFINE_string(
+        "defences",
+        "none,gate,quote,quote+gate,all",
+        "robustness: settings to report, of none, gate, quote, quote+gate, calibrate, all "
+        "(judge_robustness.SETTINGS).",
+    )
+    flags.DEFINE_float("threshold", 0.5, "robustness: a score >= this passes (false positive).")
+    flags.DEFINE_string("attack_base", "refusal", "robustness: the answer injections extend.")
+    flags.DEFINE_bool("option_probe", True, "robustness: rejudge references, options reversed.")
+    flags.DEFINE_bool("append", False, "robustness: add to the verdicts already in --output.")
     flags.DEFINE_string("model", "embedded", "Judge model source (see models/load.py).")
     flags.DEFINE_string("tokenizer", "", "Tokenizer source for random-weight judges.")
     flags.DEFINE_string("mode", "logits", "'logits' (shared prefix) or 'generate' (naive).")
