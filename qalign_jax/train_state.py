@@ -168,12 +168,13 @@ def merged_params(graphdef, trained, frozen):
     return merge(graphdef, full_params(trained, frozen))
 
 
-def lora_meta(cfg: llama.LlamaConfig, base: str) -> dict:
+def lora_meta(cfg: llama.LlamaConfig, config) -> dict:
     """What a checkpoint records of the adapters (nothing without LoRA): rank, alpha, targets
-    and the base's source, so a resume checks them and a reader knows the params are adapters."""
+    and the base's source (`checkpoint.init`, else `model.source`), so a resume checks them and
+    a reader knows the params are adapters."""
     if cfg.lora is None:
         return {}
-    spec = cfg.lora
+    spec, base = cfg.lora, config.checkpoint.init or config.model.source
     return {"lora": {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets),
                      "base": base}}  # fmt: skip
 
@@ -182,10 +183,10 @@ def check_lora_meta(meta: dict | None, cfg: llama.LlamaConfig, directory: str) -
     """On resume: the checkpoint's adapters (or their absence) must match `model.lora`."""
     if meta is None:
         return
-    saved, now = (
-        None if d is None else {k: v for k, v in d.items() if k != "base"}
-        for d in (meta.get("lora"), lora_meta(cfg, "").get("lora"))
-    )
+    saved = meta.get("lora")
+    saved = None if saved is None else {k: v for k, v in saved.items() if k != "base"}
+    now = None if cfg.lora is None else dataclasses.asdict(cfg.lora)
+    now = now and {**now, "targets": list(cfg.lora.targets)}
     if saved != now:
         raise ValueError(
             f"{directory}: the checkpoint was trained with LoRA {saved}, this run's model.lora "

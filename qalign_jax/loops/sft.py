@@ -308,7 +308,7 @@ def run(config, workdir: str) -> None:
                 "data": batches.position.to_json(),
                 "rng": np.asarray(jax.random.key_data(rng)).tolist(),
                 "data_fingerprint": fingerprint,
-                **train_state.lora_meta(policy_cfg, config.checkpoint.init or config.model.source),
+                **train_state.lora_meta(policy_cfg, config),
             })  # fmt: skip
 
     if sft_cfg.export_hf:  # full weights (LoRA adapters merged in)
