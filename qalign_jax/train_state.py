@@ -16,6 +16,7 @@ argument of the jitted step, never donated, shared with the KL reference and the
   policy_config, split_trainable    the LoRA architecture; (trained, frozen) abstract params
   full_params, policy_model         adapters + base as one parameter tree / a runnable model
   merged_params, lora_meta          export weights (adapters folded in); what a checkpoint records
+  export_peft                       the adapters as a PEFT directory, `workdir/adapter`
 
 No loop imports another loop; the train state itself (`TrainState`) and orbax live in
 `checkpoint.py`, the model's weights in `models/load.py`.
@@ -307,3 +308,11 @@ def export_hf(workdir: str, cfg, params, tokenizer, dtype: str | None = None) ->
     out = os.path.join(workdir, "hf")
     hf.export_hf(out, cfg, params, tokenizer, dtype=dtype)
     print(f"exported Hugging Face weights to {out}")
+
+
+def export_peft(workdir: str, policy_cfg, adapters, base: str) -> None:
+    """The LoRA adapters as a PEFT adapter directory, `workdir/adapter` (beside the merged
+    `workdir/hf`), for `peft.PeftModel.from_pretrained` on the base model `base`."""
+    out = os.path.join(workdir, "adapter")
+    hf.export_peft(out, policy_cfg, adapters, base_model=base)
+    print(f"exported PEFT LoRA adapters to {out}")

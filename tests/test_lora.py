@@ -249,6 +249,7 @@ def test_sft_with_lora_resumes_exactly_and_exports_merged_weights(tmp_path):
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
     start = metrics.read_metrics(straight)[0]
     assert start["run/num_trained_params"] < start["run/num_params"] / 10
+    assert os.path.isfile(os.path.join(straight, "adapter", "adapter_model.safetensors"))
     export = os.path.join("hf", "model.safetensors")
     with (
         open(os.path.join(straight, export), "rb") as f,
@@ -339,3 +340,53 @@ def test_dpo_with_lora_starts_at_the_reference_and_learns(tmp_path):
     rows = [r for r in metrics.read_metrics(str(tmp_path / "run")) if "train/loss" in r]
     assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT adapter directories.
+
+
+def test_peft_export_loads_in_transformers_with_the_same_logits(tmp_path):
+    """Our adapters as a PEFT directory on the exported base: `peft.PeftModel` over
+    `transformers.LlamaForCausalLM` gives our LoRA forward's logits; reading the directory
+    back gives the same adapters."""
+    torch = pytest.importorskip("torch", reason="torch is a test-only dependency")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip(
+        "peft", reason="peft is not installed (test-only: pip install --no-deps peft)"
+    )
+    from qalign_jax.models import hf
+
+    cfg = TINY.replace(tie_word_embeddings=False)
+    lcfg, graphdef, adapters, base = lora_model(
+        cfg, lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "o_proj", "up_proj")),
+        b_scale=0.5,
+    )  # fmt: skip
+    base_dir, adapter_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
+    hf.export_hf(base_dir, cfg, base)
+    hf.export_peft(adapter_dir, lcfg, adapters, base_model=base_dir)
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        assert '"r": 4' in f.read()
+
+    tokens, mask, positions = padded_batch(cfg.vocab_size)
+    ours = np.asarray(_forward(graphdef, lora.combine(adapters, base), tokens, positions)[0])
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        theirs = model(
+            input_ids=torch.from_numpy(tokens.astype(np.int64)),
+            attention_mask=torch.from_numpy(mask.astype(np.int64)),
+            position_ids=torch.from_numpy(np.maximum(positions, 0).astype(np.int64)),
+        ).logits.numpy()
+    real = mask > 0
+    plain = np.asarray(_forward(llama.abstract_model(cfg)[0], base, tokens, positions)[0])
+    assert np.abs(ours - plain)[real].max() > 1e-2  # the adapters act
+    np.testing.assert_allclose(theirs[real], ours[real], atol=1e-4, rtol=0)
+
+    assert hf.read_peft_config(adapter_dir) == lcfg.lora
+    _, abstract = llama.abstract_model(lcfg)
+    mesh = sharding.make_mesh((1, 8, 1))
+    shardings = sharding.param_shardings(lora.split(abstract)[0], mesh, sharding.DEFAULT_RULES)
+    back = hf.load_peft_adapters(adapter_dir, lcfg, shardings)
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(adapters), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

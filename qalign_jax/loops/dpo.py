@@ -400,3 +400,6 @@ def run(config, workdir: str) -> None:
     if d.export_hf:  # full weights (LoRA adapters merged in)
         final = train_state.merged_params(policy_graphdef, state.params, frozen)
         train_state.export_hf(workdir, cfg, final, tok)
+        if frozen is not None:
+            base_source = config.checkpoint.init or config.model.source
+            train_state.export_peft(workdir, policy_cfg, state.params, base_source)

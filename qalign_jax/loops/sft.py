@@ -314,3 +314,6 @@ def run(config, workdir: str) -> None:
     if sft_cfg.export_hf:  # full weights (LoRA adapters merged in)
         final = train_state.merged_params(graphdef, state.params, frozen)
         train_state.export_hf(workdir, cfg, final, tokenizer, sft_cfg.export_dtype or None)
+        if frozen is not None:
+            base_source = config.checkpoint.init or config.model.source
+            train_state.export_peft(workdir, policy_cfg, state.params, base_source)

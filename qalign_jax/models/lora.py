@@ -41,6 +41,13 @@ class LoraConfig:
     targets: tuple[str, ...] = TARGETS
 
     def __post_init__(self):
+        # One spelling per set of targets (in TARGETS order): configs compare equal by value.
+        object.__setattr__(
+            self,
+            "targets",
+            tuple(t for t in TARGETS if t in self.targets)
+            + tuple(sorted(set(self.targets) - set(TARGETS))),
+        )
         if self.rank < 1:
             raise ValueError(f"lora rank={self.rank}; use >= 1 (model.lora.rank=0 turns LoRA off).")
         unknown = sorted(set(self.targets) - set(TARGETS))
