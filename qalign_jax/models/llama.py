@@ -222,7 +222,9 @@ class Proj(nnx.Module):
 
     With `name` among `cfg.lora.targets` it also holds the adapters `lora_a` [*in, r] (normal,
     std 1/sqrt(fan-in), drawn from a key folded out of the kernel's so the base init is the
-    plain model's) and `lora_b` [r, *out] (zeros).
+    plain model's) and `lora_b` [r, *out] (zeros), both float32 whatever `param_dtype` (they
+    are trained: Adam's small updates would round away in bfloat16; the frozen base may be
+    stored in bfloat16).
     """
 
     def __init__(self, shape, axes, stack: tuple = (), *, cfg, rngs: nnx.Rngs, num_in: int = 1,
@@ -238,10 +240,10 @@ class Proj(nnx.Module):
         std = 1.0 / math.sqrt(math.prod(in_shape))
         a = std * jax.random.normal(jax.random.fold_in(key, 1), (*stack, *in_shape, r))
         self.lora_a = lora_lib.LoraParam(
-            a.astype(cfg.param_dtype), logical_axes=lead + tuple(axes[:num_in]) + (None,)
+            a.astype(jnp.float32), logical_axes=lead + tuple(axes[:num_in]) + (None,)
         )
         self.lora_b = lora_lib.LoraParam(
-            jnp.zeros((*stack, r, *out_shape), cfg.param_dtype),
+            jnp.zeros((*stack, r, *out_shape), jnp.float32),
             logical_axes=lead + (None,) + tuple(axes[num_in:]),
         )
         self.lora_scale = cfg.lora.scale
