@@ -468,3 +468,21 @@ def test_8b_lora_config_fits_one_80gb_gpu():
     assert not full.fits
     with pytest.raises(ValueError, match="unknown config argument"):
         module.get_config("fast")
+
+
+def test_aot_compiles_the_lora_grpo_programs():
+    """`qalign_jax.aot` with model.lora: the step takes the frozen base beside the adapter
+    state, the reference and judge run the base architecture, the sampler the adapted one."""
+    from qalign_jax import aot
+    from tests.test_grpo import smoke_config
+
+    config = smoke_config()
+    config.model.lora.rank = 4
+    cfg = aot.model_config(config, "tiny")
+    assert cfg.lora == lora.LoraConfig(4)
+    mesh = sharding.make_mesh(config.mesh.shape)
+    out = aot.compile_grpo(config, cfg, mesh, compile_={"grpo_step", "ref_logprobs"})
+    state_in = out["grpo_step"].input_shardings[0][0]
+    leaves = jax.tree.leaves(state_in.params, is_leaf=lambda x: hasattr(x, "spec"))
+    assert len(leaves) == 2 * len(lora.TARGETS)  # A and B per target: adapters only
+    assert {"sampler_prefill", "sampler_decode", "judge_prefill", "judge_score"} <= set(out)
