@@ -51,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.lora.rank = 0
     c.model.lora.alpha = 16.0
     c.model.lora.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    # A PEFT adapter directory to start the adapters from (e.g. a LoRA run's workdir/adapter;
+    # its rank, alpha and targets must match the above); '' = fresh (B = 0). In GRPO and DPO
+    # the KL reference is then the base with these adapters (the policy at the start).
+    c.model.lora.init = ""
 
     # Devices: (data, fsdp, tensor); one -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict()

@@ -14,6 +14,7 @@ LoRA (`model.lora.rank` > 0, models/lora.py): the train state's `params` are the
 only (so are Adam's moments and the gradients); the frozen base is a separate `frozen`
 argument of the jitted step, never donated, shared with the KL reference and the judge:
   policy_config, split_trainable    the LoRA architecture; (trained, frozen) abstract params
+  initial_adapters                  fresh adapters, or a PEFT directory's (`model.lora.init`)
   full_params, policy_model         adapters + base as one parameter tree / a runnable model
   merged_params, lora_meta          export weights (adapters folded in); what a checkpoint records
   export_peft                       the adapters as a PEFT directory, `workdir/adapter`
@@ -142,6 +143,24 @@ def split_trainable(abstract_params):
     if not jax.tree.leaves(adapters):
         return abstract_params, None
     return adapters, base
+
+
+def initial_adapters(policy_cfg: llama.LlamaConfig, model_cfg, seed: int, shardings):
+    """The adapters a LoRA run starts from, on `shardings`: `model_cfg.lora.init`'s PEFT
+    directory, else fresh ones (A random, B zero). Returns (adapters, origin text)."""
+    init = model_cfg.lora.init
+    if not init:
+        fresh = llama.init_adapters(policy_cfg, seed, shardings)
+        return fresh, f"fresh LoRA adapters (rank {policy_cfg.lora.rank})"
+    theirs = hf.read_peft_config(init)
+    if theirs != policy_cfg.lora:
+        raise ValueError(
+            f"model.lora.init={init}: its adapters are rank {theirs.rank}, alpha {theirs.alpha}, "
+            f"targets {','.join(theirs.targets)}; set model.lora.rank/alpha/targets to match "
+            f"(now {policy_cfg.lora.rank}, {policy_cfg.lora.alpha}, "
+            f"{','.join(policy_cfg.lora.targets)})."
+        )
+    return hf.load_peft_adapters(init, policy_cfg, shardings), f"LoRA adapters of {init}"
 
 
 def full_params(trained, frozen):

@@ -486,3 +486,46 @@ def test_aot_compiles_the_lora_grpo_programs():
     leaves = jax.tree.leaves(state_in.params, is_leaf=lambda x: hasattr(x, "spec"))
     assert len(leaves) == 2 * len(lora.TARGETS)  # A and B per target: adapters only
     assert {"sampler_prefill", "sampler_decode", "judge_prefill", "judge_score"} <= set(out)
+
+
+def peft_dir_for_smoke(path, rank=4):
+    """A PEFT adapter directory with nonzero B for the smoke configs' model (random:tiny sized
+    to the embedded tokenizer): adapters that change the policy."""
+    from qalign_jax.models import hf
+
+    cfg = TINY.replace(vocab_size=49152)
+    lcfg, _, adapters, _ = lora_model(cfg, lora.LoraConfig(rank=rank, alpha=8.0), b_scale=0.05)
+    hf.export_peft(str(path), lcfg, adapters)
+    return str(path)
+
+
+def test_lora_init_starts_from_a_peft_directory_and_is_the_reference(tmp_path):
+    """model.lora.init: GRPO and DPO start from a PEFT directory's adapters, and the KL
+    reference is the policy at the start (base + those adapters): KL exactly 0 and DPO's loss
+    exactly log 2 at the first step, though the adapters are not zero. Mismatched settings are
+    an error that says what to set."""
+    import math
+
+    from qalign_jax import metrics, train
+    from qalign_jax.loops import grpo
+    from tests.test_dpo import smoke_config as dpo_smoke
+
+    adapter_dir = peft_dir_for_smoke(tmp_path / "adapter")
+    config = grpo_lora_config()
+    config.model.lora.init = adapter_dir
+    config.grpo.num_steps = 1
+    grpo.run(config, str(tmp_path / "grpo"))
+    (row,) = [r for r in metrics.read_metrics(str(tmp_path / "grpo")) if "train/loss" in r]
+    assert row["train/kl"] == 0.0 and row["train/ratio_mean"] == 1.0
+
+    config = dpo_smoke()
+    config.model.lora.rank, config.model.lora.alpha = 4, 8.0
+    config.model.lora.init = adapter_dir
+    config.dpo.num_steps = 1
+    train.run(config, str(tmp_path / "dpo"))
+    (row,) = [r for r in metrics.read_metrics(str(tmp_path / "dpo")) if "train/loss" in r]
+    assert row["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+    config.model.lora.rank = 8
+    with pytest.raises(ValueError, match="set model.lora.rank/alpha/targets to match"):
+        train.run(config, str(tmp_path / "dpo8"))

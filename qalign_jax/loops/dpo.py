@@ -280,6 +280,26 @@ def run(config, workdir: str) -> None:
     reference, start = load.with_init(
         base, config.checkpoint.init, source=config.model.source, seed=config.seed
     )
+    # LoRA (model.lora): the policy is adapters on the reference's arrays as its frozen base,
+    # neither copied nor donated; the reference (the policy at the start) is that base with
+    # adapters off, or with model.lora.init's adapters.
+    policy_cfg = train_state.policy_config(cfg, config.model)
+    policy_graphdef, policy_abstract = llama.abstract_model(policy_cfg)
+    abstract_trained, abstract_frozen = train_state.split_trainable(policy_abstract)
+    frozen = frozen_sh = None
+    if abstract_frozen is not None:
+        frozen, frozen_sh = reference.params, param_sh
+        adapter_sh = sharding.param_shardings(abstract_trained, mesh, rules)
+        start_adapters, adapters_origin = train_state.initial_adapters(
+            policy_cfg, config.model, config.seed, adapter_sh
+        )
+        start = f"{start} + {adapters_origin}"
+        if config.model.lora.init:
+            reference = train_state.policy_model(
+                reference, policy_cfg, policy_graphdef, start_adapters, frozen
+            )
+            graphdef = policy_graphdef
+            param_sh = train_state.full_params(adapter_sh, frozen_sh)
 
     # Stage 1: pairs (reused when the workdir has them; sampling resumes per batch).
     pairs_path = os.path.join(workdir, PAIRS_FILE)
@@ -329,29 +349,17 @@ def run(config, workdir: str) -> None:
     ref = ref[: len(pairs)]
     index_of = {p["id"]: i for i, p in enumerate(pairs)}
 
-    # Optimizer state: restore or init (from the reference's weights; with LoRA, fresh adapters
-    # on the reference's arrays as the frozen base, neither copied nor donated).
+    # Optimizer state: restore or init (from the reference's weights; with LoRA, the starting
+    # adapters).
     tx, schedule = train_state.make_optimizer(config.optimizer, total_steps)
-    policy_cfg = train_state.policy_config(cfg, config.model)
-    policy_graphdef, policy_abstract = llama.abstract_model(policy_cfg)
-    abstract_trained, abstract_frozen = train_state.split_trainable(policy_abstract)
     abstract_state, state_sh = train_state.state_shardings(abstract_trained, tx, mesh, rules)
     manager = checkpoint.make_manager(
         workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
     make_state = train_state.jit_init_state(tx, state_sh)
-    frozen = frozen_sh = None
-    if abstract_frozen is None:
 
-        def load_params():  # a copy: the state is donated
-            return jax.tree.map(jnp.copy, reference.params), start
-
-    else:
-        frozen, frozen_sh = reference.params, param_sh
-
-        def load_params():
-            adapters = llama.init_adapters(policy_cfg, config.seed, state_sh.params)
-            return adapters, f"{start} + fresh LoRA adapters (rank {policy_cfg.lora.rank})"
+    def load_params():  # a copy: the state is donated, the reference must survive
+        return jax.tree.map(jnp.copy, reference.params if frozen is None else start_adapters), start
 
     state, meta, origin = checkpoint.restore_or_init(
         manager, abstract_state, make_state, load_params

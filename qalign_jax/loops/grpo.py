@@ -297,10 +297,12 @@ def run(config, workdir: str) -> None:
 
     else:  # LoRA: the reference's arrays are the frozen base (never donated, never copied)
         frozen, frozen_sh = reference.params, sharding.param_shardings(abstract_frozen, mesh, rules)
+        start_adapters, adapters_origin = train_state.initial_adapters(
+            policy_cfg, config.model, config.seed, state_sh.params
+        )
 
-        def load_params():
-            adapters = llama.init_adapters(policy_cfg, config.seed, state_sh.params)
-            return adapters, f"{start} + fresh LoRA adapters (rank {policy_cfg.lora.rank})"
+        def load_params():  # a copy: the state is donated, the start may be the reference's
+            return jax.tree.map(jnp.copy, start_adapters), f"{start} + {adapters_origin}"
 
     state, meta, origin = checkpoint.restore_or_init(
         manager, abstract_state, make_state, load_params
@@ -319,8 +321,12 @@ def run(config, workdir: str) -> None:
                       row_sh),
         out_shardings=row_sh, name="token_logprobs",
     )  # fmt: skip
-    ref_logp_fn = logp_fn  # the reference's: with LoRA, the base model (adapters off)
-    if frozen is not None:
+    # The reference's: the policy at the start of RL; with LoRA the base with adapters off,
+    # or with the adapters of model.lora.init.
+    ref_logp_fn, ref_params = logp_fn, reference.params
+    if frozen is not None and config.model.lora.init:
+        ref_params = train_state.full_params(start_adapters, frozen)
+    elif frozen is not None:
         ref_logp_fn = sharding.jit(
             functools.partial(token_logprobs, graphdef=reference.graphdef), mesh=mesh,
             rules=rules, in_shardings=(frozen_sh, row_sh, row_sh, row_sh), out_shardings=row_sh,
@@ -394,7 +400,7 @@ def run(config, workdir: str) -> None:
                 full = train_state.full_params(state.params, frozen)
                 host["old_logp"] = sharding.to_host(logp_fn(full, *rows_in))
             host["ref_logp"] = (
-                sharding.to_host(ref_logp_fn(reference.params, *rows_in))
+                sharding.to_host(ref_logp_fn(ref_params, *rows_in))
                 if g.kl_beta > 0
                 else np.zeros_like(host["old_logp"])
             )

@@ -218,8 +218,10 @@ def run(config, workdir: str) -> None:
         frozen, base_origin = load.initial_params(cfg, frozen_sh, **load_kw)
 
         def load_params():
-            adapters = llama.init_adapters(policy_cfg, config.seed, state_sh.params)
-            return adapters, f"{base_origin} + fresh LoRA adapters (rank {policy_cfg.lora.rank})"
+            adapters, adapters_origin = train_state.initial_adapters(
+                policy_cfg, config.model, config.seed, state_sh.params
+            )
+            return adapters, f"{base_origin} + {adapters_origin}"
 
     state, meta, origin = checkpoint.restore_or_init(
         manager, abstract_state, make_state, load_params
