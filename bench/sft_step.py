@@ -92,6 +92,9 @@ def main():
     ap.add_argument("--param_dtype", default="float32")
     ap.add_argument("--dtype", default=None, help="compute dtype (default by mode)")
     ap.add_argument("--remat", default=None, help="none | full | dots (default by mode)")
+    ap.add_argument(
+        "--attention", default="xla", help="xla | dot_product | cudnn (llama.ATTENTION)"
+    )
     ap.add_argument("--steps", type=int, default=None, help="timed steps")
     ap.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "sft_step.json")
@@ -127,14 +130,17 @@ def main():
         )
 
     cfg = llama.get_preset(opts["preset"]).replace(
-        param_dtype=args.param_dtype, dtype=opts["dtype"], remat=opts["remat"]
+        param_dtype=args.param_dtype,
+        dtype=opts["dtype"],
+        remat=opts["remat"],
+        attention=args.attention,
     )
     mesh = sharding.make_mesh((1, -1, 1))
     rules = sharding.DEFAULT_RULES
     devices = jax.device_count()
     print(
         f"{mode}: {cfg.num_params / 1e6:.1f}M-param {opts['preset']}, params {cfg.param_dtype}, "
-        f"compute {cfg.dtype}, remat {cfg.remat}; batch {opts['batch']} x {opts['seq_len']} "
+        f"compute {cfg.dtype}, remat {cfg.remat}, attention {cfg.attention}; batch {opts['batch']} x {opts['seq_len']} "
         f"({opts['accum']} micro-batches) on {devices} x {jax.devices()[0].device_kind}"
     )
 

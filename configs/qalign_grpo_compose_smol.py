@@ -28,6 +28,10 @@ Prompts: DangerousQA's 200 harmful questions and 200 Alpaca instructions (benign
 pass, 48-token answers, 4 prompts x G=8 per step, lr 2e-5, no KL term (the reference forward
 would add a third to the step), the head's loss in 32-position chunks.
 `:seed1` is the same run with another seed (prompt order and sampling).
+`:contrast` (`:contrast,seed1`) trains on benign prompts that look harmful as well: the 150 XSTest
+safe prompts that the held-out readout does not read (`holdout`, data.select_prompts) and 100 of
+XSTest's unsafe contrasts, beside 100 DangerousQA and 100 Alpaca prompts. Without them the
+refusal learned on harmful prompts spread to XSTest's look-alikes (FRR 0.33 -> 0.91).
 """
 
 import os
@@ -77,8 +81,21 @@ def get_config(arg=None):
     c.checkpoint.every_steps = 10
     c.checkpoint.keep = 1
     c.metrics.tensorboard = False
-    if arg == "seed1":
-        c.seed = 1
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use ':seed1' or nothing.")
+    for part in (arg or "").split(","):
+        if part == "seed1":
+            c.seed = 1
+        elif part == "contrast":
+            xstest = os.path.join(DATA, "xstest", "xstest.jsonl")
+            g.sources = (
+                (os.path.join(DATA, "red_instruct", "dangerousqa.jsonl"), 100),
+                (os.path.join(DATA, "alpaca", "alpaca_noinput_sample2000.jsonl"), 100),
+                # XSTest's safe prompts but the 100 that eval_smol.py:safety reads
+                (xstest, -1, {"label": "benign", "holdout": 100}),
+                (xstest, 100, {"label": "harmful"}),  # their unsafe contrasts
+            )
+        elif part:
+            raise ValueError(
+                f"unknown config argument {arg!r}; use nothing or 'seed1', 'contrast' or "
+                "'contrast,seed1'."
+            )
     return c

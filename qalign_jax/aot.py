@@ -48,6 +48,7 @@ def model_config(config, preset: str = "", num_layers: int = 0) -> llama.LlamaCo
         remat=m.remat,
         logits_chunk=m.logits_chunk,
         lora=lora.from_config(m.lora),
+        attention=m.attention,
     )
     return cfg.replace(num_layers=num_layers) if num_layers else cfg
 

@@ -29,8 +29,10 @@ or by an exception.
 
 from __future__ import annotations
 
+import errno
 import logging as std_logging
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -95,6 +97,26 @@ def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.Che
     return manager
 
 
+def check_free_space(directory: str, tree, step: int) -> None:
+    """One clear error before orbax starts when a local disk cannot hold the checkpoint (a full
+    disk mid-save gave hundreds of lines of tracebacks and a hung process); the checkpoints
+    already there stay. `tree`'s bytes (every array, whole) plus 5% is what is asked for."""
+    if "://" in directory:
+        return  # object stores have no free-space figure
+    need = 1.05 * sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree))
+    path = directory
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)  # the directory may not exist before the first save
+    free = shutil.disk_usage(path).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"checkpoint of step {step} needs about {need / 1e9:.2f} GB in {directory} but only "
+            f"{free / 1e9:.2f} GB is free there. Free space, give --workdir on a larger disk, or "
+            "lower config.checkpoint.keep; the checkpoints already saved are untouched.",
+        )
+
+
 def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict) -> None:
     """Saves `state` and `meta` as step `meta['step']`.
 
@@ -102,6 +124,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict) -> None:
     donate them to the next step) and writes in the background.
     """
     step = int(meta["step"])
+    check_free_space(str(manager.directory), (state.params, state.opt_state), step)
     manager.save(
         step,
         args=ocp.args.Composite(

@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.loop = "generate"  # which loop `qalign_jax.train` runs; see train.LOOPS
     c.seed = 0  # the one seed of a run; loops split it, steps fold in the step number
+    # SFT and GRPO check `plan.py`'s peak bytes per device against the device before loading
+    # anything: 'error' stops a run that cannot fit (naming settings that would), 'warn', 'off'.
+    c.memory_check = "error"
     c.distributed = "auto"  # jax.distributed.initialize(): 'auto' | 'on' | 'off'
 
     # The model: 'embedded' | path/to/model.gguf | path/to/hf_dir | 'random:<preset>'.
@@ -55,6 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
     # its rank, alpha and targets must match the above); '' = fresh (B = 0). In GRPO and DPO
     # the KL reference is then the base with these adapters (the policy at the start).
     c.model.lora.init = ""
+    # Attention (`llama.ATTENTION`): 'xla' (the reference einsums; grouped, K/V never repeated),
+    # 'dot_product' (jax.nn.dot_product_attention: cuDNN flash attention on a GPU where it
+    # applies, XLA elsewhere), 'cudnn' (insist on cuDNN). The judge's shared-prefix attention is
+    # always the reference.
+    c.model.attention = "xla"
 
     # Devices: (data, fsdp, tensor); one -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict()
@@ -168,7 +176,7 @@ def base_config() -> ml_collections.ConfigDict:
     # QA-LIGN GRPO (`loops/grpo.py`, `losses.grpo_loss`); defaults are the paper's where it
     # gives them (G = 5, two-pass rollouts).
     c.grpo = ml_collections.ConfigDict()
-    c.grpo.sources = ()  # ((prompt-set JSONL, count or -1), ...): the RL prompts
+    c.grpo.sources = ()  # ((prompt-set JSONL, count or -1[, options]), ...): the RL prompts
     c.grpo.priming_data = ""  # the priming stage's prime_data.jsonl ('' = no check)
     c.grpo.on_overlap = "error"  # a prompt id also in priming_data: 'error' | 'exclude'
     c.grpo.prompts_per_step = 2  # B prompts per step

@@ -308,8 +308,19 @@ def read_prompt_set(path: str) -> list[PromptRecord]:
     return records
 
 
+SOURCE_OPTIONS = ("label", "holdout", "holdout_seed")
+
+
 def select_prompts(sources, seed: int) -> list[PromptRecord]:
-    """The prompt mix: `count` prompts (or all, -1) of each (path, count) source."""
+    """The prompt mix: `count` prompts (or all, -1) of each (path, count[, options]) source.
+
+    options (a dict, optional):
+      label: keep only rows with this `label` (e.g. 'benign' from XSTest's mixed file).
+      holdout: leave out the `holdout` rows that an eval suite of that count reads from the same
+        (label-filtered) rows: the first `holdout` by `split_by_hash(holdout_seed)`, exactly as
+        `eval_suites.read_suite` picks them, so a run can train on a set's other prompts.
+      holdout_seed: the eval's seed (default 0, the eval configs' seed).
+    """
     if not sources:
         raise ValueError(
             "config.prime.sources is empty; give ((prompt-set JSONL, count), ...), e.g. "
@@ -317,12 +328,14 @@ def select_prompts(sources, seed: int) -> list[PromptRecord]:
         )
     chosen, seen = [], {}
     for entry in sources:
-        if len(entry) != 2 or not isinstance(entry[1], int):
-            raise ValueError(f"config.prime.sources entry {entry!r}; use (path, count).")
-        path, count = entry
-        records = read_prompt_set(path)
+        if len(entry) not in (2, 3) or not isinstance(entry[1], int):
+            raise ValueError(
+                f"prompt source {entry!r}; use (path, count) or (path, count, options dict)."
+            )
+        path, count = entry[:2]
+        records = _filtered_source(path, entry[2] if len(entry) == 3 else {})
         if count != -1 and not 0 < count <= len(records):
-            raise ValueError(f"{path} has {len(records)} prompts; cannot take {count}.")
+            raise ValueError(f"{path} has {len(records)} usable prompts; cannot take {count}.")
         part = records if count == -1 else split_by_hash(records, {"p": count}, seed)["p"]
         for r in part:
             if r.id in seen:
@@ -330,6 +343,29 @@ def select_prompts(sources, seed: int) -> list[PromptRecord]:
             seen[r.id] = path
         chosen += part
     return chosen
+
+
+def _filtered_source(path: str, options) -> list[PromptRecord]:
+    """A source's rows after its options (`select_prompts`)."""
+    if not isinstance(options, dict) or set(options) - set(SOURCE_OPTIONS):
+        raise ValueError(
+            f"prompt source {path}: options {options!r}; use a dict with keys among "
+            f"{SOURCE_OPTIONS}."
+        )
+    records = read_prompt_set(path)
+    if "label" in options:
+        records = [r for r in records if r.label == options["label"]]
+        if not records:
+            raise ValueError(f"{path} has no rows with label {options['label']!r}.")
+    holdout = options.get("holdout", 0)
+    if holdout:
+        if not 0 < holdout < len(records):
+            raise ValueError(
+                f"{path}: holdout={holdout} must leave some of its {len(records)} rows to train on."
+            )
+        sizes = {"held": holdout, "rest": -1}
+        records = split_by_hash(records, sizes, options.get("holdout_seed", 0))["rest"]
+    return records
 
 
 def prompts_for_step(records, step: int, per_step: int, seed: int):

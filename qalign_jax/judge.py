@@ -280,11 +280,16 @@ def length_bucket(n: int, minimum: int = 16) -> int:
 
 
 def _prefill_head(graphdef, params, tokens):
-    """The chat head common to every pair (system prompt, grade scale; tokens [1, C]) -> a
-    one-row cache that every pair's context extends (`_prefill`)."""
+    """The chat head common to every pair (system prompt, grade scale; tokens [Bp, C], the same
+    row Bp times) -> a cache of Bp rows that every pair's context extends (`_prefill`).
+
+    The head is prefilled at the batch's row count rather than once: a one-row prefill is
+    partitioned differently over a data-parallel mesh (partial sums across devices), so its keys
+    would differ from the per-pair path by float32 rounding that depends on the process layout.
+    """
     model = nnx.merge(graphdef, params)
-    cache = llama.init_cache(model.config, 1, tokens.shape[1])
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    cache = llama.init_cache(model.config, tokens.shape[0], tokens.shape[1])
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     return model.hidden(tokens, positions, cache)[1]
 
 
@@ -292,17 +297,16 @@ def _prefill(graphdef, params, tokens, positions, header_tokens, header_position
     """Each pair's context once ([Bp, P]), then each option set's header after it (header
     arrays [G, Bp, H]) -> one prefix cache of Bp rows per option set.
 
-    head: None (the contexts hold the whole chat head) or the `_prefill_head` cache of C slots
-    that every row starts from (the contexts hold the rest, positions from C on)."""
+    head: None (the contexts hold the whole chat head) or the `_prefill_head` cache of Bp rows
+    and C slots that every row starts from (the contexts hold the rest, positions from C on)."""
     model = nnx.merge(graphdef, params)
     bp, c = tokens.shape[0], 0 if head is None else head.positions.shape[1]
     cache = llama.init_cache(model.config, bp, c + tokens.shape[1] + header_tokens.shape[2])
     if head is not None:  # every row starts with the same head slots
-        rows = lambda x: jnp.broadcast_to(x, (x.shape[0], bp, *x.shape[2:]))  # noqa: E731
         cache = llama.KVCache(
-            k=cache.k.at[:, :, :c].set(rows(head.k).astype(cache.k.dtype)),
-            v=cache.v.at[:, :, :c].set(rows(head.v).astype(cache.v.dtype)),
-            positions=cache.positions.at[:, :c].set(jnp.broadcast_to(head.positions, (bp, c))),
+            k=cache.k.at[:, :, :c].set(head.k.astype(cache.k.dtype)),
+            v=cache.v.at[:, :, :c].set(head.v.astype(cache.v.dtype)),
+            positions=cache.positions.at[:, :c].set(head.positions),
             index=jnp.asarray(c, jnp.int32),
         )
     _, cache = model.hidden(tokens, positions, cache)
@@ -341,13 +345,17 @@ def _left_pad(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray
     return tokens, mask
 
 
-def _head_cache(judge: Judge):
-    """The chat head's one-row cache, prefilled once per judge weights (`_prefill_head`)."""
+def _head_cache(judge: Judge, rows: int):
+    """The chat head's cache of `rows` identical rows (`_prefill_head`), prefilled once per judge
+    weights and batch row count (a judge sees a few row counts: its batch size and the last
+    batch's)."""
     m = judge.model
     if judge.memo.get("head_params") is not m.params:
-        tokens = np.asarray([judge.head_ids], np.int32)
-        judge.memo.update(head_params=m.params, head=judge.prefill_head_fn(m.params, tokens))
-    return judge.memo["head"]
+        judge.memo.update(head_params=m.params, heads={})
+    heads = judge.memo["heads"]
+    if rows not in heads:
+        heads[rows] = judge.prefill_head_fn(m.params, np.tile(np.int32(judge.head_ids), (rows, 1)))
+    return heads[rows]
 
 
 def _prefill_batch(judge: Judge, contexts: list[list[int]], share_head: bool | None = None):
@@ -361,7 +369,7 @@ def _prefill_batch(judge: Judge, contexts: list[list[int]], share_head: bool | N
     share_head = judge.cfg.share_system_prefix if share_head is None else share_head
     head, start = None, 0
     if share_head:
-        head, start = _head_cache(judge), len(judge.head_ids)
+        head, start = _head_cache(judge, len(contexts)), len(judge.head_ids)
         assert all(c[:start] == judge.head_ids for c in contexts), "contexts start with the head"
         contexts = [c[start:] for c in contexts]
     tokens, mask = _left_pad(contexts, length_bucket(max(map(len, contexts))))

@@ -3,6 +3,15 @@
   python -m qalign_jax.plan --config configs/qalign_grpo_llama3_8b.py --preset llama3_1_8b \
     --accelerator v5p --num_devices 32
 
+  # the compiler's own bytes beside the plan: a TPU topology compiled deviceless (pip install
+  # libtpu; no TPU needed), or the local devices without --topology
+  JAX_PLATFORMS=cpu python -m qalign_jax.plan --config configs/sft_prime_llama3_8b.py \
+    --preset llama3_1_8b --compile --topology v5p:4x4x2 --accelerator v5p
+
+Measured (2026-12-05, libtpu 0.0.52, 32 x v5p, the 8B SFT config): the compiler's arguments
+equal the plan's params + Adam + batch (3.01 GB); its temporaries are 3.67 GB where the plan
+counts 5.71 GB (the CPU-fitted activations over-count TPU's fusion): plan / compiler = 1.31.
+
 Arithmetic from the config, no devices needed: the model's shapes (`--preset`, else the
 config's model source, read but not loaded), dtypes, the mesh (`config.mesh.shape`, a -1 filled
 from `--num_devices`), the sharding rules, batch sizes and sequence lengths. Parameters,
@@ -32,8 +41,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qalign_jax import rollouts, sampler, sharding
@@ -230,7 +240,7 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
         g = config.grpo
         micro = g.prompts_per_step * g.num_generations // g.grad_accum_steps
         lengths = grpo_lengths(config)
-        seq_len, cache_len, block = lengths.seq_len, lengths.cache_len, lengths.findings_tokens
+        seq_len, cache_len = lengths.seq_len, lengths.cache_len
     else:
         raise ValueError(f"config.loop={config.loop!r}; the planner knows 'sft' and 'grpo'.")
     batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
@@ -269,7 +279,8 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
         batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
         bucket = sampler.bucket(rollout_rows, (rollout_rows,), batch_ways)  # grpo's buckets
         rows["decode weights (compute dtype)"] = compute_elems
-        pass1 = kv_cache_bytes(cfg, bucket, cache_len - g.revision_max_tokens - block, mesh_shape)
+        second = lengths.findings_width + g.revision_max_tokens if g.two_pass else 0
+        pass1 = kv_cache_bytes(cfg, bucket, cache_len - second, mesh_shape)
         both = kv_cache_bytes(cfg, bucket, cache_len, mesh_shape)
         rows["KV cache, both passes"] = both
         notes.append(
@@ -291,6 +302,91 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
     return Plan(rows, train, rollout, max(train, rollout), memory, notes)
 
 
+# ---------------------------------------------------------------------------------------------
+# Fail fast: the loops check the plan against the device before loading or sampling anything.
+
+
+def device_memory() -> tuple[float, str]:
+    """Bytes one local device may use and a description: the runtime's limit on a GPU/TPU; on
+    CPU the host's physical memory (not what is free now: the verdict must not depend on other
+    processes), shared by its local devices."""
+    import jax
+
+    dev, n = jax.local_devices()[0], jax.local_device_count()
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return float(
+            stats["bytes_limit"]
+        ), f"{dev.device_kind} ({stats['bytes_limit'] / GB:.1f} GB)"
+    host = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return host / n, f"CPU host ({host / GB:.1f} GB of memory shared by {n} local devices)"
+
+
+def fitting_settings(config, cfg: llama.LlamaConfig, num_devices: int, memory: float):
+    """[(overrides, planned peak bytes)]: for `remat` as configured and 'full', the smallest
+    `grad_accum_steps` (a power-of-two multiple of today's) whose plan fits `memory`."""
+    section = config.sft if config.loop == "sft" else config.grpo
+    rows = (
+        config.sft.global_batch_size
+        if config.loop == "sft"
+        else config.grpo.prompts_per_step * config.grpo.num_generations
+    )
+    ways = math.prod(resolve_mesh(config.mesh.shape, num_devices)[a] for a in ("data", "fsdp"))
+    out = []
+    for remat in dict.fromkeys((cfg.remat, "full")):
+        accum = section.grad_accum_steps
+        while rows % accum == 0 and (rows // accum) % ways == 0:
+            trial = config.copy_and_resolve_references()
+            (trial.sft if config.loop == "sft" else trial.grpo).grad_accum_steps = accum
+            peak = plan(trial, cfg.replace(remat=remat), num_devices).peak
+            if peak <= USABLE_FRACTION * memory:
+                flags_ = [f"--config.{config.loop}.grad_accum_steps={accum}"]
+                flags_ += [f"--config.model.remat={remat}"] if remat != cfg.remat else []
+                out.append((" ".join(flags_), peak))
+                break
+            accum *= 2
+    return out
+
+
+def check_fits(
+    config, loop: str, num_devices: int, memory: float | None = None, device: str = ""
+) -> None:
+    """Stops a run whose planned peak per device exceeds the device's memory, in seconds and
+    before any weights are loaded, naming settings that would fit (`config.memory_check`:
+    'error' stops, 'warn' logs, 'off'). Over 90% but under 100% only warns: the activations are
+    an estimate (on XLA:CPU the plan over-counted a 12.6 GB GRPO run as 19.3 GB)."""
+    mode = config.memory_check
+    if mode not in ("error", "warn", "off"):
+        raise ValueError(f"config.memory_check={mode!r}; use 'error', 'warn' or 'off'.")
+    if mode == "off":
+        return
+    if config.loop != loop:  # a stage of the pipeline: plan it as the loop it runs
+        config = config.copy_and_resolve_references()
+        config.loop = loop
+    if memory is None:
+        memory, device = device_memory()
+    cfg = load.describe_config(config.model)[0].replace(lora=lora.from_config(config.model.lora))
+    p = plan(config, cfg, num_devices)
+    if p.peak <= USABLE_FRACTION * memory:
+        return
+    fixes = fitting_settings(config, cfg, num_devices, memory)
+    fix_text = "; ".join(f"{f} ({peak / GB:.1f} GB)" for f, peak in fixes) or (
+        "none by grad_accum_steps and remat alone: fewer rows per step, shorter sequences, "
+        "a larger mesh or bfloat16 weights"
+    )
+    message = (
+        f"memory: this {config.loop} config plans {p.peak / GB:.1f} GB per device (train "
+        f"{p.train / GB:.1f} GB, of which activations "
+        f"{next(v for k, v in p.rows.items() if k.startswith('activations')) / GB:.1f} GB; "
+        f"rollout {p.rollout / GB:.1f} GB) but each device has {memory / GB:.1f} GB "
+        f"[{device}]. Settings that fit by the same plan: {fix_text}. `python -m "
+        f"qalign_jax.plan --config ...` prints every term; --config.memory_check=warn runs anyway."
+    )
+    if mode == "error" and p.peak > memory:
+        raise MemoryError(message)
+    logging.warning("%s", message)
+
+
 def format_plan(p: Plan, title: str) -> str:
     lines = [title]
     for name, b in p.rows.items():
@@ -310,29 +406,130 @@ def format_plan(p: Plan, title: str) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# --compile: the compiler's own accounting beside the arithmetic.
+
+# Dense bf16 peak FLOP/s and HBM bandwidth (bytes/s) per chip, vendor figures: Google Cloud TPU
+# system architecture pages (v4, v5e, v5p, v6e); NVIDIA A100, H100 SXM and H200 datasheets.
+CHIPS = {
+    "v4": (275e12, 1228e9),
+    "v5e": (197e12, 819e9),
+    "v5p": (459e12, 2765e9),
+    "v6e": (918e12, 1640e9),
+    "a100-40gb": (312e12, 1555e9),
+    "a100-80gb": (312e12, 2039e9),
+    "h100": (989e12, 3350e9),
+    "h200": (989e12, 4800e9),
+}
+
+
+def compile_mesh(config, topology: str = ""):
+    """The mesh to compile for: `topology` ('v5p:4x4x4'; needs `pip install libtpu`, no TPU)
+    as a deviceless TPU mesh, else `config.mesh.shape` over the local devices."""
+    if not topology:
+        return sharding.make_mesh(config.mesh.shape)
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    shape = resolve_mesh(config.mesh.shape, len(topo.devices))
+    return topologies.make_mesh(topo, tuple(shape.values()), tuple(shape))
+
+
+def compiled_bytes(compiled) -> dict[str, float]:
+    """Per-device bytes of one compiled program (`memory_analysis()`); peak = arguments +
+    outputs - donated (aliased) + temporaries."""
+    ma = compiled.memory_analysis()
+    row = {
+        "arguments": ma.argument_size_in_bytes, "outputs": ma.output_size_in_bytes,
+        "aliased": ma.alias_size_in_bytes, "temporaries": ma.temp_size_in_bytes,
+    }  # fmt: skip
+    row["peak"] = row["arguments"] + row["outputs"] - row["aliased"] + row["temporaries"]
+    return row
+
+
+def compiled_cost(compiled) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) per device from `cost_analysis()`. XLA counts a while loop's body
+    once, so scanned layers and micro-batches are under-counted: read them per program."""
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0))
+
+
+def train_step_flops(config, cfg: llama.LlamaConfig, num_devices: int) -> float:
+    """Model FLOPs of one optimizer step per device: 6 x params x tokens (forward + backward)
+    plus attention's 12 x layers x heads x head_dim x T per token, with the config's rows."""
+    if config.loop == "sft":
+        rows, seq_len = config.sft.global_batch_size, config.data.seq_len
+    else:
+        rows = config.grpo.prompts_per_step * config.grpo.num_generations
+        seq_len = grpo_lengths(config).seq_len
+    tokens = rows * seq_len
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len / 2  # causal
+    return (6 * cfg.num_params + attention) * tokens / num_devices
+
+
+def compiled_report(config, cfg: llama.LlamaConfig, mesh, p: Plan, chip: str = "") -> str:
+    """Compiles the loop's programs (`aot.py`) on `mesh` and prints each one's compiled bytes
+    per device; the train step's beside the plan's train phase (without the frozen copies,
+    which are not its arguments), and, given a chip, its roofline time and MFU."""
+    from qalign_jax import aot  # aot imports this module
+
+    programs = aot.COMPILERS[config.loop](config, cfg, mesh, compile_=True)
+    kind = mesh.devices.flat[0].device_kind
+    lines = [f"compiled for {mesh.devices.size} x {kind}, mesh {dict(mesh.shape)}; GB per device"]
+    lines.append(f"  {'program':<22}{'args':>9}{'temps':>9}{'peak':>9}{'TFLOP':>9}{'GB moved':>10}")
+    for name, compiled in programs.items():
+        b = compiled_bytes(compiled)
+        flops, moved = compiled_cost(compiled)
+        lines.append(
+            f"  {name:<22}{b['arguments'] / GB:9.3f}{b['temporaries'] / GB:9.3f}"
+            f"{b['peak'] / GB:9.3f}{flops / 1e12:9.3f}{moved / GB:10.3f}"
+        )
+    step = programs[f"{config.loop}_step"]
+    planned = p.train - sum(v for k, v in p.rows.items() if k.startswith(("frozen", "judge copy")))
+    got = compiled_bytes(step)["peak"]
+    lines.append(
+        f"  train step: plan {planned / GB:.2f} GB vs compiler {got / GB:.2f} GB "
+        f"(plan / compiler = {planned / got:.2f})"
+    )
+    if chip:
+        peak_flops, bandwidth = CHIPS[chip]
+        model = train_step_flops(config, cfg, mesh.devices.size)
+        flops, moved = compiled_cost(step)
+        floor = max(model / peak_flops, moved / bandwidth)
+        lines.append(
+            f"  {chip}: {peak_flops / 1e12:.0f} TFLOP/s, {bandwidth / 1e9:.0f} GB/s; model "
+            f"{model / 1e12:.2f} TFLOP per device per step -> >= {floor * 1e3:.1f} ms at peak "
+            f"(compute {model / peak_flops * 1e3:.1f} ms, the compiled bytes "
+            f"{moved / bandwidth * 1e3:.1f} ms). MFU at a measured step time t: "
+            f"{model / peak_flops:.4f} s / t."
+        )
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
+    from qalign_jax import aot  # aot imports this module
+
     config = flags.FLAGS.config
-    if flags.FLAGS.preset:
-        cfg = llama.get_preset(flags.FLAGS.preset)
-    else:
-        cfg = load.describe_config(config.model)[0]
-    m = config.model
-    cfg = cfg.replace(
-        param_dtype=m.param_dtype,
-        dtype=m.dtype,
-        remat=m.remat,
-        logits_chunk=m.logits_chunk,
-        lora=lora.from_config(m.lora),
-    )
-    p = plan(config, cfg, flags.FLAGS.num_devices, flags.FLAGS.accelerator)
-    mesh = resolve_mesh(config.mesh.shape, flags.FLAGS.num_devices)
+    cfg = aot.model_config(config, flags.FLAGS.preset)
+    num_devices = flags.FLAGS.num_devices
+    mesh = None
+    if flags.FLAGS.compile:
+        mesh = compile_mesh(config, flags.FLAGS.topology)
+        num_devices = mesh.devices.size
+    p = plan(config, cfg, num_devices, flags.FLAGS.accelerator)
     title = (
         f"plan: loop {config.loop}, {cfg.num_params / 1e9:.2f}B params ({cfg.param_dtype} "
-        f"weights, {cfg.dtype} compute), mesh {mesh}, "
+        f"weights, {cfg.dtype} compute), mesh {resolve_mesh(config.mesh.shape, num_devices)}, "
         f"{flags.FLAGS.accelerator or 'no accelerator'}; bytes per device"
     )
     print(format_plan(p, title))
+    if mesh is not None:
+        chip = flags.FLAGS.accelerator or (
+            flags.FLAGS.topology.split(":")[0] if flags.FLAGS.topology else ""
+        )
+        print(compiled_report(config, cfg, mesh, p, chip if chip in CHIPS else ""))
 
 
 if __name__ == "__main__":
@@ -344,4 +541,13 @@ if __name__ == "__main__":
     )
     _DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices (chips/GPUs) in the mesh.")
     _ACCEL = flags.DEFINE_enum("accelerator", "", ["", *ACCELERATORS], "Accelerator kind.")
+    _COMPILE = flags.DEFINE_bool(
+        "compile", False, "Also compile the loop's programs and print the compiler's bytes."
+    )
+    _TOPOLOGY = flags.DEFINE_string(
+        "topology",
+        "",
+        "With --compile: a TPU topology ('v5p:4x4x4') compiled deviceless "
+        "(pip install libtpu); default: the local devices.",
+    )
     app.run(main)

@@ -1,8 +1,10 @@
 """Checkpoints: exact resume after SIGKILL, unfinished saves never count, params for a later
 stage, and the initial-params order."""
 
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,6 +102,22 @@ def test_unfinished_save_is_never_latest_and_is_cleaned_up(tmp_path):
     assert sorted(os.listdir(ckpt)) == ["3"]  # the leftover is gone
     checkpoint.save(manager, state, {"step": 5})  # and step 5 can be saved again
     assert checkpoint.latest_step(manager) == 5
+    manager.close()
+
+
+def test_a_full_disk_is_one_clear_error_and_the_saved_checkpoints_stay(tmp_path, monkeypatch):
+    mesh = sharding.make_mesh((1, -1, 1))
+    state, _, _ = small_state(mesh)
+    manager = checkpoint.make_manager(str(tmp_path), keep=1)
+    checkpoint.save(manager, state, {"step": 3})
+    manager.wait_until_finished()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(OSError, match=r"checkpoint of step 5 needs about .* GB in .*ckpt but "
+                       r"only 0\.00 GB is free there") as err:  # fmt: skip
+        checkpoint.save(manager, state, {"step": 5})
+    assert err.value.errno == errno.ENOSPC
+    assert checkpoint.latest_step(manager) == 3 and sorted(os.listdir(tmp_path / "ckpt")) == ["3"]
     manager.close()
 
 

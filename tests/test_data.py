@@ -178,6 +178,34 @@ def test_split_by_hash_is_disjoint_deterministic_and_order_free(tmp_path):
         data.split_by_hash(records, {"a": -1, "b": 3}, seed=0)
 
 
+def test_source_options_keep_a_label_and_leave_out_the_eval_suites_rows(tmp_path):
+    from qalign_jax import eval_suites
+
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"id": f"s{i}", "prompt": f"kill a process {i}", "label": "benign"} for i in range(30)]
+    rows += [{"id": f"u{i}", "prompt": f"kill a person {i}", "label": "harmful"} for i in range(10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # The eval reads 12 of the 30 benign rows (seed 0); training takes the other 18, all of them.
+    held = eval_suites.read_suite(eval_suites.Suite("safe", "refusal", str(path), 12), seed=0)
+    train = data.select_prompts(((str(path), -1, {"label": "benign", "holdout": 12}),), seed=3)
+    assert len(held) == 12 and len(train) == 18
+    assert {r.id for r in held}.isdisjoint(r.id for r in train)
+    assert {r.id for r in held} | {r.id for r in train} == {f"s{i}" for i in range(30)}
+    some = data.select_prompts(((str(path), 5, {"label": "benign", "holdout": 12}),), seed=3)
+    assert len(some) == 5 and {r.id for r in some} <= {r.id for r in train}
+    assert [r.label for r in data.select_prompts(((str(path), -1, {"label": "harmful"}),), 0)] == [
+        "harmful"
+    ] * 10
+    with pytest.raises(ValueError, match="has 18 usable prompts; cannot take 19"):
+        data.select_prompts(((str(path), 19, {"label": "benign", "holdout": 12}),), 0)
+    with pytest.raises(ValueError, match="keys among"):
+        data.select_prompts(((str(path), -1, {"labels": "benign"}),), 0)
+    with pytest.raises(ValueError, match="no rows with label 'safe'"):
+        data.select_prompts(((str(path), -1, {"label": "safe"}),), 0)
+    with pytest.raises(ValueError, match="must leave some"):
+        data.select_prompts(((str(path), -1, {"label": "benign", "holdout": 30}),), 0)
+
+
 def test_prompt_set_errors_and_extra_fields(tmp_path):
     ok = {"id": "x", "prompt": "p", "category": None, "label": "harmful", "target": "Sure"}
     (rec,) = data.read_prompt_set(write_jsonl(tmp_path / "ok.jsonl", [ok]))

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -56,7 +57,11 @@ def test_rollout_logprobs_and_mask_match_the_training_forward(setup):
     rows = [r for r in records[:2] for _ in range(4)]
     ro = grpo_rollout(config, policy, judge, rows, [ids[r.id] for r in rows], 1, cache_len=512)
     assert ro.rewards.shape == (8,) and all(len(s) > 0 for s in ro.suffix_ids)
-    batch = grpo.training_batch(ro, np.ones(8), seq_len=384, pad_id=policy.tokenizer.pad_id)
+    width = grpo.row_width(ro, 384)  # the batch's longest row, bucketed: narrower than 384
+    assert width < 384 and width == judge_lib.length_bucket(
+        max(len(s) for s in ro.sequence_ids) - 1, minimum=64
+    )
+    batch = grpo.training_batch(ro, np.ones(8), seq_len=width, pad_id=policy.tokenizer.pad_id)
     logits, _ = jax.jit(functools.partial(llama.forward, policy.graphdef))(
         policy.params, batch["tokens"], batch["positions"]
     )
@@ -100,6 +105,17 @@ def run_steps(mesh, host_params, batches, g):
         state, m = step(state, train_state.put_batch(b, grpo.batch_shardings(mesh)))
         out.append(jax.device_get(m))
     return jax.device_get(state.params), out
+
+
+def test_rows_are_as_wide_as_the_batch_needs():
+    ro = lambda *lengths: types.SimpleNamespace(sequence_ids=[[0] * n for n in lengths])  # noqa: E731
+    assert grpo.row_width(ro(10, 51), 512) == 64  # 50 targets: at least 64
+    assert grpo.row_width(ro(70, 97), 512) == 96  # 96 = 1.5 * 64
+    assert grpo.row_width(ro(98), 512) == 128
+    assert grpo.row_width(ro(300), 512) == 384
+    assert grpo.row_width(ro(400), 320) == 320  # never wider than the longest possible row
+    widths = {grpo.row_width(ro(n), 1024) for n in range(2, 1025)}
+    assert widths == {64, 96, 128, 192, 256, 384, 512, 768, 1024}  # compiles stay few
 
 
 def test_sharded_step_equals_single_device_step():
@@ -249,6 +265,11 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path):
                 "time/sampling_s", "time/judging_s", "time/training_s", "draft/harmlessness"):  # fmt: skip
         assert key in train_rows[-1], key
     assert len(train_rows[-1]) > 0 and (straight / "rollouts.jsonl").exists()
+    for r in train_rows:  # each step's rows as wide as its longest, one compile per width
+        assert r["train/row_width"] in (64, 96, 128, 192, 256, 384, 512), r["train/row_width"]
+    assert train_rows[-1]["train/row_widths_compiled"] == len(
+        {r["train/row_width"] for r in train_rows}
+    )
 
 
 @pytest.mark.parametrize(

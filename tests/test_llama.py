@@ -152,6 +152,55 @@ def test_prefill_and_decode_step_equal_the_training_forward(name, dtype):
     assert np.abs(full).max() > 0.1  # not trivially zero
 
 
+@pytest.mark.parametrize("dtype", sorted(PARITY_ATOL))
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_dot_product_attention_equals_the_reference(name, dtype):
+    """`attention='dot_product'` (jax.nn.dot_product_attention; XLA's on CPU) against the
+    reference einsums: logits of the training forward and of a cached prefill, and gradients,
+    on left-padded rows (a padded query attends to nothing: no NaN)."""
+    ref_cfg = VARIANTS[name].replace(dtype=dtype)
+    cfg = ref_cfg.replace(attention="dot_product")
+    params = llama.init_params(cfg, seed=6)
+    tokens, mask, positions = padded_batch(cfg.vocab_size)
+    atol = PARITY_ATOL[dtype] * 4  # two implementations' float orders, not one path's
+    real = mask > 0
+    ours, ref = (
+        jax_logits(cfg, params, tokens, positions),
+        jax_logits(ref_cfg, params, tokens, positions),
+    )
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours[real], ref[real], atol=atol, rtol=0)
+
+    def prefill(c):
+        graphdef, _ = llama.abstract_model(c)
+        cache = llama.init_cache(c, batch_size=2, max_len=16)
+        return np.asarray(jax.jit(llama.forward, static_argnums=0)(
+            graphdef, params, tokens, positions, cache)[0])  # fmt: skip
+
+    np.testing.assert_allclose(prefill(cfg)[real], prefill(ref_cfg)[real], atol=atol, rtol=0)
+
+    def grads(c):
+        graphdef, _ = llama.abstract_model(c)
+
+        def loss(p):
+            logits, _ = llama.forward(graphdef, p, tokens, positions)
+            return jnp.sum(jnp.where(real[..., None], logits.astype(jnp.float32), 0.0) ** 2)
+
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+
+    for a, b in zip(grads(cfg), grads(ref_cfg)):
+        scale = max(float(np.abs(np.asarray(b, np.float32)).max()), 1e-6)
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32) / scale, np.asarray(b, np.float32) / scale,
+            atol=atol * 10 if dtype == "bfloat16" else 1e-4,
+        )  # fmt: skip
+
+
+def test_attention_choice_is_checked():
+    with pytest.raises(ValueError, match="attention='flash'; choose one of"):
+        TINY.replace(attention="flash")
+
+
 def test_remat_and_bf16():
     tokens, _, positions = padded_batch(TINY.vocab_size)
     params = llama.init_params(TINY, seed=4)

@@ -91,3 +91,62 @@ def test_errors():
     config.loop = "generate"
     with pytest.raises(ValueError, match="the planner knows 'sft' and 'grpo'"):
         plan.plan(config, cfg, 4)
+
+
+def test_a_config_that_cannot_fit_stops_naming_settings_that_would(caplog):
+    config = sft_config(64, 256, (1, 8, 1))
+    cfg = plan.load.describe_config(config.model)[0]
+    peak = plan.plan(config, cfg, 8).peak
+    with pytest.raises(MemoryError) as err:
+        plan.check_fits(config, "sft", 8, memory=peak / 2, device="fake")
+    text = str(err.value)
+    assert f"plans {peak / plan.GB:.1f} GB per device" in text and "[fake]" in text
+    assert "--config.sft.grad_accum_steps=" in text, text
+    # Every suggestion fits by the same plan, and is the smallest grad_accum_steps that does.
+    fixes = plan.fitting_settings(config, cfg, 8, peak / 2)
+    assert fixes and all(p <= plan.USABLE_FRACTION * peak / 2 for _, p in fixes)
+    for flags_, _ in fixes:
+        accum = int(flags_.split("grad_accum_steps=")[1].split()[0])
+        trial = config.copy_and_resolve_references()
+        trial.sft.grad_accum_steps = accum // 2
+        remat = "full" if "remat=full" in flags_ else cfg.remat
+        assert plan.plan(trial, cfg.replace(remat=remat), 8).peak > plan.USABLE_FRACTION * peak / 2
+    # Between 90% and 100% of the device it only warns; with room, nothing; 'off' skips.
+    with caplog.at_level("WARNING"):
+        plan.check_fits(config, "sft", 8, memory=peak / 0.95, device="fake")
+    assert "plans" in caplog.text
+    caplog.clear()
+    plan.check_fits(config, "sft", 8, memory=peak * 2, device="fake")
+    assert "plans" not in caplog.text
+    config.memory_check = "off"
+    plan.check_fits(config, "sft", 8, memory=1.0, device="fake")
+    config.memory_check = "maybe"
+    with pytest.raises(ValueError, match="use 'error', 'warn' or 'off'"):
+        plan.check_fits(config, "sft", 8, memory=1.0)
+
+
+def test_grpo_stops_before_loading_weights_when_it_cannot_fit(tmp_path, monkeypatch):
+    from qalign_jax import train
+    from qalign_jax.models import load
+    from tests.test_grpo import smoke_config
+
+    monkeypatch.setattr(plan, "device_memory", lambda: (1e6, "a 1 MB device"))
+    monkeypatch.setattr(load, "base_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(MemoryError, match=r"each device has 0\.0 GB \[a 1 MB device\]"):
+        train.run(smoke_config(), str(tmp_path))
+
+
+def test_compile_prints_the_compilers_bytes_beside_the_plan():
+    config = sft_config(16, 128, (1, 8, 1))
+    mesh = plan.compile_mesh(config)  # no topology: the local (8 fake CPU) devices
+    p = plan.plan(config, HELD_OUT, 8)
+    text = plan.compiled_report(config, HELD_OUT, mesh, p, "v5p")
+    row = next(line.split() for line in text.splitlines() if line.strip().startswith("sft_step"))
+    args_gb, temps_gb, peak_gb = map(float, row[1:4])
+    planned_args = p.rows["params"] + p.rows["optimizer (Adam mu, nu)"] + p.rows["batch"]
+    assert args_gb == pytest.approx(planned_args / plan.GB, rel=0.02, abs=2e-3)
+    assert peak_gb >= args_gb and temps_gb > 0
+    assert "train step: plan" in text and "plan / compiler" in text
+    model = plan.train_step_flops(config, HELD_OUT, 8)
+    assert model == pytest.approx(6 * HELD_OUT.num_params * 16 * 128 / 8, rel=0.2)
+    assert f"model {model / 1e12:.2f} TFLOP per device" in text and "v5p: 459 TFLOP/s" in text

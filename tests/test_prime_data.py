@@ -83,7 +83,7 @@ def test_prompt_mix_and_errors(tmp_path):
     with pytest.raises(ValueError, match="config.prime.sources is empty"):
         data.select_prompts((), 0)
     harmful = cfg.prime.sources[0][0]
-    with pytest.raises(ValueError, match="has 24 prompts; cannot take 99"):
+    with pytest.raises(ValueError, match="has 24 usable prompts; cannot take 99"):
         data.select_prompts(((harmful, 99),), 0)
     with pytest.raises(ValueError, match="is in both"):
         data.select_prompts(((harmful, 1), (harmful, -1)), 0)

@@ -61,6 +61,7 @@ from qalign_jax import (
     grpo_variants,
     losses,
     metrics,
+    plan,
     reward_components,
     rollouts,
     sharding,
@@ -112,6 +113,16 @@ def read_prompts(config) -> list[data.PromptRecord]:
 
 # ---------------------------------------------------------------------------------------------
 # Training rows (host side); the rollouts themselves are `rollouts.rollout`.
+
+
+def row_width(ro: rollouts.Rollouts, seq_len: int) -> int:
+    """The width of this step's training rows: its longest row rounded up to 2^k or 1.5 * 2^k
+    (at least 64; `judge.length_bucket`), at most `seq_len`, the longest a rollout can make.
+
+    Rows as wide as the batch needs rather than the config's maximum; the train step compiles
+    once per width, and the widths are few (about 2 log2(seq_len / 64) + 1)."""
+    longest = max(len(seq) - 1 for seq in ro.sequence_ids)
+    return min(seq_len, judge_lib.length_bucket(longest, minimum=64))
 
 
 def training_batch(ro: rollouts.Rollouts, advantages: np.ndarray, seq_len: int, pad_id: int):
@@ -253,6 +264,7 @@ def run(config, workdir: str) -> None:
     # Mesh; the policy's initial weights (also the frozen reference and, by default, judge;
     # not loaded when neither, see load.base_model).
     mesh = sharding.make_mesh(config.mesh.shape)
+    plan.check_fits(config, "grpo", mesh.size)  # seconds, before any weights or rollouts
     rules = tuple(config.sharding.rules)
     sharding.check_batch_divisible(rows_per_step // g.grad_accum_steps, mesh)
     initial = load.base_model(config, mesh)
@@ -351,6 +363,7 @@ def run(config, workdir: str) -> None:
             eps=g.adv_eps, scale_by_std=g.scale_adv_by_std,
         )  # fmt: skip
 
+    widths = set()  # the training-row widths seen (one train-step compile each)
     with train_state.closing(manager, writer):
         for step in range(first_step, g.num_steps):
             t0 = time.perf_counter()
@@ -388,7 +401,9 @@ def run(config, workdir: str) -> None:
             adv = composed.advantages
             masked = grpo_variants.masked_rows(ro, composed, g)
             t_train = time.perf_counter()
-            host = training_batch(ro, adv, seq_len, tok.pad_id)
+            width = row_width(ro, seq_len)
+            widths.add(width)
+            host = training_batch(ro, adv, width, tok.pad_id)
             host["loss_mask"][masked] = 0.0  # out of the loss and of its normalizer
             rows_in = None  # placed only when a forward below needs the rows
             if g.num_iterations > 1 or g.kl_beta > 0:
@@ -418,6 +433,7 @@ def run(config, workdir: str) -> None:
             done = step + 1
             row = {f"train/{k}": float(v) for k, v in m.items()}
             row["train/sampler_logp_gap"] = float(sampler_gap)
+            row.update({"train/row_width": width, "train/row_widths_compiled": len(widths)})
             row.update(rollouts.rollout_metrics(ro, judge.rubric))
             row.update(reward_components.metrics(composed, components, reward_in))
             row.update(judge.cache_stats.metrics())  # cumulative since the judge was built

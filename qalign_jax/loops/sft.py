@@ -34,7 +34,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding
 
-from qalign_jax import checkpoint, data, losses, metrics, sharding, train_state
+from qalign_jax import checkpoint, data, losses, metrics, plan, sharding, train_state
 from qalign_jax.checkpoint import TrainState
 from qalign_jax.models import llama, load
 
@@ -163,6 +163,7 @@ def run(config, workdir: str) -> None:
 
     # Mesh, then the model's shapes and tokenizer (no weights are read here).
     mesh = sharding.make_mesh(config.mesh.shape)
+    plan.check_fits(config, "sft", mesh.size)  # seconds, before any weights or rollouts
     rules = tuple(config.sharding.rules)
     cfg, tokenizer = load.describe_config(config.model)
     if tokenizer is None:

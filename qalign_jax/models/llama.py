@@ -39,6 +39,13 @@ from qalign_jax.models import lora as lora_lib
 # gives a uniform softmax instead of NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
+# Attention implementations (`LlamaConfig.attention`), all grouped-query without repeating K/V:
+#   xla          the reference einsums below (`_attend`); the judge's shared-prefix path always
+#   dot_product  jax.nn.dot_product_attention: cuDNN's fused flash attention on a GPU where it
+#                applies (dtype, head size), XLA's own elsewhere
+#   cudnn        the same, insisting on cuDNN (an error where it does not apply)
+ATTENTION = {"xla": None, "dot_product": None, "cudnn": "cudnn"}
+
 
 # What the backward pass may keep from a block instead of recomputing it.
 REMAT_POLICIES = {
@@ -79,6 +86,7 @@ class LlamaConfig:
     remat: str = "none"  # see REMAT_POLICIES
     logits_chunk: int = 0  # training losses: the head on this many positions at a time (0: all)
     lora: lora_lib.LoraConfig | None = None  # low-rank adapters on the projections (models/lora)
+    attention: str = "xla"  # see ATTENTION
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -91,6 +99,8 @@ class LlamaConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention={self.attention!r}; choose one of {sorted(ATTENTION)}.")
         if self.logits_chunk < 0:
             raise ValueError(f"logits_chunk={self.logits_chunk}; use 0 (off) or a position count.")
         for name in ("param_dtype", "dtype"):
@@ -336,6 +346,11 @@ def _attend(q, k, v, q_positions, k_positions, prefix, cfg):
     read in place, never broadcast to B rows (the judge scores many questions per prefix).
     """
     dt = cfg.dtype
+    if prefix is None and cfg.attention != "xla":
+        mask = attention_mask(q_positions, k_positions)[:, None]  # [B, 1, T, S]
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, implementation=ATTENTION[cfg.attention]
+        ).astype(dt)
     b, t, _, h = q.shape
     kh, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, kh, g, h)  # [B, T, K, G, H]

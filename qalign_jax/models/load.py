@@ -94,7 +94,8 @@ def recorded_source(workdir: str, default: str | None = None) -> str:
 
 def describe(
     source: str, *, param_dtype: str = "float32", dtype: str = "float32", remat: str = "none",
-    logits_chunk: int = 0, tokenizer_source: str | None = None, arch_source: str | None = None,
+    logits_chunk: int = 0, attention: str = "xla", tokenizer_source: str | None = None,
+    arch_source: str | None = None,
 ) -> tuple[llama.LlamaConfig, tokenizer_lib.Tokenizer | None]:  # fmt: skip
     """Architecture and tokenizer of `source`, without reading any weights.
 
@@ -103,7 +104,10 @@ def describe(
     `arch_source`: the architecture of a run's workdir that recorded none.
     """
     kind, path = resolve_source(source)
-    numerics = dict(param_dtype=param_dtype, dtype=dtype, remat=remat, logits_chunk=logits_chunk)
+    numerics = dict(
+        param_dtype=param_dtype, dtype=dtype, remat=remat, logits_chunk=logits_chunk,
+        attention=attention,
+    )  # fmt: skip
     tokenizer = None
     if kind == "orbax":
         arch = recorded_source(path, arch_source)
@@ -131,7 +135,7 @@ def describe_config(model_cfg) -> tuple[llama.LlamaConfig, tokenizer_lib.Tokeniz
     """`describe` of an experiment's `config.model` section."""
     return describe(
         model_cfg.source, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype,
-        remat=model_cfg.remat, logits_chunk=model_cfg.logits_chunk,
+        remat=model_cfg.remat, logits_chunk=model_cfg.logits_chunk, attention=model_cfg.attention,
         tokenizer_source=model_cfg.tokenizer or None,
     )  # fmt: skip
 
@@ -162,6 +166,7 @@ def load_model(
     dtype: str = "float32",
     remat: str = "none",
     logits_chunk: int = 0,
+    attention: str = "xla",
     seed: int = 0,
     tokenizer_source: str | None = None,
     arch_source: str | None = None,
@@ -170,7 +175,7 @@ def load_model(
     mesh = mesh or _default_mesh()
     cfg, tokenizer = describe(
         source, param_dtype=param_dtype, dtype=dtype, remat=remat, logits_chunk=logits_chunk,
-        tokenizer_source=tokenizer_source, arch_source=arch_source,
+        attention=attention, tokenizer_source=tokenizer_source, arch_source=arch_source,
     )  # fmt: skip
     graphdef, abstract = llama.abstract_model(cfg)
     shardings = sharding.param_shardings(abstract, mesh, rules)
@@ -186,7 +191,8 @@ def from_config(config, mesh: Mesh, source: str | None = None) -> LoadedModel:
     m = config.model
     return load_model(
         source or m.source, mesh=mesh, rules=config.sharding.rules, param_dtype=m.param_dtype,
-        dtype=m.dtype, remat=m.remat, logits_chunk=m.logits_chunk, seed=config.seed,
+        dtype=m.dtype, remat=m.remat, logits_chunk=m.logits_chunk, attention=m.attention,
+        seed=config.seed,
         tokenizer_source=m.tokenizer or None,
         arch_source=m.source,
     )  # fmt: skip
@@ -213,7 +219,7 @@ def base_model(config, mesh) -> LoadedModel:
 def _check_same_architecture(ours: llama.LlamaConfig, theirs: llama.LlamaConfig, source: str):
     theirs = theirs.replace(
         param_dtype=ours.param_dtype, dtype=ours.dtype, remat=ours.remat,
-        logits_chunk=ours.logits_chunk,
+        logits_chunk=ours.logits_chunk, attention=ours.attention,
     )  # fmt: skip
     if theirs != ours:
         diff = {
