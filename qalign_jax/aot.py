@@ -35,7 +35,7 @@ from ml_collections import config_flags
 
 from qalign_jax import checkpoint, judge, plan, sampler, sharding, train_state
 from qalign_jax.loops import grpo, sft
-from qalign_jax.models import llama, load
+from qalign_jax.models import llama, load, lora
 
 
 def model_config(config, preset: str = "", num_layers: int = 0) -> llama.LlamaConfig:
@@ -47,6 +47,7 @@ def model_config(config, preset: str = "", num_layers: int = 0) -> llama.LlamaCo
         dtype=m.dtype,
         remat=m.remat,
         logits_chunk=m.logits_chunk,
+        lora=lora.from_config(m.lora),
         attention=m.attention,
     )
     return cfg.replace(num_layers=num_layers) if num_layers else cfg
@@ -60,8 +61,19 @@ def _state(config, cfg, mesh, total_steps: int):
     rules = tuple(config.sharding.rules)
     tx, schedule = train_state.make_optimizer(config.optimizer, total_steps)
     graphdef, abstract_params = llama.abstract_model(cfg)
-    abstract_state, state_sh = train_state.state_shardings(abstract_params, tx, mesh, rules)
+    trained, frozen = train_state.split_trainable(abstract_params)  # LoRA: (adapters, base)
+    abstract_state, state_sh = train_state.state_shardings(trained, tx, mesh, rules)
     return graphdef, tx, schedule, abstract_state, state_sh
+
+
+def _frozen(cfg, mesh, rules):
+    """LoRA: (the frozen base's abstract arrays with shardings, its shardings); else (None,
+    None), and the step takes no `frozen` argument."""
+    frozen = train_state.split_trainable(llama.abstract_model(cfg)[1])[1]
+    if frozen is None:
+        return None, None
+    frozen_sh = sharding.param_shardings(frozen, mesh, rules)
+    return checkpoint.with_shardings(frozen, frozen_sh), frozen_sh
 
 
 def _wanted(compile_, name: str) -> bool:
@@ -83,7 +95,9 @@ def compile_sft(config, cfg, mesh, *, compile_: bool = True) -> dict:
     rows = s.global_batch_size // s.grad_accum_steps
     sharding.check_batch_divisible(rows, mesh)
     graphdef, tx, schedule, abstract_state, state_sh = _state(config, cfg, mesh, 100)
-    step = sft.jit_train_step(graphdef, tx, schedule, state_sh, mesh, config.sharding.rules)
+    frozen, frozen_sh = _frozen(cfg, mesh, config.sharding.rules)
+    step = sft.jit_train_step(graphdef, tx, schedule, state_sh, mesh, config.sharding.rules,
+                              frozen_sh)  # fmt: skip
     bsh = sft.batch_shardings(mesh)
     shape = (s.grad_accum_steps, rows, config.data.seq_len)
     batch = {
@@ -92,7 +106,7 @@ def compile_sft(config, cfg, mesh, *, compile_: bool = True) -> dict:
     }
     out = {}
     t0 = time.perf_counter()
-    lowered = step.lower(abstract_state, batch)
+    lowered = step.lower(abstract_state, batch, *([] if frozen is None else [frozen]))
     print(f"aot: sft_step lowered in {time.perf_counter() - t0:.1f}s", flush=True)
     _timed(out, "sft_step", lowered, compile_)
     return out
@@ -111,10 +125,13 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     lengths = plan.grpo_lengths(config)
     seq_len, cache_len = lengths.seq_len, lengths.cache_len
     graphdef, tx, schedule, abstract_state, state_sh = _state(config, cfg, mesh, g.num_steps)
+    base_cfg = cfg.replace(lora=None)  # the reference's and the judge's architecture
     out = {}
 
     # Training: the step and the reference forward.
-    step = grpo.jit_grpo_step(graphdef, tx, schedule, state_sh, g, mesh, rules)
+    frozen, frozen_sh = _frozen(cfg, mesh, rules)
+    frozen_args = () if frozen is None else (frozen,)
+    step = grpo.jit_grpo_step(graphdef, tx, schedule, state_sh, g, mesh, rules, frozen_sh)
     bsh = grpo.batch_shardings(mesh)
     micro = rows // g.grad_accum_steps
     batch = {}
@@ -122,18 +139,22 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
         shape = (g.grad_accum_steps, micro) + (() if k == "advantages" else (seq_len,))
         dtype = jnp.int32 if k in ("tokens", "positions", "targets") else jnp.float32
         batch[k] = _sds(shape, dtype, bsh[k])
-    _timed(out, "grpo_step", step.lower(abstract_state, batch), compile_)
+    _timed(out, "grpo_step", step.lower(abstract_state, batch, *frozen_args), compile_)
     row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+    # The reference: the policy's weights, or with LoRA the base alone (adapters off).
+    ref_graphdef, ref_params, ref_sh = graphdef, abstract_state.params, state_sh.params
+    if frozen is not None:
+        ref_graphdef, ref_params, ref_sh = llama.abstract_model(base_cfg)[0], frozen, frozen_sh
     ref_fn = sharding.jit(
-        functools.partial(grpo.token_logprobs, graphdef=graphdef), mesh=mesh, rules=rules,
-        in_shardings=(state_sh.params, row_sh, row_sh, row_sh), out_shardings=row_sh,
+        functools.partial(grpo.token_logprobs, graphdef=ref_graphdef), mesh=mesh, rules=rules,
+        in_shardings=(ref_sh, row_sh, row_sh, row_sh), out_shardings=row_sh,
         name="token_logprobs",
     )  # fmt: skip
     ids = _sds((rows, seq_len), jnp.int32, row_sh)
-    _timed(out, "ref_logprobs", ref_fn.lower(abstract_state.params, ids, ids, ids), compile_)
+    _timed(out, "ref_logprobs", ref_fn.lower(ref_params, ids, ids, ids), compile_)
 
     # Sampling: prefill the prompts, prepare decode weights, decode, extend (second pass).
-    params = abstract_state.params
+    params = train_state.full_params(abstract_state.params, frozen)  # the policy: + base (LoRA)
     scfg = sampler.SamplerConfig(
         max_new_tokens=g.draft_max_tokens, max_cache_len=cache_len, stop_ids=(0,),
         batch_buckets=(rows,),  # as grpo's sampler: every rollout batch has B x G rows
@@ -176,7 +197,7 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
 
     # The judge: judge.batch_size contexts prefilled, a question header per option set (Yes/No,
     # grades) appended to each, then one question chunk over one option set's prefix.
-    jcfg = judge_cfg or cfg  # judge.from_config loads with model.param_dtype and model.dtype
+    jcfg = judge_cfg or base_cfg  # judge.from_config loads with model.param_dtype and model.dtype
     jgraphdef, jabstract = llama.abstract_model(jcfg)
     jparams = checkpoint.with_shardings(jabstract, sharding.param_shardings(jabstract, mesh, rules))
     bp, p_len = config.judge.batch_size, config.judge.max_context_tokens

@@ -6,6 +6,10 @@ A checkpoint at step s holds three items:
   meta       JSON: `step`, the data position (`data`: epoch and batch index), the RNG key data
              (`rng`), and a fingerprint of the training data, so a killed run resumes exactly:
              the same parameters, the same next batch, the same random stream.
+With LoRA (`model.lora.rank` > 0) `params` and `opt_state` hold the adapters only and meta's
+`lora` records rank, alpha, targets and the base's source (the base is read from it at every
+start); such a checkpoint is not a full model (`restore_params` says so; use the run's merged
+export `workdir/hf`).
 Later stages read only `params` from a previous stage's directory (`restore_params`).
 
 Where the state comes from, in this order (`restore_or_init`):
@@ -192,6 +196,13 @@ def restore_params(path: str, abstract_params: nnx.State) -> tuple[nnx.State, in
             step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
         )
     except (ValueError, KeyError) as e:
+        lora = _read_meta(manager, step).get("lora")
+        if lora:
+            raise ValueError(
+                f"{ckpt_dir}/{step} holds LoRA adapters only (rank {lora['rank']} on the base "
+                f"{lora['base']!r}), not a full model: use the run's merged export "
+                f"({path}/hf, sft/grpo/dpo.export_hf) as the source or checkpoint.init."
+            ) from e
         raise ValueError(
             f"{ckpt_dir}/{step}: its params do not fit this run's model (config.model.source "
             f"must name the architecture the previous stage trained): {e}"
@@ -199,6 +210,24 @@ def restore_params(path: str, abstract_params: nnx.State) -> tuple[nnx.State, in
     finally:
         manager.close()
     return restored.params, step
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def read_meta(path: str) -> dict:
+    """The JSON meta of the newest checkpoint under `path` (a workdir or its ckpt dir)."""
+    ckpt_dir = find_checkpoint_dir(path)
+    if ckpt_dir is None:
+        raise FileNotFoundError(f"{path} holds no orbax checkpoints.")
+    manager = ocp.CheckpointManager(
+        orbax_path(ckpt_dir), options=ocp.CheckpointManagerOptions(read_only=True)
+    )
+    try:
+        return _read_meta(manager, manager.latest_step())
+    finally:
+        manager.close()
 
 
 def restore_or_init(

@@ -46,6 +46,18 @@ def base_config() -> ml_collections.ConfigDict:
     # Training losses run the output head on this many positions of each row at a time, so
     # the [rows, T, vocab] float32 logits never exist at once (0 = all at once).
     c.model.logits_chunk = 0
+    # Low-rank adapters (models/lora.py): rank 0 = off (full fine-tuning). With rank r > 0 the
+    # SFT/GRPO/DPO loops train only the adapters of `targets` (Hugging Face projection names,
+    # comma-separated), scaled by alpha / r; the frozen base serves as the KL reference and
+    # the judge, with no second copy. No dropout on the adapters.
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0
+    c.model.lora.alpha = 16.0
+    c.model.lora.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    # A PEFT adapter directory to start the adapters from (e.g. a LoRA run's workdir/adapter;
+    # its rank, alpha and targets must match the above); '' = fresh (B = 0). In GRPO and DPO
+    # the KL reference is then the base with these adapters (the policy at the start).
+    c.model.lora.init = ""
     # Attention (`llama.ATTENTION`): 'xla' (the reference einsums; grouped, K/V never repeated),
     # 'dot_product' (jax.nn.dot_product_attention: cuDNN flash attention on a GPU where it
     # applies, XLA elsewhere), 'cudnn' (insist on cuDNN). The judge's shared-prefix attention is

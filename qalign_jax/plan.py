@@ -32,6 +32,9 @@ Phases (they do not coexist, the peak is the larger):
   rollout  policy params + Adam + reference + judge + decode weights (the sampler's transposed
            compute-dtype copy) + the KV cache of both passes (one cache, sized for draft and
            revision) + the judge's prefix cache.
+With LoRA (`model.lora.rank` > 0) the trained parameters are the adapters (float32): Adam's
+moments and the gradient buffers are adapter-sized; the base is one frozen copy that is also
+the KL reference and, unless checkpoint.init primes the base, the judge.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from ml_collections import config_flags
 
 from qalign_jax import rollouts, sampler, sharding
 from qalign_jax import rubric as rubric_lib
-from qalign_jax.models import llama, load
+from qalign_jax.models import llama, load, lora
 
 GB = 1e9
 
@@ -131,9 +134,12 @@ def shard_size(shape, spec, mesh_shape: dict[str, int]) -> int:
     return n
 
 
-def param_elements_per_device(cfg: llama.LlamaConfig, mesh_shape, rules) -> int:
-    """Parameter elements one device holds under the rules (replicated ones in full)."""
+def param_elements_per_device(cfg: llama.LlamaConfig, mesh_shape, rules, part: str = "all") -> int:
+    """Parameter elements one device holds under the rules (replicated ones in full); `part`:
+    'all', 'base' (without LoRA adapters) or 'adapters'."""
     _, abstract = llama.abstract_model(cfg)
+    adapters, base = lora.split(abstract)
+    abstract = {"all": abstract, "base": base, "adapters": adapters}[part]
     mesh = _ShapeOnlyMesh(mesh_shape)
     total = 0
     for var in jax_leaves(abstract):
@@ -209,11 +215,23 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
     mesh_shape = resolve_mesh(config.mesh.shape, num_devices)
     rules = tuple(config.sharding.rules)
     pb = _dtype_bytes(cfg.param_dtype)
-    elems = param_elements_per_device(cfg, mesh_shape, rules)
+    elems = param_elements_per_device(cfg, mesh_shape, rules, "base")
     rows, notes = {}, []
-    rows["params"] = elems * pb
-    rows["optimizer (Adam mu, nu)"] = 2 * elems * pb
-    rows["gradients + step temporaries (f32)"] = FIT[cfg.remat]["grads"] * elems * 4
+    if cfg.lora is None:
+        rows["params"] = elems * pb
+        rows["optimizer (Adam mu, nu)"] = 2 * elems * pb
+        rows["gradients + step temporaries (f32)"] = FIT[cfg.remat]["grads"] * elems * 4
+    else:  # trained: the float32 adapters; the base is frozen (also the reference)
+        adapter_elems = param_elements_per_device(cfg, mesh_shape, rules, "adapters")
+        rows["params"] = elems * pb
+        rows["LoRA adapters (f32)"] = adapter_elems * 4
+        rows["optimizer (Adam mu, nu)"] = 2 * adapter_elems * 4
+        rows["gradients + step temporaries (f32)"] = FIT[cfg.remat]["grads"] * adapter_elems * 4
+        notes.append(
+            f"LoRA rank {cfg.lora.rank}: {cfg.num_lora_params / 1e6:.1f}M trained parameters "
+            f"({100 * cfg.num_lora_params / cfg.num_params:.2f}% of the base); params are the "
+            "frozen base, which is also the KL reference"
+        )
     other = "full" if cfg.remat == "none" else "none"
     if config.loop == "sft":
         micro = config.sft.global_batch_size // config.sft.grad_accum_steps
@@ -245,10 +263,14 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
         # The loop keeps model.source's weights as loaded all run when they are the judge
         # (judge.source='') or the KL reference (checkpoint.init=''), plus a primed reference
         # (checkpoint.init) and a separate judge (judge.source, assumed the policy's size).
-        if load.base_weights_used(config):
-            rows["frozen model.source weights"] = elems * pb
-        if config.checkpoint.init:
-            rows["frozen reference (checkpoint.init)"] = elems * pb
+        if cfg.lora is not None:  # the base is the reference (and the judge unless primed)
+            if config.checkpoint.init and not config.judge.source:
+                rows["frozen model.source weights (judge)"] = elems * pb
+        else:
+            if load.base_weights_used(config):
+                rows["frozen model.source weights"] = elems * pb
+            if config.checkpoint.init:
+                rows["frozen reference (checkpoint.init)"] = elems * pb
         if config.judge.source:
             rows["judge copy (judge.source)"] = elems * pb
         frozen = sum(v for k, v in rows.items() if k.startswith(("frozen", "judge copy")))
@@ -272,7 +294,8 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
             mesh_shape,
         )  # fmt: skip
         rollout = (
-            rows["params"] + rows["optimizer (Adam mu, nu)"] + frozen
+            rows["params"] + rows.get("LoRA adapters (f32)", 0.0)
+            + rows["optimizer (Adam mu, nu)"] + frozen
             + rows["decode weights (compute dtype)"] + both + rows["judge prefix cache"]
         )  # fmt: skip
     memory = ACCELERATORS.get(accelerator, 0.0)
@@ -342,7 +365,7 @@ def check_fits(
         config.loop = loop
     if memory is None:
         memory, device = device_memory()
-    cfg = load.describe_config(config.model)[0]
+    cfg = load.describe_config(config.model)[0].replace(lora=lora.from_config(config.model.lora))
     p = plan(config, cfg, num_devices)
     if p.peak <= USABLE_FRACTION * memory:
         return

@@ -10,6 +10,15 @@ owns its step's loss; these functions are the pieces they share, in the order a 
   accumulate_grads, apply_grads     inside the step: summed float32 gradients, one update
   end_step, save, closing, export_hf  the tail: check, log, checkpoint when due, close, export
 
+LoRA (`model.lora.rank` > 0, models/lora.py): the train state's `params` are the adapters
+only (so are Adam's moments and the gradients); the frozen base is a separate `frozen`
+argument of the jitted step, never donated, shared with the KL reference and the judge:
+  policy_config, split_trainable    the LoRA architecture; (trained, frozen) abstract params
+  initial_adapters                  fresh adapters, or a PEFT directory's (`model.lora.init`)
+  full_params, policy_model         adapters + base as one parameter tree / a runnable model
+  merged_params, lora_meta          export weights (adapters folded in); what a checkpoint records
+  export_peft                       the adapters as a PEFT directory, `workdir/adapter`
+
 No loop imports another loop; the train state itself (`TrainState`) and orbax live in
 `checkpoint.py`, the model's weights in `models/load.py`.
 """
@@ -17,6 +26,7 @@ No loop imports another loop; the train state itself (`TrainState`) and orbax li
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 
@@ -28,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qalign_jax import checkpoint, metrics, sharding
 from qalign_jax.checkpoint import TrainState
-from qalign_jax.models import hf
+from qalign_jax.models import hf, llama, lora
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer and state.
@@ -105,13 +115,103 @@ def jit_init_state(tx, state_sh: TrainState):
                         out_shardings=state_sh, donate_argnums=(0,), name="init_state")  # fmt: skip
 
 
-def jit_step(step, state_sh: TrainState, batch_sh: dict, mesh, rules, name: str):
+def jit_step(step, state_sh: TrainState, batch_sh: dict, mesh, rules, name: str, frozen_sh=None):
     """`step(state, batch) -> (state, metrics)` compiled once: the state's shardings in and
-    out (donated: it is the largest buffer), the batch's in, metrics replicated."""
+    out (donated: it is the largest buffer), the batch's in, metrics replicated. With LoRA
+    (`frozen_sh`: the base's shardings) it is `step(state, batch, frozen)`, the frozen base
+    not donated (the reference and the judge read the same arrays)."""
+    in_sh = (state_sh, batch_sh) if frozen_sh is None else (state_sh, batch_sh, frozen_sh)
     return sharding.jit(
-        step, mesh=mesh, rules=rules, in_shardings=(state_sh, batch_sh),
+        step, mesh=mesh, rules=rules, in_shardings=in_sh,
         out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,), name=name,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA: trained adapters on a frozen base.
+
+
+def policy_config(cfg: llama.LlamaConfig, model_cfg) -> llama.LlamaConfig:
+    """The trained architecture: `cfg` (the base, as loaded) with `model_cfg.lora` applied."""
+    return cfg.replace(lora=lora.from_config(model_cfg.lora))
+
+
+def split_trainable(abstract_params):
+    """(trained, frozen) parts of the policy's parameters: (adapters, base) with LoRA, else
+    (all, None)."""
+    adapters, base = lora.split(abstract_params)
+    if not jax.tree.leaves(adapters):
+        return abstract_params, None
+    return adapters, base
+
+
+def initial_adapters(policy_cfg: llama.LlamaConfig, model_cfg, seed: int, shardings):
+    """The adapters a LoRA run starts from, on `shardings`: `model_cfg.lora.init`'s PEFT
+    directory, else fresh ones (A random, B zero). Returns (adapters, origin text)."""
+    init = model_cfg.lora.init
+    if not init:
+        fresh = llama.init_adapters(policy_cfg, seed, shardings)
+        return fresh, f"fresh LoRA adapters (rank {policy_cfg.lora.rank})"
+    theirs = hf.read_peft_config(init)
+    if theirs != policy_cfg.lora:
+        raise ValueError(
+            f"model.lora.init={init}: its adapters are rank {theirs.rank}, alpha {theirs.alpha}, "
+            f"targets {','.join(theirs.targets)}; set model.lora.rank/alpha/targets to match "
+            f"(now {policy_cfg.lora.rank}, {policy_cfg.lora.alpha}, "
+            f"{','.join(policy_cfg.lora.targets)})."
+        )
+    return hf.load_peft_adapters(init, policy_cfg, shardings), f"LoRA adapters of {init}"
+
+
+def full_params(trained, frozen):
+    """The policy's whole parameter tree (or shardings tree): trained + frozen (no copy)."""
+    return trained if frozen is None else lora.combine(trained, frozen)
+
+
+def policy_model(base_model, cfg, graphdef, trained, frozen):
+    """`base_model` (a `load.LoadedModel`) running the trained policy: its params replaced,
+    and with LoRA its architecture too (`cfg`, `graphdef` with adapters, over the same base
+    arrays)."""
+    if frozen is None:
+        return dataclasses.replace(base_model, params=trained)
+    return dataclasses.replace(
+        base_model, cfg=cfg, graphdef=graphdef, params=full_params(trained, frozen)
+    )
+
+
+def merged_params(graphdef, trained, frozen):
+    """The plain model's weights of the policy (export, later stages): with LoRA the adapters
+    folded into the base kernels (`llama.merge_adapters`, one jitted pass), else `trained`."""
+    if frozen is None:
+        return trained
+    merge = jax.jit(llama.merge_adapters, static_argnums=0)
+    return merge(graphdef, full_params(trained, frozen))
+
+
+def lora_meta(cfg: llama.LlamaConfig, config) -> dict:
+    """What a checkpoint records of the adapters (nothing without LoRA): rank, alpha, targets
+    and the base's source (`checkpoint.init`, else `model.source`), so a resume checks them and
+    a reader knows the params are adapters."""
+    if cfg.lora is None:
+        return {}
+    spec, base = cfg.lora, config.checkpoint.init or config.model.source
+    return {"lora": {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets),
+                     "base": base}}  # fmt: skip
+
+
+def check_lora_meta(meta: dict | None, cfg: llama.LlamaConfig, directory: str) -> None:
+    """On resume: the checkpoint's adapters (or their absence) must match `model.lora`."""
+    if meta is None:
+        return
+    saved = meta.get("lora")
+    saved = None if saved is None else {k: v for k, v in saved.items() if k != "base"}
+    now = None if cfg.lora is None else dataclasses.asdict(cfg.lora)
+    now = now and {**now, "targets": list(cfg.lora.targets)}
+    if saved != now:
+        raise ValueError(
+            f"{directory}: the checkpoint was trained with LoRA {saved}, this run's model.lora "
+            f"is {now} (None: full fine-tuning); restore model.lora or use a new workdir."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,3 +327,11 @@ def export_hf(workdir: str, cfg, params, tokenizer, dtype: str | None = None) ->
     out = os.path.join(workdir, "hf")
     hf.export_hf(out, cfg, params, tokenizer, dtype=dtype)
     print(f"exported Hugging Face weights to {out}")
+
+
+def export_peft(workdir: str, policy_cfg, adapters, base: str) -> None:
+    """The LoRA adapters as a PEFT adapter directory, `workdir/adapter` (beside the merged
+    `workdir/hf`), for `peft.PeftModel.from_pretrained` on the base model `base`."""
+    out = os.path.join(workdir, "adapter")
+    hf.export_peft(out, policy_cfg, adapters, base_model=base)
+    print(f"exported PEFT LoRA adapters to {out}")

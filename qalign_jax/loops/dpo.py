@@ -198,8 +198,10 @@ def answer_logprobs(params, tokens, positions, targets, mask, *, graphdef):
     return jnp.sum(logp * mask, axis=-1)
 
 
-def dpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, dpo_cfg):
-    """One optimizer update on the step's micro-batches of pairs; metrics are step means."""
+def dpo_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, param_sh,
+             dpo_cfg):  # fmt: skip
+    """One optimizer update on the step's micro-batches of pairs; metrics are step means.
+    `frozen`: the base weights under LoRA (`state.params` are the adapters), else None."""
     d = dpo_cfg
     num_pairs = float(batch["ref_chosen"].shape[0] * batch["ref_chosen"].shape[1])
 
@@ -208,8 +210,8 @@ def dpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, dpo_
         rows = {k: jnp.concatenate([micro[f"chosen_{k}"], micro[f"rejected_{k}"]]) for k in
                 ROW_KEYS}  # fmt: skip
         logp = answer_logprobs(
-            params, rows["tokens"], rows["positions"], rows["targets"], rows["mask"],
-            graphdef=graphdef,
+            train_state.full_params(params, frozen), rows["tokens"], rows["positions"],
+            rows["targets"], rows["mask"], graphdef=graphdef,
         )  # fmt: skip
         chosen, rejected = jnp.split(logp, 2)
         return losses.dpo_loss(
@@ -238,11 +240,15 @@ def batch_shardings(mesh) -> dict[str, NamedSharding]:
     )
 
 
-def jit_dpo_step(graphdef, tx, schedule, state_sh: TrainState, dpo_cfg, mesh, rules):
-    """`dpo_step` jitted once (`train_state.jit_step`)."""
+def jit_dpo_step(graphdef, tx, schedule, state_sh: TrainState, dpo_cfg, mesh, rules,
+                 frozen_sh=None):  # fmt: skip
+    """`dpo_step` jitted once (`train_state.jit_step`); `frozen_sh`: the base's shardings
+    under LoRA."""
     step = functools.partial(dpo_step, graphdef=graphdef, tx=tx, schedule=schedule,
                              param_sh=state_sh.params, dpo_cfg=dpo_cfg)  # fmt: skip
-    return train_state.jit_step(step, state_sh, batch_shardings(mesh), mesh, rules, "dpo_step")
+    return train_state.jit_step(
+        step, state_sh, batch_shardings(mesh), mesh, rules, "dpo_step", frozen_sh
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +280,26 @@ def run(config, workdir: str) -> None:
     reference, start = load.with_init(
         base, config.checkpoint.init, source=config.model.source, seed=config.seed
     )
+    # LoRA (model.lora): the policy is adapters on the reference's arrays as its frozen base,
+    # neither copied nor donated; the reference (the policy at the start) is that base with
+    # adapters off, or with model.lora.init's adapters.
+    policy_cfg = train_state.policy_config(cfg, config.model)
+    policy_graphdef, policy_abstract = llama.abstract_model(policy_cfg)
+    abstract_trained, abstract_frozen = train_state.split_trainable(policy_abstract)
+    frozen = frozen_sh = None
+    if abstract_frozen is not None:
+        frozen, frozen_sh = reference.params, param_sh
+        adapter_sh = sharding.param_shardings(abstract_trained, mesh, rules)
+        start_adapters, adapters_origin = train_state.initial_adapters(
+            policy_cfg, config.model, config.seed, adapter_sh
+        )
+        start = f"{start} + {adapters_origin}"
+        if config.model.lora.init:
+            reference = train_state.policy_model(
+                reference, policy_cfg, policy_graphdef, start_adapters, frozen
+            )
+            graphdef = policy_graphdef
+            param_sh = train_state.full_params(adapter_sh, frozen_sh)
 
     # Stage 1: pairs (reused when the workdir has them; sampling resumes per batch).
     pairs_path = os.path.join(workdir, PAIRS_FILE)
@@ -323,24 +349,30 @@ def run(config, workdir: str) -> None:
     ref = ref[: len(pairs)]
     index_of = {p["id"]: i for i, p in enumerate(pairs)}
 
-    # Optimizer state: restore or init (from the reference's weights).
+    # Optimizer state: restore or init (from the reference's weights; with LoRA, the starting
+    # adapters).
     tx, schedule = train_state.make_optimizer(config.optimizer, total_steps)
-    abstract_state, state_sh = train_state.state_shardings(abstract_params, tx, mesh, rules)
+    abstract_state, state_sh = train_state.state_shardings(abstract_trained, tx, mesh, rules)
     manager = checkpoint.make_manager(
         workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
     make_state = train_state.jit_init_state(tx, state_sh)
+
+    def load_params():  # a copy: the state is donated, the reference must survive
+        return jax.tree.map(jnp.copy, reference.params if frozen is None else start_adapters), start
+
     state, meta, origin = checkpoint.restore_or_init(
-        manager, abstract_state, make_state,
-        lambda: (jax.tree.map(jnp.copy, reference.params), start),  # a copy: the state is donated
-    )  # fmt: skip
+        manager, abstract_state, make_state, load_params
+    )
+    train_state.check_lora_meta(meta, policy_cfg, manager.directory)
+    frozen_args = () if frozen is None else (frozen,)
     first_step = int(meta["step"]) if meta is not None else 0
     if meta is not None and meta.get("num_pairs") != len(pairs):
         raise ValueError(
             f"{manager.directory}: the checkpoint was trained on {meta.get('num_pairs')} pairs, "
             f"{pairs_path} has {len(pairs)}; use a new workdir or restore the pairs file."
         )
-    step_fn = jit_dpo_step(graphdef, tx, schedule, state_sh, d, mesh, rules)
+    step_fn = jit_dpo_step(policy_graphdef, tx, schedule, state_sh, d, mesh, rules, frozen_sh)
     batch_sh = batch_shardings(mesh)
 
     writer = metrics.MetricsWriter(
@@ -358,7 +390,7 @@ def run(config, workdir: str) -> None:
             idx = np.array([index_of[p["id"]] for p in chosen])
             host = training_batch(chosen, seq_len, tok.pad_id, ref[idx])
             micro = train_state.split_micro(host, d.grad_accum_steps)
-            state, m = step_fn(state, train_state.put_batch(micro, batch_sh))
+            state, m = step_fn(state, train_state.put_batch(micro, batch_sh), *frozen_args)
             m = jax.device_get(m)
             done = step + 1
             row = {f"train/{k}": float(v) for k, v in m.items()}
@@ -370,8 +402,12 @@ def run(config, workdir: str) -> None:
             train_state.save_if_due(
                 done, total_steps, config.checkpoint.every_steps, manager, writer, state,
                 {"rng": np.asarray(jax.random.key_data(base_rng)).tolist(),
-                 "num_pairs": len(pairs)},
+                 "num_pairs": len(pairs), **train_state.lora_meta(policy_cfg, config)},
             )  # fmt: skip
 
-    if d.export_hf:
-        train_state.export_hf(workdir, cfg, state.params, tok)
+    if d.export_hf:  # full weights (LoRA adapters merged in)
+        final = train_state.merged_params(policy_graphdef, state.params, frozen)
+        train_state.export_hf(workdir, cfg, final, tok)
+        if frozen is not None:
+            base_source = config.checkpoint.init or config.model.source
+            train_state.export_peft(workdir, policy_cfg, state.params, base_source)

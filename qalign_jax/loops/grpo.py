@@ -32,7 +32,9 @@ The scalar-reward baseline of the paper is the same loop with `judge.rubric='sca
 holistic 0-9 question instead of the rubric). The judge is frozen: `judge.source=''` judges
 with `model.source`'s weights as loaded (the base model), never with the policy being trained.
 The KL reference is the policy at the start of RL (`checkpoint.init`'s primed weights when
-set, else the same arrays as the judge).
+set, else the same arrays as the judge). With LoRA (`model.lora.rank` > 0) the reference's
+weights are also the policy's frozen base: only the adapters (and their Adam state) are
+trained, and the base, the reference and (without checkpoint.init) the judge are one copy.
 
 Exact resume: the state (params, Adam, step) is checkpointed with orbax; rollout keys are
 `fold_in(seed, step)` and the prompts of step s are a pure function of (seed, s), so a
@@ -163,13 +165,15 @@ def token_logprobs(params, tokens, positions, targets, *, graphdef):
     return llama.token_stats(graphdef, params, tokens, positions, targets)["logp"]
 
 
-def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, grpo_cfg):
+def grpo_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, param_sh,
+              grpo_cfg):  # fmt: skip
     """One optimizer update on the step's micro-batches; metrics are step totals.
 
     The importance ratio's denominator comes from the training forward, never the sampler's
     decode path: with one update per batch (num_iterations = 1) it is this forward itself under
     `stop_gradient`, so the ratio is exactly 1 (the policy gradient); with more, the loop fills
-    `old_logp` with `token_logprobs` of the policy before the first update.
+    `old_logp` with `token_logprobs` of the policy before the first update. `frozen`: the
+    base weights under LoRA (`state.params` are the adapters), else None.
     """
     g = grpo_cfg
     num_tokens = jnp.sum(batch["loss_mask"])
@@ -182,8 +186,9 @@ def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, grp
     }[g.aggregation]
 
     def loss_fn(params, micro):
+        full = train_state.full_params(params, frozen)  # gradients w.r.t. `params` only
         stats = llama.token_stats(
-            graphdef, params, micro["tokens"], micro["positions"], micro["targets"], entropy=True
+            graphdef, full, micro["tokens"], micro["positions"], micro["targets"], entropy=True
         )
         logp = stats["logp"]
         fixed = jax.lax.stop_gradient(logp)
@@ -218,11 +223,15 @@ def grpo_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh, grp
     return new_state, step_metrics
 
 
-def jit_grpo_step(graphdef, tx, schedule, state_sh: TrainState, grpo_cfg, mesh, rules):
-    """`grpo_step` jitted once (`train_state.jit_step`)."""
+def jit_grpo_step(graphdef, tx, schedule, state_sh: TrainState, grpo_cfg, mesh, rules,
+                  frozen_sh=None):  # fmt: skip
+    """`grpo_step` jitted once (`train_state.jit_step`); `frozen_sh`: the base's shardings
+    under LoRA."""
     step = functools.partial(grpo_step, graphdef=graphdef, tx=tx, schedule=schedule,
                              param_sh=state_sh.params, grpo_cfg=grpo_cfg)  # fmt: skip
-    return train_state.jit_step(step, state_sh, batch_shardings(mesh), mesh, rules, "grpo_step")
+    return train_state.jit_step(
+        step, state_sh, batch_shardings(mesh), mesh, rules, "grpo_step", frozen_sh
+    )
 
 
 def batch_shardings(mesh) -> dict[str, NamedSharding]:
@@ -279,8 +288,10 @@ def run(config, workdir: str) -> None:
 
     # Optimizer and state shapes; restore or init.
     tx, schedule = train_state.make_optimizer(config.optimizer, g.num_steps * g.num_iterations)
-    graphdef, abstract_params = llama.abstract_model(cfg)
-    abstract_state, state_sh = train_state.state_shardings(abstract_params, tx, mesh, rules)
+    policy_cfg = train_state.policy_config(cfg, config.model)  # cfg, or with LoRA adapters
+    graphdef, abstract_params = llama.abstract_model(policy_cfg)
+    abstract_trained, abstract_frozen = train_state.split_trainable(abstract_params)
+    abstract_state, state_sh = train_state.state_shardings(abstract_trained, tx, mesh, rules)
     manager = checkpoint.make_manager(
         workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
@@ -290,22 +301,49 @@ def run(config, workdir: str) -> None:
     reference, start = load.with_init(
         initial, config.checkpoint.init, source=config.model.source, seed=config.seed
     )
+    frozen = frozen_sh = None
+    if abstract_frozen is None:  # full fine-tuning
+
+        def load_params():  # a copy: the train state is donated, the reference must survive
+            return jax.tree.map(jnp.copy, reference.params), start
+
+    else:  # LoRA: the reference's arrays are the frozen base (never donated, never copied)
+        frozen, frozen_sh = reference.params, sharding.param_shardings(abstract_frozen, mesh, rules)
+        start_adapters, adapters_origin = train_state.initial_adapters(
+            policy_cfg, config.model, config.seed, state_sh.params
+        )
+
+        def load_params():  # a copy: the state is donated, the start may be the reference's
+            return jax.tree.map(jnp.copy, start_adapters), f"{start} + {adapters_origin}"
+
     state, meta, origin = checkpoint.restore_or_init(
-        manager, abstract_state, make_state,
-        # A copy: the train state is donated, the reference must survive.
-        lambda: (jax.tree.map(jnp.copy, reference.params), start),
-    )  # fmt: skip
+        manager, abstract_state, make_state, load_params
+    )
+    train_state.check_lora_meta(meta, policy_cfg, manager.directory)
     first_step = int(meta["step"]) if meta is not None else 0
+    frozen_args = () if frozen is None else (frozen,)
 
     # Jit once.
     batch_sh = batch_shardings(mesh)
-    step_fn = jit_grpo_step(graphdef, tx, schedule, state_sh, g, mesh, rules)
+    step_fn = jit_grpo_step(graphdef, tx, schedule, state_sh, g, mesh, rules, frozen_sh)
     row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
-    logp_fn = sharding.jit(
+    logp_fn = sharding.jit(  # the policy's (old) log-probabilities
         functools.partial(token_logprobs, graphdef=graphdef), mesh=mesh, rules=rules,
-        in_shardings=(state_sh.params, row_sh, row_sh, row_sh), out_shardings=row_sh,
-        name="token_logprobs",
+        in_shardings=(train_state.full_params(state_sh.params, frozen_sh), row_sh, row_sh,
+                      row_sh),
+        out_shardings=row_sh, name="token_logprobs",
     )  # fmt: skip
+    # The reference's: the policy at the start of RL; with LoRA the base with adapters off,
+    # or with the adapters of model.lora.init.
+    ref_logp_fn, ref_params = logp_fn, reference.params
+    if frozen is not None and config.model.lora.init:
+        ref_params = train_state.full_params(start_adapters, frozen)
+    elif frozen is not None:
+        ref_logp_fn = sharding.jit(
+            functools.partial(token_logprobs, graphdef=reference.graphdef), mesh=mesh,
+            rules=rules, in_shardings=(frozen_sh, row_sh, row_sh, row_sh), out_shardings=row_sh,
+            name="ref_token_logprobs",
+        )  # fmt: skip
 
     writer = metrics.MetricsWriter(
         workdir, resume_step=first_step, tensorboard=config.metrics.tensorboard
@@ -331,7 +369,7 @@ def run(config, workdir: str) -> None:
             t0 = time.perf_counter()
             batch_records = data.prompts_for_step(records, step, g.prompts_per_step, config.seed)
             rows = [r for r in batch_records for _ in range(g.num_generations)]
-            policy = dataclasses.replace(initial, params=state.params)
+            policy = train_state.policy_model(initial, policy_cfg, graphdef, state.params, frozen)
             k_draft, k_revision = jax.random.split(jax.random.fold_in(base_rng, step))
             ro = rollouts.rollout(
                 policy, rollout_judge, rows, [prompt_ids[r.id] for r in rows], opts, k_draft,
@@ -374,15 +412,16 @@ def run(config, workdir: str) -> None:
                     dict.fromkeys(("tokens", "positions", "targets"), row_sh),
                 ).values())  # fmt: skip
             if g.num_iterations > 1:  # the old policy: the training forward before any update
-                host["old_logp"] = sharding.to_host(logp_fn(state.params, *rows_in))
+                full = train_state.full_params(state.params, frozen)
+                host["old_logp"] = sharding.to_host(logp_fn(full, *rows_in))
             host["ref_logp"] = (
-                sharding.to_host(logp_fn(reference.params, *rows_in))
+                sharding.to_host(ref_logp_fn(ref_params, *rows_in))
                 if g.kl_beta > 0
                 else np.zeros_like(host["old_logp"])
             )
             micro = train_state.split_micro(host, g.grad_accum_steps)
             for iteration in range(g.num_iterations):
-                state, m = step_fn(state, train_state.put_batch(micro, batch_sh))
+                state, m = step_fn(state, train_state.put_batch(micro, batch_sh), *frozen_args)
                 m = jax.device_get(m)
                 if iteration == 0:  # before any update of this batch: the sampler's own gap
                     sampler_gap = m["sampler_logp_gap"]
@@ -420,8 +459,13 @@ def run(config, workdir: str) -> None:
             train_state.save_if_due(
                 done, g.num_steps, config.checkpoint.every_steps, manager, writer, state,
                 {"rng": np.asarray(jax.random.key_data(base_rng)).tolist(),
-                 "num_prompts": len(records)},
+                 "num_prompts": len(records),
+                 **train_state.lora_meta(policy_cfg, config)},
             )  # fmt: skip
 
-    if g.export_hf:
-        train_state.export_hf(workdir, cfg, state.params, tok)
+    if g.export_hf:  # full weights (LoRA adapters merged in)
+        final = train_state.merged_params(graphdef, state.params, frozen)
+        train_state.export_hf(workdir, cfg, final, tok)
+        if frozen is not None:
+            base_source = config.checkpoint.init or config.model.source
+            train_state.export_peft(workdir, policy_cfg, state.params, base_source)

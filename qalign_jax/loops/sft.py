@@ -17,6 +17,8 @@ Decisions:
   the state's shardings in and out, and the state is donated (it is the largest buffer).
 - The host fetches each step's metrics (one sync per step) to check the loss and gradient
   norm before anything from that step is saved.
+- LoRA (`model.lora.rank` > 0): the state holds the adapters and their Adam moments only;
+  the base weights are loaded at every start (also on resume) and passed to the step frozen.
 - SFT draws no random numbers (no dropout; shuffling is numpy seeded by (seed, epoch)); the
   RNG key is saved anyway, so every loop's checkpoint has the same layout.
 """
@@ -54,12 +56,13 @@ def local_rows(global_batch_size: int, grad_accum_steps: int, mesh) -> slice:
                                   grad_accum_steps)  # fmt: skip
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh):
+def train_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, param_sh):
     """One optimizer update from the micro-batches of `batch`.
 
     Args:
       state: the train state (donated).
       batch: `tokens, positions, targets, loss_mask`, each [A, B / A, T].
+      frozen: the frozen base weights under LoRA (state.params are the adapters), else None.
 
     Returns:
       (new state, metrics: loss, accuracy, grad_norm (before clipping), lr, trained_tokens).
@@ -67,8 +70,9 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, param_sh):
     num_tokens = jnp.sum(batch["loss_mask"])  # trained tokens of the whole step
 
     def loss_fn(params, micro):
+        full = train_state.full_params(params, frozen)  # gradients w.r.t. `params` only
         stats = llama.token_stats(
-            graphdef, params, micro["tokens"], micro["positions"], micro["targets"], correct=True
+            graphdef, full, micro["tokens"], micro["positions"], micro["targets"], correct=True
         )
         return losses.sft_loss_from_logp(
             stats["logp"], stats["correct"], micro["loss_mask"], normalizer=num_tokens
@@ -103,11 +107,14 @@ def eval_step(params, batch, *, graphdef):
     return jax.tree.map(jnp.sum, sums)
 
 
-def jit_train_step(graphdef, tx, schedule, state_sh: TrainState, mesh, rules):
-    """`train_step` jitted once (`train_state.jit_step`)."""
+def jit_train_step(graphdef, tx, schedule, state_sh: TrainState, mesh, rules, frozen_sh=None):
+    """`train_step` jitted once (`train_state.jit_step`); `frozen_sh`: the base's shardings
+    under LoRA."""
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                              param_sh=state_sh.params)  # fmt: skip
-    return train_state.jit_step(step, state_sh, batch_shardings(mesh), mesh, rules, "sft_step")
+    return train_state.jit_step(
+        step, state_sh, batch_shardings(mesh), mesh, rules, "sft_step", frozen_sh
+    )
 
 
 def evaluate(eval_fn, params, eval_batches, batch_sh, micro_rows: int) -> dict[str, float]:
@@ -192,8 +199,10 @@ def run(config, workdir: str) -> None:
 
     # Optimizer, then the state's shapes and shardings.
     tx, schedule = train_state.make_optimizer(config.optimizer, total_steps)
-    graphdef, abstract_params = llama.abstract_model(cfg)
-    abstract_state, state_sh = train_state.state_shardings(abstract_params, tx, mesh, rules)
+    policy_cfg = train_state.policy_config(cfg, config.model)  # cfg, or with LoRA adapters
+    graphdef, abstract_params = llama.abstract_model(policy_cfg)
+    abstract_trained, abstract_frozen = train_state.split_trainable(abstract_params)
+    abstract_state, state_sh = train_state.state_shardings(abstract_trained, tx, mesh, rules)
     batch_sh = batch_shardings(mesh)
 
     # Restore or init, in the order of checkpoint.py.
@@ -201,13 +210,24 @@ def run(config, workdir: str) -> None:
         workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
     make_state = train_state.jit_init_state(tx, state_sh)
-    load_params = functools.partial(
-        load.initial_params, cfg, state_sh.params, source=config.model.source,
-        init=config.checkpoint.init, mesh=mesh, rules=rules, seed=config.seed,
-    )  # fmt: skip
+    load_kw = dict(source=config.model.source, init=config.checkpoint.init, mesh=mesh,
+                   rules=rules, seed=config.seed)  # fmt: skip
+    load_params = functools.partial(load.initial_params, cfg, state_sh.params, **load_kw)
+    frozen = frozen_sh = None
+    if abstract_frozen is not None:  # LoRA: the base is loaded at every start, adapters fresh
+        frozen_sh = sharding.param_shardings(abstract_frozen, mesh, rules)
+        frozen, base_origin = load.initial_params(cfg, frozen_sh, **load_kw)
+
+        def load_params():
+            adapters, adapters_origin = train_state.initial_adapters(
+                policy_cfg, config.model, config.seed, state_sh.params
+            )
+            return adapters, f"{base_origin} + {adapters_origin}"
+
     state, meta, origin = checkpoint.restore_or_init(
         manager, abstract_state, make_state, load_params
     )
+    train_state.check_lora_meta(meta, policy_cfg, manager.directory)
     rng = jax.random.key(config.seed)
     first_step = 0
     if meta is not None:
@@ -239,11 +259,12 @@ def run(config, workdir: str) -> None:
     )  # fmt: skip
 
     # Jit once.
-    step_fn = jit_train_step(graphdef, tx, schedule, state_sh, mesh, rules)
+    step_fn = jit_train_step(graphdef, tx, schedule, state_sh, mesh, rules, frozen_sh)
+    frozen_args = () if frozen is None else (frozen,)
     eval_fn = sharding.jit(
         functools.partial(eval_step, graphdef=graphdef), mesh=mesh, rules=rules,
-        in_shardings=(state_sh.params, batch_sh), out_shardings=sharding.replicated(mesh),
-        name="sft_eval",
+        in_shardings=(train_state.full_params(state_sh.params, frozen_sh), batch_sh),
+        out_shardings=sharding.replicated(mesh), name="sft_eval",
     )  # fmt: skip
 
     writer = metrics.MetricsWriter(
@@ -254,18 +275,20 @@ def run(config, workdir: str) -> None:
     writer.write(first_step, {
         "run/first_step": first_step, "run/total_steps": total_steps, "run/origin": origin,
         "data/epoch": batches.position.epoch, "data/index": batches.position.index,
-        "run/num_params": cfg.num_params,
+        "run/num_params": cfg.num_params, "run/num_trained_params": sum(
+            x.size for x in jax.tree.leaves(state.params)),
     })  # fmt: skip
     if jax.process_index() == 0:
         print(f"sft: {origin}; steps {first_step} -> {total_steps}, data at {batches.position}")
 
     with train_state.closing(manager, writer):
         if eval_batches and first_step == 0:
-            writer.write(0, evaluate(eval_fn, state.params, eval_batches, batch_sh, micro_rows))
+            full = train_state.full_params(state.params, frozen)
+            writer.write(0, evaluate(eval_fn, full, eval_batches, batch_sh, micro_rows))
         for step in range(first_step, total_steps):
             t0 = time.perf_counter()
             batch = train_state.put_local_batch(batches.next(rows), batch_sh, micro_rows)
-            state, m = step_fn(state, batch)
+            state, m = step_fn(state, batch, *frozen_args)
             m = jax.device_get(m)  # the one sync per step: checked before anything is saved
             done = step + 1  # updates done: the step number of this line and checkpoint
             step_s = time.perf_counter() - t0
@@ -280,14 +303,20 @@ def run(config, workdir: str) -> None:
             )  # fmt: skip
             is_last = done == total_steps
             if eval_batches and (is_last or (eval_every and done % eval_every == 0)):
-                eval_row = evaluate(eval_fn, state.params, eval_batches, batch_sh, micro_rows)
+                full = train_state.full_params(state.params, frozen)
+                eval_row = evaluate(eval_fn, full, eval_batches, batch_sh, micro_rows)
                 writer.write(done, eval_row)
                 progress.print(done, eval_row)
             train_state.save_if_due(done, total_steps, save_every, manager, writer, state, {
                 "data": batches.position.to_json(),
                 "rng": np.asarray(jax.random.key_data(rng)).tolist(),
                 "data_fingerprint": fingerprint,
+                **train_state.lora_meta(policy_cfg, config),
             })  # fmt: skip
 
-    if sft_cfg.export_hf:
-        train_state.export_hf(workdir, cfg, state.params, tokenizer, sft_cfg.export_dtype or None)
+    if sft_cfg.export_hf:  # full weights (LoRA adapters merged in)
+        final = train_state.merged_params(graphdef, state.params, frozen)
+        train_state.export_hf(workdir, cfg, final, tokenizer, sft_cfg.export_dtype or None)
+        if frozen is not None:
+            base_source = config.checkpoint.init or config.model.source
+            train_state.export_peft(workdir, policy_cfg, state.params, base_source)

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from qalign_jax import sharding
-from qalign_jax.models import llama
+from qalign_jax.models import llama, lora
 
 
 class DecodeWeights(NamedTuple):
@@ -94,8 +94,10 @@ def from_decode_cache(cache: DecodeCache) -> llama.KVCache:
 def prepare_weights(graphdef, params, mesh=None, rules=None) -> DecodeWeights:
     """Transposes and fuses the parameters once for decode (pure; jit it).
 
-    Costs one pass over the weights and a second copy of them while sampling; the sampler
-    returns them with its result so that a continuation reuses them. With a mesh, the copy is
+    LoRA adapters are folded into their kernels here (W + scale * A @ B), so decode runs the
+    adapted model at the plain model's speed. Costs one pass over the weights and a second
+    copy of them while sampling; the sampler returns them with its result so that a
+    continuation reuses them. With a mesh, the copy is
     laid out tensor-parallel and replicated over data/fsdp (the rows of a sampling batch are
     split over those axes instead).
     """
@@ -105,12 +107,13 @@ def prepare_weights(graphdef, params, mesh=None, rules=None) -> DecodeWeights:
     num_layers, d, kh, h = cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
     g = cfg.num_heads // kh
     att, mlp = model.layers.self_attn, model.layers.mlp
-    q = att.q_proj.kernel[...].reshape(num_layers, d, kh, g, h)
-    k = att.k_proj.kernel[...].reshape(num_layers, d, kh, 1, h)
-    v = att.v_proj.kernel[...].reshape(num_layers, d, kh, 1, h)
+    kernel = lora.merged_kernel  # the kernel itself, or with LoRA adapters folded in
+    q = kernel(att.q_proj, 1).reshape(num_layers, d, kh, g, h)
+    k = kernel(att.k_proj, 1).reshape(num_layers, d, kh, 1, h)
+    v = kernel(att.v_proj, 1).reshape(num_layers, d, kh, 1, h)
     qkv = jnp.concatenate([q, k, v], axis=3).transpose(0, 2, 3, 4, 1)  # [L, K, G+2, H, D]
-    o = att.o_proj.kernel[...].reshape(num_layers, cfg.num_heads * h, d).transpose(0, 2, 1)
-    gate_up = jnp.stack([mlp.gate_proj.kernel[...], mlp.up_proj.kernel[...]], axis=1)
+    o = kernel(att.o_proj, 2).reshape(num_layers, cfg.num_heads * h, d).transpose(0, 2, 1)
+    gate_up = jnp.stack([kernel(mlp.gate_proj, 1), kernel(mlp.up_proj, 1)], axis=1)
     embed = model.embed_tokens.embedding[...].astype(dt)
     weights = DecodeWeights(
         input_norm=model.layers.input_layernorm.weight[...],
@@ -118,7 +121,7 @@ def prepare_weights(graphdef, params, mesh=None, rules=None) -> DecodeWeights:
         o=o.astype(dt),
         post_norm=model.layers.post_attention_layernorm.weight[...],
         gate_up=gate_up.transpose(0, 1, 3, 2).astype(dt),  # [L, 2, F, D]
-        down=mlp.down_proj.kernel[...].transpose(0, 2, 1).astype(dt),  # [L, D, F]
+        down=kernel(mlp.down_proj, 1).transpose(0, 2, 1).astype(dt),  # [L, D, F]
         final_norm=model.norm.weight[...],
         embed=embed,
         head=embed if cfg.tie_word_embeddings else model.lm_head.kernel[...].T.astype(dt),

@@ -81,6 +81,44 @@ def hf_tensor_map(
     return table
 
 
+# PEFT's names for LlamaForCausalLM adapters: `base_model.model.` + the module's name.
+PEFT_PREFIX = "base_model.model.model.layers.{i}."
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def peft_tensor_map(
+    cfg: llama.LlamaConfig,
+) -> dict[tuple[str, ...], tuple[str, Transform, Transform]]:
+    """`hf_tensor_map` for the LoRA adapters of `cfg` in PEFT's layout: ours A [*in, r] is
+    PEFT's `lora_A.weight` [r, in] and ours B [r, *out] its `lora_B.weight` [out, r] (PEFT
+    computes x A^T B^T; in/out flatten in HF's order, e.g. q_proj's out is (heads, head_dim))."""
+    if cfg.lora is None:
+        raise ValueError("this model has no LoRA adapters (model.lora.rank = 0).")
+    d, f, r = cfg.hidden_size, cfg.intermediate_size, cfg.lora.rank
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes = {  # target -> (module, in axes, out axes), as the kernels of llama.py
+        "q_proj": ("self_attn", (d,), (n, h)), "k_proj": ("self_attn", (d,), (k, h)),
+        "v_proj": ("self_attn", (d,), (k, h)), "o_proj": ("self_attn", (n, h), (d,)),
+        "gate_proj": ("mlp", (d,), (f,)), "up_proj": ("mlp", (d,), (f,)),
+        "down_proj": ("mlp", (f,), (d,)),
+    }  # fmt: skip
+    table = {}
+    for target in cfg.lora.targets:
+        module, ins, outs = shapes[target]
+        name = f"{PEFT_PREFIX}{module}.{target}."
+        table[("layers", module, target, "lora_a")] = (
+            name + "lora_A.weight",
+            lambda w, ins=ins: w.T.reshape(*ins, r),
+            lambda w: w.reshape(-1, r).T,
+        )
+        table[("layers", module, target, "lora_b")] = (
+            name + "lora_B.weight",
+            lambda w, outs=outs: w.T.reshape(r, *outs),
+            lambda w: w.reshape(r, -1).T,
+        )
+    return table
+
+
 def expected_hf_names(cfg: llama.LlamaConfig) -> list[str]:
     names = []
     for hf_name, _, _ in hf_tensor_map(cfg).values():
@@ -125,6 +163,8 @@ def place_params(
     source: str,
     *,
     cache_leaf: bool = False,
+    table=None,
+    abstract=None,
 ) -> nnx.State:
     """Builds every parameter on its sharding from HF-named tensors.
 
@@ -135,12 +175,13 @@ def place_params(
       source: for error messages.
       cache_leaf: keep the current parameter's per-layer tensors in host memory while its
         device shards are built (for sources whose reads are expensive, e.g. dequantization).
+      table, abstract: another name table and parameter subset (LoRA adapters: PEFT's).
 
     Returns:
       The parameter State, each leaf a global jax.Array on its sharding, in `param_dtype`.
     """
-    table = hf_tensor_map(cfg)
-    _, abstract = llama.abstract_model(cfg)
+    table = table or hf_tensor_map(cfg)
+    abstract = abstract if abstract is not None else llama.abstract_model(cfg)[1]
     dtype = np.dtype(getattr(ml_dtypes, cfg.param_dtype, None) or cfg.param_dtype)
 
     def build(key_path, var, sh):
@@ -186,9 +227,12 @@ def place_params(
     return jax.tree_util.tree_unflatten(treedef, built)
 
 
-def to_hf_state_dict(cfg: llama.LlamaConfig, params: nnx.State) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (HF name, numpy array in HF layout), one tensor at a time (gathered to host)."""
-    table = hf_tensor_map(cfg)
+def to_hf_state_dict(
+    cfg: llama.LlamaConfig, params: nnx.State, table=None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (HF name, numpy array in HF layout), one tensor at a time (gathered to host);
+    `table`: another name table (`peft_tensor_map` for adapters)."""
+    table = table or hf_tensor_map(cfg)
     flat = jax.tree_util.tree_flatten_with_path(
         params, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )[0]
@@ -471,3 +515,69 @@ def export_hf(
         json.dump(hf_cfg, f, indent=1)
     if tokenizer is not None:
         tokenizer.save(out_dir)  # also writes generation_config.json (stop ids, pad id)
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT adapter directories (LoRA).
+
+
+def export_peft(out_dir: str, cfg: llama.LlamaConfig, adapters: nnx.State, base_model: str = ""):
+    """Writes the LoRA `adapters` of `cfg` as a PEFT adapter directory (`adapter_config.json` +
+    `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained` loads onto the base
+    `LlamaForCausalLM`. Only process 0 writes; every process must call it."""
+    spec = cfg.lora
+    tensors = dict(to_hf_state_dict(cfg, adapters, peft_tensor_map(cfg)))
+    if jax.process_index() != 0:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(spec.targets), "fan_in_fan_out": False, "use_rslora": False,
+        "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
+    }  # fmt: skip
+    with open(os.path.join(out_dir, PEFT_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+    write_safetensors(os.path.join(out_dir, PEFT_WEIGHTS), tensors)
+
+
+def read_peft_config(adapter_dir: str):
+    """The `lora.LoraConfig` of a PEFT adapter directory (LoRA on our target names only)."""
+    from qalign_jax.models import lora
+
+    with open(os.path.join(adapter_dir, PEFT_CONFIG)) as f:
+        c = json.load(f)
+    targets = c.get("target_modules") or ()
+    targets = [targets] if isinstance(targets, str) else targets
+    unsupported = {k: c.get(k) for k in ("use_rslora", "use_dora", "fan_in_fan_out") if c.get(k)}
+    if c.get("peft_type") != "LORA" or unsupported or c.get("bias", "none") != "none":
+        raise ValueError(
+            f"{adapter_dir}: only plain LoRA adapters load (peft_type LORA, bias none, no "
+            f"rslora/dora/fan_in_fan_out); got {c.get('peft_type')} {unsupported}."
+        )
+    return lora.LoraConfig(int(c["r"]), float(c["lora_alpha"]), tuple(targets))
+
+
+def load_peft_adapters(adapter_dir: str, cfg: llama.LlamaConfig, shardings: nnx.State):
+    """The adapters of a PEFT directory for `cfg` (its `lora` as `read_peft_config` gives),
+    each built on its sharding in `shardings` (the adapters' part of `param_shardings`)."""
+    from qalign_jax.models import lora
+
+    if cfg.lora is None or cfg.lora != read_peft_config(adapter_dir):
+        raise ValueError(
+            f"{adapter_dir}: its LoRA settings {read_peft_config(adapter_dir)} differ from the "
+            f"model's {cfg.lora}; build the config with `read_peft_config`."
+        )
+    index = read_safetensors_index(os.path.join(adapter_dir, PEFT_WEIGHTS))
+    table = peft_tensor_map(cfg)
+    expected = {n.format(i=i) for n, _, _ in table.values() for i in range(cfg.num_layers)}
+    if set(index) != expected:
+        raise ValueError(
+            f"{adapter_dir}: adapter tensors do not match; missing "
+            f"{sorted(expected - set(index))[:3]}, unexpected {sorted(set(index) - expected)[:3]}."
+        )
+    abstract = lora.split(llama.abstract_model(cfg)[1])[0]
+    return place_params(
+        cfg, lambda name: open_safetensors(*index[name]), shardings, adapter_dir, table=table,
+        abstract=abstract,
+    )  # fmt: skip

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from qalign_jax import sharding
+from qalign_jax.models import lora as lora_lib
 
 # Mask value for disallowed attention: finite so that a fully masked row (a padding query)
 # gives a uniform softmax instead of NaN.
@@ -84,6 +85,7 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype
     remat: str = "none"  # see REMAT_POLICIES
     logits_chunk: int = 0  # training losses: the head on this many positions at a time (0: all)
+    lora: lora_lib.LoraConfig | None = None  # low-rank adapters on the projections (models/lora)
     attention: str = "xla"  # see ATTENTION
 
     def __post_init__(self):
@@ -117,6 +119,17 @@ class LlamaConfig:
         block = attn + 3 * d * f + 2 * d
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + self.num_layers * block + d + head
+
+    @property
+    def num_lora_params(self) -> int:
+        """The adapters' parameter count: r * (in + out) per targeted projection and layer."""
+        if self.lora is None:
+            return 0
+        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        q, kv = self.num_heads * h, self.num_kv_heads * h
+        sizes = {"q_proj": d + q, "k_proj": d + kv, "v_proj": d + kv, "o_proj": q + d,
+                 "gate_proj": d + f, "up_proj": d + f, "down_proj": f + d}  # fmt: skip
+        return self.num_layers * self.lora.rank * sum(sizes[t] for t in self.lora.targets)
 
 
 _LLAMA3_ROPE = RopeScaling(factor=8.0, original_max_position_embeddings=8192)
@@ -215,30 +228,54 @@ class RMSNorm(nnx.Module):
 
 
 class Proj(nnx.Module):
-    """A bias-free projection; the einsum lives with its caller."""
+    """A bias-free projection contracting its first `num_in` kernel axes (`lora.project`).
 
-    def __init__(self, shape, axes, stack: tuple = (), *, cfg, rngs: nnx.Rngs):
-        axes = ("layers",) * len(stack) + tuple(axes)
-        self.kernel = _param(rngs, (*stack, *shape), axes, cfg.param_dtype)
+    With `name` among `cfg.lora.targets` it also holds the adapters `lora_a` [*in, r] (normal,
+    std 1/sqrt(fan-in), drawn from a key folded out of the kernel's so the base init is the
+    plain model's) and `lora_b` [r, *out] (zeros), both float32 whatever `param_dtype` (they
+    are trained: Adam's small updates would round away in bfloat16; the frozen base may be
+    stored in bfloat16).
+    """
+
+    def __init__(self, shape, axes, stack: tuple = (), *, cfg, rngs: nnx.Rngs, num_in: int = 1,
+                 name: str = ""):  # fmt: skip
+        lead = ("layers",) * len(stack)
+        key = rngs.params()
+        kernel = 0.02 * jax.random.normal(key, (*stack, *shape), cfg.param_dtype)
+        self.kernel = nnx.Param(kernel, logical_axes=lead + tuple(axes))
+        self.num_in = num_in
+        if cfg.lora is None or name not in cfg.lora.targets:
+            return
+        r, in_shape, out_shape = cfg.lora.rank, shape[:num_in], shape[num_in:]
+        std = 1.0 / math.sqrt(math.prod(in_shape))
+        a = std * jax.random.normal(jax.random.fold_in(key, 1), (*stack, *in_shape, r))
+        self.lora_a = lora_lib.LoraParam(
+            a.astype(jnp.float32), logical_axes=lead + tuple(axes[:num_in]) + (None,)
+        )
+        self.lora_b = lora_lib.LoraParam(
+            jnp.zeros((*stack, r, *out_shape), jnp.float32),
+            logical_axes=lead + (None,) + tuple(axes[num_in:]),
+        )
+        self.lora_scale = cfg.lora.scale
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, stack: tuple, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(stack=stack, cfg=cfg, rngs=rngs)
-        self.q_proj = Proj((d, n, h), ("embed", "heads", "head_dim"), **kw)
-        self.k_proj = Proj((d, k, h), ("embed", "kv_heads", "head_dim"), **kw)
-        self.v_proj = Proj((d, k, h), ("embed", "kv_heads", "head_dim"), **kw)
-        self.o_proj = Proj((n, h, d), ("heads", "head_dim", "embed"), **kw)
+        self.q_proj = Proj((d, n, h), ("embed", "heads", "head_dim"), name="q_proj", **kw)
+        self.k_proj = Proj((d, k, h), ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)
+        self.v_proj = Proj((d, k, h), ("embed", "kv_heads", "head_dim"), name="v_proj", **kw)
+        self.o_proj = Proj((n, h, d), ("heads", "head_dim", "embed"), num_in=2, name="o_proj", **kw)
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, stack: tuple, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
         kw = dict(stack=stack, cfg=cfg, rngs=rngs)
-        self.gate_proj = Proj((d, f), ("embed", "mlp"), **kw)
-        self.up_proj = Proj((d, f), ("embed", "mlp"), **kw)
-        self.down_proj = Proj((f, d), ("mlp", "embed"), **kw)
+        self.gate_proj = Proj((d, f), ("embed", "mlp"), name="gate_proj", **kw)
+        self.up_proj = Proj((d, f), ("embed", "mlp"), name="up_proj", **kw)
+        self.down_proj = Proj((f, d), ("mlp", "embed"), name="down_proj", **kw)
 
 
 class Block(nnx.Module):
@@ -356,9 +393,9 @@ def _block_forward(
     dt = cfg.dtype
     attn = blk.self_attn
     h = blk.input_layernorm(x)
-    q = jnp.einsum("BTD,DNH->BTNH", h, attn.q_proj.kernel[...].astype(dt))
-    k = jnp.einsum("BTD,DKH->BTKH", h, attn.k_proj.kernel[...].astype(dt))
-    v = jnp.einsum("BTD,DKH->BTKH", h, attn.v_proj.kernel[...].astype(dt))
+    q = lora_lib.project(attn.q_proj, h, 1, dt)  # [B, T, N, H]
+    k = lora_lib.project(attn.k_proj, h, 1, dt)  # [B, T, K, H]
+    v = lora_lib.project(attn.v_proj, h, 1, dt)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     if layer_cache is not None:  # write this call's keys at `index`, attend over all slots
@@ -368,14 +405,14 @@ def _block_forward(
         layer_cache = (k_cache, v_cache)
         k, v = k_cache.astype(dt), v_cache.astype(dt)
     out = _attend(q, k, v, positions, k_positions, prefix, cfg)
-    x = x + jnp.einsum("BTNH,NHD->BTD", out, attn.o_proj.kernel[...].astype(dt))
+    x = x + lora_lib.project(attn.o_proj, out, 2, dt)  # [B, T, D]
     x = sharding.constrain(x, ("batch", "seq", "embed"))
 
     h = blk.post_attention_layernorm(x)
-    gate = jnp.einsum("BTD,DF->BTF", h, blk.mlp.gate_proj.kernel[...].astype(dt))
-    up = jnp.einsum("BTD,DF->BTF", h, blk.mlp.up_proj.kernel[...].astype(dt))
+    gate = lora_lib.project(blk.mlp.gate_proj, h, 1, dt)  # [B, T, F]
+    up = lora_lib.project(blk.mlp.up_proj, h, 1, dt)
     hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-    x = x + jnp.einsum("BTF,FD->BTD", hidden, blk.mlp.down_proj.kernel[...].astype(dt))
+    x = x + lora_lib.project(blk.mlp.down_proj, hidden, 1, dt)
     return sharding.constrain(x, ("batch", "seq", "embed")), layer_cache
 
 
@@ -546,3 +583,28 @@ def positions_from_mask(mask):
     """[B, T] positions for left- or right-padded rows: 0.. over real tokens, -1 on padding."""
     mask = mask.astype(jnp.int32)
     return jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, -1)
+
+
+def init_adapters(cfg: LlamaConfig, seed: int, shardings=None) -> nnx.State:
+    """Fresh LoRA adapters of `cfg` (`cfg.lora` set; A random, B zero), created directly on
+    `shardings`; the base weights come from elsewhere (a loaded model)."""
+    if cfg.lora is None:
+        raise ValueError("init_adapters needs a config with LoRA (model.lora.rank > 0).")
+
+    def init():
+        model = Llama(cfg, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
+        return nnx.split(model, lora_lib.LoraParam, ...)[1]  # the base is never materialized
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def merge_adapters(graphdef, params) -> nnx.State:
+    """The plain model's parameters with every adapter folded into its kernel (W + scale * A @ B;
+    export, evaluation). Pure; jit it for large models. Without adapters: `params` as given."""
+    model = nnx.merge(graphdef, params)
+    for mod in (model.layers.self_attn, model.layers.mlp):
+        for name in lora_lib.TARGETS:
+            proj = getattr(mod, name, None)
+            if proj is not None and getattr(proj, "lora_a", None) is not None:
+                proj.kernel[...] = lora_lib.merged_kernel(proj, proj.num_in)
+    return lora_lib.split(nnx.split(model, nnx.Param)[1])[1]
