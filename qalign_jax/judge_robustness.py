@@ -507,7 +507,8 @@ def plot_heatmap(summary: dict, rubric: rubric_lib.Rubric, path: str, settings=N
         labels = questions if ax is axes[0][0] else []  # one label column for all panels
         ax.set_yticks(range(len(questions)), labels, fontsize=max(3, min(7, 600 // len(questions))))
         ax.set_title(f"{rubric.name}: {setting}", fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), label="favourable verdict rate (red = judge passes it)")
+    fig.colorbar(im, ax=axes[0].tolist(), label="favourable verdict rate (red = judge passes it)",
+                 shrink=min(1.0, 12 / fig.get_figheight()))  # fmt: skip
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
