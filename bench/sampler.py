@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qalign_jax import sampler
+from qalign_jax import plan, sampler
 from qalign_jax.models import hf, llama, load
 
 QUESTIONS = [
@@ -265,13 +265,20 @@ def run_cpu(args) -> dict:
     }  # fmt: skip
 
 
-def hbm_bandwidth() -> float:
-    """Device memory bandwidth from a large elementwise copy (bytes read + written / time)."""
-    x = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
+def hbm_bandwidths(size: int = 1 << 28) -> dict[str, float]:
+    """Device memory bandwidth, bytes read + written per second, two ways over `size` float32
+    (1 GiB): an elementwise kernel (x * 1.0001) and a device-to-device copy (`x.copy()`, the
+    runtime's memcpy); plus the chip's nominal figure where `plan.CHIPS` knows it (else 0)."""
+    x = jnp.ones((size,), jnp.float32)
     f = jax.jit(lambda x: x * 1.0001)
     f(x).block_until_ready()
-    t = best_time(lambda: f(x).block_until_ready(), 10)
-    return 2 * x.nbytes / t
+    out = {"elementwise": 2 * x.nbytes / best_time(lambda: f(x).block_until_ready(), 10)}
+    x.copy().block_until_ready()
+    out["copy"] = 2 * x.nbytes / best_time(lambda: x.copy().block_until_ready(), 10)
+    kind = jax.devices()[0].device_kind.lower()
+    chip = next((c for c in plan.CHIPS if c.split("-")[0] in kind), "")
+    out["nominal"] = plan.CHIPS[chip][1] if chip else 0.0
+    return out
 
 
 def run_gpu(args) -> dict:
@@ -285,8 +292,10 @@ def run_gpu(args) -> dict:
     print(f"{args.preset}: {cfg.num_params / 1e9:.2f}B random bf16 params in "
           f"{time.perf_counter() - t0:.0f}s on {jax.devices()[0]}", flush=True)  # fmt: skip
     model = types.SimpleNamespace(cfg=cfg, graphdef=graphdef, params=params)
-    bw = hbm_bandwidth()
-    print(f"memory bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    bws = hbm_bandwidths()
+    bw = bws["elementwise"]
+    print("memory bandwidth (GB/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in bws.items()),
+          flush=True)  # fmt: skip
     rng = np.random.default_rng(0)
     weights = None
     results = []
@@ -311,14 +320,19 @@ def run_gpu(args) -> dict:
             "prefill_s": r.timings["prefill"], "prepare_s": first.timings["prepare"],
             "roofline_step_ms": roofline_s * 1e3, "fraction_of_roofline": roofline_s / step_s,
             "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
+            "fraction_of_roofline_by": {  # the same against each bandwidth figure
+                k: (weight_bytes + kv_bytes) / v / step_s for k, v in bws.items() if v
+            },
         }  # fmt: skip
         results.append(row)
         print(f"batch={b:<3d} decode {row['decode_tokens_per_s']:.1f} tok/s, step "
               f"{row['step_ms']:.2f} ms, roofline {row['roofline_step_ms']:.2f} ms "
-              f"({row['fraction_of_roofline']:.0%} of HBM roofline)", flush=True)  # fmt: skip
+              f"({row['fraction_of_roofline']:.0%} of HBM roofline; against "
+              + ", ".join(f"{k} {v:.0%}" for k, v in row["fraction_of_roofline_by"].items())
+              + ")", flush=True)  # fmt: skip
     return {
         "mode": "gpu", "preset": args.preset, "device": str(jax.devices()[0]),
-        "bandwidth_bytes_per_s": bw, "prompt_len": args.prompt_len,
+        "bandwidth_bytes_per_s": bw, "bandwidths": bws, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "results": results, "compiles": sampler.compile_stats(),
         "target": {"batch1_fraction_of_roofline": 0.7},
     }  # fmt: skip
