@@ -11,7 +11,9 @@ full fine-tuning. One frozen bfloat16 copy of the base is the policy's base, the
 the weights are held once; Adam and the gradients are the adapters' (42M parameters, 0.5%).
 The run writes the merged weights to workdir/hf and the adapters as a PEFT directory to
 workdir/adapter. checkpoint.init is left empty: a primed (SFT) base would be a second frozen
-copy beside the judge (+16 GB: peak 71.8 GB, 90%, at the edge of the plan's margin).
+copy beside the judge (+16 GB: peak 71.8 GB, 90%, at the edge of the plan's margin). Prime
+with LoRA instead and pass its adapters, --config.model.lora.init=<sft workdir>/adapter: the
+start and the KL reference are then the base with those adapters, still one base copy.
 
 Memory per device, `python -m qalign_jax.plan --config configs/qalign_grpo_llama3_8b_lora.py
 --preset llama3_1_8b --accelerator h100 --num_devices 1` (estimates: the parameter-shaped rows

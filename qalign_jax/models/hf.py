@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from qalign_jax import files, sharding
-from qalign_jax.models import llama
+from qalign_jax.models import llama, lora
 
 # ---------------------------------------------------------------------------------------------
 # The name table.
@@ -543,8 +543,6 @@ def export_peft(out_dir: str, cfg: llama.LlamaConfig, adapters: nnx.State, base_
 
 def read_peft_config(adapter_dir: str):
     """The `lora.LoraConfig` of a PEFT adapter directory (LoRA on our target names only)."""
-    from qalign_jax.models import lora
-
     with open(os.path.join(adapter_dir, PEFT_CONFIG)) as f:
         c = json.load(f)
     targets = c.get("target_modules") or ()
@@ -561,8 +559,6 @@ def read_peft_config(adapter_dir: str):
 def load_peft_adapters(adapter_dir: str, cfg: llama.LlamaConfig, shardings: nnx.State):
     """The adapters of a PEFT directory for `cfg` (its `lora` as `read_peft_config` gives),
     each built on its sharding in `shardings` (the adapters' part of `param_shardings`)."""
-    from qalign_jax.models import lora
-
     if cfg.lora is None or cfg.lora != read_peft_config(adapter_dir):
         raise ValueError(
             f"{adapter_dir}: its LoRA settings {read_peft_config(adapter_dir)} differ from the "
