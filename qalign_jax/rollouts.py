@@ -356,6 +356,17 @@ def rollout_metrics(ro: Rollouts, rubric) -> dict[str, float]:
     m = {
         "rollout/draft_tokens": float(np.mean([len(t) for t in ro.draft_ids])),
         "rollout/draft_truncated": float(np.mean([r == "length" for r in ro.draft_finish])),
+        # The training guard against judge exploits: answers that are no answer (empty, ":", a
+        # lone master key, the prompt echoed: `judge.substantive_reasons`), whether or not
+        # `judge.substantive_gate` vetoes them.
+        "rollout/not_substantive_rate": float(
+            np.mean(
+                [
+                    bool(judge_lib.substantive_reasons(r.prompt, a))
+                    for r, a in zip(ro.records, final_answers(ro))
+                ]
+            )
+        ),  # fmt: skip
     }
     if ro.draft_verdicts is None:
         return m

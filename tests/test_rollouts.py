@@ -157,6 +157,10 @@ def test_final_answers_and_errors(setup):
     ro = rollouts.rollout(policy, None, rows[:2], ids[:2], single, jax.random.key(6))
     ro = dataclasses.replace(ro, drafts=["d0", "d1"], revisions=["r0", "r1"], errors=[None, "bad"])
     assert rollouts.final_answers(ro) == ["r0", "d1"]
+    # The exploit guard counts non-answers among the final answers: here "Thought process:".
+    guard = dataclasses.replace(ro, revisions=["Thought process:", "r1"])
+    assert rollouts.rollout_metrics(guard, judge.rubric)["rollout/not_substantive_rate"] == 0.5
+    assert rollouts.rollout_metrics(ro, judge.rubric)["rollout/not_substantive_rate"] == 0.0
     with pytest.raises(ValueError, match="needs a judge"):
         rollouts.rollout(policy, None, rows[:2], ids[:2], opts, jax.random.key(0))
     with pytest.raises(ValueError, match="needs a judge .* and revision_rng"):
