@@ -31,7 +31,9 @@ would add a third to the step), the head's loss in 32-position chunks.
 `:contrast` (`:contrast,seed1`) trains on benign prompts that look harmful as well: the 150 XSTest
 safe prompts that the held-out readout does not read (`holdout`, data.select_prompts) and 100 of
 XSTest's unsafe contrasts, beside 100 DangerousQA and 100 Alpaca prompts. Without them the
-refusal learned on harmful prompts spread to XSTest's look-alikes (FRR 0.33 -> 0.91).
+refusal learned on harmful prompts spread to XSTest's look-alikes (FRR 0.33 -> 0.91); with them
+(2026-12-05, two seeds) the policy lost the refusals instead (AdvBench ASR 0.52 -> 0.66, 0.81;
+FRR 0.42, 0.30): neither recipe reaches the targets yet (bench/results/compose_smol/).
 """
 
 import os
