@@ -329,6 +329,16 @@ def export_hf(workdir: str, cfg, params, tokenizer, dtype: str | None = None) ->
     print(f"exported Hugging Face weights to {out}")
 
 
+def export_final(workdir: str, config, graphdef, params, frozen, cfg, policy_cfg, tokenizer,
+                 dtype: str | None = None) -> None:  # fmt: skip
+    """A loop's final weights: full weights in `workdir/hf` (LoRA adapters merged in) and, with
+    LoRA (`frozen` is the base), the adapters as a PEFT directory in `workdir/adapter`."""
+    export_hf(workdir, cfg, merged_params(graphdef, params, frozen), tokenizer, dtype)
+    if frozen is not None:
+        base_source = config.checkpoint.init or config.model.source
+        export_peft(workdir, policy_cfg, params, base_source)
+
+
 def export_peft(workdir: str, policy_cfg, adapters, base: str) -> None:
     """The LoRA adapters as a PEFT adapter directory, `workdir/adapter` (beside the merged
     `workdir/hf`), for `peft.PeftModel.from_pretrained` on the base model `base`."""

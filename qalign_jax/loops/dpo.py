@@ -405,9 +405,7 @@ def run(config, workdir: str) -> None:
                  "num_pairs": len(pairs), **train_state.lora_meta(policy_cfg, config)},
             )  # fmt: skip
 
-    if d.export_hf:  # full weights (LoRA adapters merged in)
-        final = train_state.merged_params(policy_graphdef, state.params, frozen)
-        train_state.export_hf(workdir, cfg, final, tok)
-        if frozen is not None:
-            base_source = config.checkpoint.init or config.model.source
-            train_state.export_peft(workdir, policy_cfg, state.params, base_source)
+    if d.export_hf:
+        train_state.export_final(
+            workdir, config, policy_graphdef, state.params, frozen, cfg, policy_cfg, tok
+        )

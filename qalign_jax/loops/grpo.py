@@ -463,9 +463,7 @@ def run(config, workdir: str) -> None:
                  **train_state.lora_meta(policy_cfg, config)},
             )  # fmt: skip
 
-    if g.export_hf:  # full weights (LoRA adapters merged in)
-        final = train_state.merged_params(graphdef, state.params, frozen)
-        train_state.export_hf(workdir, cfg, final, tok)
-        if frozen is not None:
-            base_source = config.checkpoint.init or config.model.source
-            train_state.export_peft(workdir, policy_cfg, state.params, base_source)
+    if g.export_hf:
+        train_state.export_final(
+            workdir, config, graphdef, state.params, frozen, cfg, policy_cfg, tok
+        )

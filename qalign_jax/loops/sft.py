@@ -314,9 +314,8 @@ def run(config, workdir: str) -> None:
                 **train_state.lora_meta(policy_cfg, config),
             })  # fmt: skip
 
-    if sft_cfg.export_hf:  # full weights (LoRA adapters merged in)
-        final = train_state.merged_params(graphdef, state.params, frozen)
-        train_state.export_hf(workdir, cfg, final, tokenizer, sft_cfg.export_dtype or None)
-        if frozen is not None:
-            base_source = config.checkpoint.init or config.model.source
-            train_state.export_peft(workdir, policy_cfg, state.params, base_source)
+    if sft_cfg.export_hf:
+        train_state.export_final(
+            workdir, config, graphdef, state.params, frozen, cfg, policy_cfg, tokenizer,
+            sft_cfg.export_dtype or None,
+        )  # fmt: skip
