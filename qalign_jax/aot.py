@@ -97,7 +97,7 @@ def compile_sft(config, cfg, mesh, *, compile_: bool = True) -> dict:
     graphdef, tx, schedule, abstract_state, state_sh = _state(config, cfg, mesh, 100)
     frozen, frozen_sh = _frozen(cfg, mesh, config.sharding.rules)
     step = sft.jit_train_step(graphdef, tx, schedule, state_sh, mesh, config.sharding.rules,
-                              frozen_sh)  # fmt: skip
+                              frozen_sh, train_state.compute_dtype(config.model))  # fmt: skip
     bsh = sft.batch_shardings(mesh)
     shape = (s.grad_accum_steps, rows, config.data.seq_len)
     batch = {
@@ -131,7 +131,8 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
     # Training: the step and the reference forward.
     frozen, frozen_sh = _frozen(cfg, mesh, rules)
     frozen_args = () if frozen is None else (frozen,)
-    step = grpo.jit_grpo_step(graphdef, tx, schedule, state_sh, g, mesh, rules, frozen_sh)
+    step = grpo.jit_grpo_step(graphdef, tx, schedule, state_sh, g, mesh, rules, frozen_sh,
+                              train_state.compute_dtype(config.model))  # fmt: skip
     bsh = grpo.batch_shardings(mesh)
     micro = rows // g.grad_accum_steps
     batch = {}

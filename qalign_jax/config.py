@@ -43,6 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # storage dtype of the weights
     c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
     c.model.remat = "none"  # 'none' | 'full' | 'dots' (see llama.REMAT_POLICIES)
+    # Train steps cast the weights to `dtype` once per step, before the micro-batch loop, not at
+    # each use in every micro-batch (`train_state.compute_copy`; no-op when dtype = param_dtype).
+    # It holds one copy of the weights in `dtype` for the step; False casts at each use.
+    c.model.compute_copy = True
     # Training losses run the output head on this many positions of each row at a time, so
     # the [rows, T, vocab] float32 logits never exist at once (0 = all at once).
     c.model.logits_chunk = 0

@@ -26,6 +26,7 @@ TPU/GPU: treat activations as an estimate; the parameter-shaped terms are exact.
 
 Phases (they do not coexist, the peak is the larger):
   train    policy params + Adam (mu, nu) + gradients (float32 accumulator and one micro-batch's)
+           + the weights' compute-dtype copy when narrower (`model.compute_copy`)
            + activations of one micro-batch (with the config's remat; the other remat shown)
            + the frozen copies (GRPO, resident all run): model.source's weights, a primed
            reference (checkpoint.init) and a separate judge (judge.source)
@@ -232,6 +233,10 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
             f"({100 * cfg.num_lora_params / cfg.num_params:.2f}% of the base); params are the "
             "frozen base, which is also the KL reference"
         )
+    if config.model.compute_copy and _dtype_bytes(cfg.dtype) < pb:
+        # train_state.compute_copy: the (frozen) weights cast once per step; the embedding
+        # table is left as stored, counted here anyway (an upper bound).
+        rows["compute copy of the weights"] = elems * _dtype_bytes(cfg.dtype)
     other = "full" if cfg.remat == "none" else "none"
     if config.loop == "sft":
         micro = config.sft.global_batch_size // config.sft.grad_accum_steps

@@ -7,6 +7,7 @@ owns its step's loss; these functions are the pieces they share, in the order a 
   jit_init_state, jit_step          compiled once with `sharding.jit` (the state donated)
   micro_shardings, split_micro,     a step's batch: [A micro-batches, rows / A, ...] arrays,
   put_batch, put_local_batch          rows over (data, fsdp), placed from the host
+  compute_dtype, compute_copy       mixed precision: the weights cast once per step
   accumulate_grads, apply_grads     inside the step: summed float32 gradients, one update
   end_step, save, closing, export_hf  the tail: check, log, checkpoint when due, close, export
 
@@ -259,13 +260,53 @@ def put_local_batch(batch: dict, shardings: dict[str, NamedSharding], micro_rows
 # Inside the jitted step.
 
 
-def accumulate_grads(loss_fn, params, batch, param_sh):
-    """float32 gradient sum and summed aux of `loss_fn(params, micro) -> (loss, sums)` over the
-    micro-batches of `batch` (its leading axis), as one `lax.scan`."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def compute_dtype(model_cfg) -> str | None:
+    """The dtype a train step casts its weights to once (`compute_copy`), or None: the
+    config's compute dtype when `model.compute_copy` is on, else per use in each forward."""
+    return model_cfg.dtype if model_cfg.compute_copy else None
+
+
+def _is_embedding(path) -> bool:
+    return any(getattr(k, "key", None) == "embed_tokens" for k in path)
+
+
+def compute_copy(params, dtype: str | None):
+    """`params` cast to the compute `dtype` (a no-op for None, for leaves already as narrow,
+    and for the embedding table).
+
+    The model casts each weight to its compute dtype where it uses it (`llama.Proj`, the norms,
+    the head), so a step of A micro-batches (and remat's recomputation) would cast every
+    weight A to 2A times; cast once, before the micro-batch loop, the forward sees the same
+    numbers and the gradients are the same (a cast's VJP casts the cotangent back). The token
+    embedding stays as stored: its rows are gathered, and their gradients scatter-added over
+    every token, which should sum in float32.
+    """
+    if params is None or dtype is None:
+        return params
+    dtype = jnp.dtype(dtype)
+
+    def cast(path, x):
+        narrower = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > dtype.itemsize
+        return x.astype(dtype) if narrower and not _is_embedding(path) else x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def accumulate_grads(loss_fn, params, batch, param_sh, frozen=None, dtype: str | None = None):
+    """float32 gradient sum with respect to `params` and summed aux of
+    `loss_fn(weights, micro) -> (loss, sums)` over the micro-batches of `batch` (its leading
+    axis), as one `lax.scan`. `weights` is the policy's whole tree: `params` plus the
+    `frozen` base under LoRA (`full_params`), both cast once to `dtype` (`compute_copy`)."""
+    trained = jax.lax.with_sharding_constraint(compute_copy(params, dtype), param_sh)
+    frozen = compute_copy(frozen, dtype)
+
+    def weights_loss(trained, micro):
+        return loss_fn(full_params(trained, frozen), micro)
+
+    grad_fn = jax.value_and_grad(weights_loss, has_aux=True)
 
     def accumulate(grads, micro):
-        (_, sums), g = grad_fn(params, micro)
+        (_, sums), g = grad_fn(trained, micro)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
         # Pin the carry to the parameters' sharding: an unsharded fp32 gradient of an 8B
         # model would not fit on one device.

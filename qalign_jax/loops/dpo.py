@@ -199,19 +199,20 @@ def answer_logprobs(params, tokens, positions, targets, mask, *, graphdef):
 
 
 def dpo_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, param_sh,
-             dpo_cfg):  # fmt: skip
+             dpo_cfg, compute_dtype=None):  # fmt: skip
     """One optimizer update on the step's micro-batches of pairs; metrics are step means.
-    `frozen`: the base weights under LoRA (`state.params` are the adapters), else None."""
+    `frozen`: the base weights under LoRA (`state.params` are the adapters), else None;
+    `compute_dtype`: the weights are cast to it once (`train_state.compute_copy`), or None."""
     d = dpo_cfg
     num_pairs = float(batch["ref_chosen"].shape[0] * batch["ref_chosen"].shape[1])
 
-    def loss_fn(params, micro):
+    def loss_fn(weights, micro):
         # Chosen and rejected rows in one forward: [2P, T].
         rows = {k: jnp.concatenate([micro[f"chosen_{k}"], micro[f"rejected_{k}"]]) for k in
                 ROW_KEYS}  # fmt: skip
         logp = answer_logprobs(
-            train_state.full_params(params, frozen), rows["tokens"], rows["positions"],
-            rows["targets"], rows["mask"], graphdef=graphdef,
+            weights, rows["tokens"], rows["positions"], rows["targets"], rows["mask"],
+            graphdef=graphdef,
         )  # fmt: skip
         chosen, rejected = jnp.split(logp, 2)
         return losses.dpo_loss(
@@ -219,7 +220,9 @@ def dpo_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, p
             label_smoothing=d.label_smoothing, normalizer=num_pairs,
         )  # fmt: skip
 
-    grads, sums = train_state.accumulate_grads(loss_fn, state.params, batch, param_sh)
+    grads, sums = train_state.accumulate_grads(
+        loss_fn, state.params, batch, param_sh, frozen, compute_dtype
+    )
     new_state, grad_norm = train_state.apply_grads(state, grads, tx)
     step_metrics = {
         "loss": sums["loss_sum"] / num_pairs,
@@ -241,11 +244,12 @@ def batch_shardings(mesh) -> dict[str, NamedSharding]:
 
 
 def jit_dpo_step(graphdef, tx, schedule, state_sh: TrainState, dpo_cfg, mesh, rules,
-                 frozen_sh=None):  # fmt: skip
+                 frozen_sh=None, compute_dtype=None):  # fmt: skip
     """`dpo_step` jitted once (`train_state.jit_step`); `frozen_sh`: the base's shardings
     under LoRA."""
     step = functools.partial(dpo_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                             param_sh=state_sh.params, dpo_cfg=dpo_cfg)  # fmt: skip
+                             param_sh=state_sh.params, dpo_cfg=dpo_cfg,
+                             compute_dtype=compute_dtype)  # fmt: skip
     return train_state.jit_step(
         step, state_sh, batch_shardings(mesh), mesh, rules, "dpo_step", frozen_sh
     )
@@ -372,7 +376,8 @@ def run(config, workdir: str) -> None:
             f"{manager.directory}: the checkpoint was trained on {meta.get('num_pairs')} pairs, "
             f"{pairs_path} has {len(pairs)}; use a new workdir or restore the pairs file."
         )
-    step_fn = jit_dpo_step(policy_graphdef, tx, schedule, state_sh, d, mesh, rules, frozen_sh)
+    step_fn = jit_dpo_step(policy_graphdef, tx, schedule, state_sh, d, mesh, rules, frozen_sh,
+                           train_state.compute_dtype(config.model))  # fmt: skip
     batch_sh = batch_shardings(mesh)
 
     writer = metrics.MetricsWriter(

@@ -166,14 +166,15 @@ def token_logprobs(params, tokens, positions, targets, *, graphdef):
 
 
 def grpo_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, param_sh,
-              grpo_cfg):  # fmt: skip
+              grpo_cfg, compute_dtype=None):  # fmt: skip
     """One optimizer update on the step's micro-batches; metrics are step totals.
 
     The importance ratio's denominator comes from the training forward, never the sampler's
     decode path: with one update per batch (num_iterations = 1) it is this forward itself under
     `stop_gradient`, so the ratio is exactly 1 (the policy gradient); with more, the loop fills
     `old_logp` with `token_logprobs` of the policy before the first update. `frozen`: the
-    base weights under LoRA (`state.params` are the adapters), else None.
+    base weights under LoRA (`state.params` are the adapters), else None; `compute_dtype`: the
+    weights are cast to it once (`train_state.compute_copy`), or None.
     """
     g = grpo_cfg
     num_tokens = jnp.sum(batch["loss_mask"])
@@ -185,10 +186,9 @@ def grpo_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, 
         * batch["loss_mask"].shape[2],
     }[g.aggregation]
 
-    def loss_fn(params, micro):
-        full = train_state.full_params(params, frozen)  # gradients w.r.t. `params` only
+    def loss_fn(weights, micro):
         stats = llama.token_stats(
-            graphdef, full, micro["tokens"], micro["positions"], micro["targets"], entropy=True
+            graphdef, weights, micro["tokens"], micro["positions"], micro["targets"], entropy=True
         )
         logp = stats["logp"]
         fixed = jax.lax.stop_gradient(logp)
@@ -206,7 +206,9 @@ def grpo_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, 
         sums["sampler_gap_sum"] = jnp.sum(gap)  # the decode path against this forward
         return loss, sums
 
-    grads, sums = train_state.accumulate_grads(loss_fn, state.params, batch, param_sh)
+    grads, sums = train_state.accumulate_grads(
+        loss_fn, state.params, batch, param_sh, frozen, compute_dtype
+    )
     new_state, grad_norm = train_state.apply_grads(state, grads, tx)
     denom = jnp.maximum(sums["num_tokens"], 1.0)
     step_metrics = {
@@ -224,11 +226,12 @@ def grpo_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, 
 
 
 def jit_grpo_step(graphdef, tx, schedule, state_sh: TrainState, grpo_cfg, mesh, rules,
-                  frozen_sh=None):  # fmt: skip
+                  frozen_sh=None, compute_dtype=None):  # fmt: skip
     """`grpo_step` jitted once (`train_state.jit_step`); `frozen_sh`: the base's shardings
     under LoRA."""
     step = functools.partial(grpo_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                             param_sh=state_sh.params, grpo_cfg=grpo_cfg)  # fmt: skip
+                             param_sh=state_sh.params, grpo_cfg=grpo_cfg,
+                             compute_dtype=compute_dtype)  # fmt: skip
     return train_state.jit_step(
         step, state_sh, batch_shardings(mesh), mesh, rules, "grpo_step", frozen_sh
     )
@@ -325,7 +328,8 @@ def run(config, workdir: str) -> None:
 
     # Jit once.
     batch_sh = batch_shardings(mesh)
-    step_fn = jit_grpo_step(graphdef, tx, schedule, state_sh, g, mesh, rules, frozen_sh)
+    step_fn = jit_grpo_step(graphdef, tx, schedule, state_sh, g, mesh, rules, frozen_sh,
+                            train_state.compute_dtype(config.model))  # fmt: skip
     row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
     logp_fn = sharding.jit(  # the policy's (old) log-probabilities
         functools.partial(token_logprobs, graphdef=graphdef), mesh=mesh, rules=rules,

@@ -56,29 +56,32 @@ def local_rows(global_batch_size: int, grad_accum_steps: int, mesh) -> slice:
                                   grad_accum_steps)  # fmt: skip
 
 
-def train_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, param_sh):
+def train_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, param_sh,
+               compute_dtype=None):  # fmt: skip
     """One optimizer update from the micro-batches of `batch`.
 
     Args:
       state: the train state (donated).
       batch: `tokens, positions, targets, loss_mask`, each [A, B / A, T].
       frozen: the frozen base weights under LoRA (state.params are the adapters), else None.
+      compute_dtype: the weights are cast to it once (`train_state.compute_copy`), or None.
 
     Returns:
       (new state, metrics: loss, accuracy, grad_norm (before clipping), lr, trained_tokens).
     """
     num_tokens = jnp.sum(batch["loss_mask"])  # trained tokens of the whole step
 
-    def loss_fn(params, micro):
-        full = train_state.full_params(params, frozen)  # gradients w.r.t. `params` only
+    def loss_fn(weights, micro):
         stats = llama.token_stats(
-            graphdef, full, micro["tokens"], micro["positions"], micro["targets"], correct=True
+            graphdef, weights, micro["tokens"], micro["positions"], micro["targets"], correct=True
         )
         return losses.sft_loss_from_logp(
             stats["logp"], stats["correct"], micro["loss_mask"], normalizer=num_tokens
         )
 
-    grads, sums = train_state.accumulate_grads(loss_fn, state.params, batch, param_sh)
+    grads, sums = train_state.accumulate_grads(
+        loss_fn, state.params, batch, param_sh, frozen, compute_dtype
+    )
     new_state, grad_norm = train_state.apply_grads(state, grads, tx)
     denom = jnp.maximum(num_tokens, 1.0)
     step_metrics = {
@@ -107,11 +110,12 @@ def eval_step(params, batch, *, graphdef):
     return jax.tree.map(jnp.sum, sums)
 
 
-def jit_train_step(graphdef, tx, schedule, state_sh: TrainState, mesh, rules, frozen_sh=None):
+def jit_train_step(graphdef, tx, schedule, state_sh: TrainState, mesh, rules, frozen_sh=None,
+                   compute_dtype=None):  # fmt: skip
     """`train_step` jitted once (`train_state.jit_step`); `frozen_sh`: the base's shardings
     under LoRA."""
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                             param_sh=state_sh.params)  # fmt: skip
+                             param_sh=state_sh.params, compute_dtype=compute_dtype)  # fmt: skip
     return train_state.jit_step(
         step, state_sh, batch_shardings(mesh), mesh, rules, "sft_step", frozen_sh
     )
@@ -259,7 +263,8 @@ def run(config, workdir: str) -> None:
     )  # fmt: skip
 
     # Jit once.
-    step_fn = jit_train_step(graphdef, tx, schedule, state_sh, mesh, rules, frozen_sh)
+    step_fn = jit_train_step(graphdef, tx, schedule, state_sh, mesh, rules, frozen_sh,
+                             train_state.compute_dtype(config.model))  # fmt: skip
     frozen_args = () if frozen is None else (frozen,)
     eval_fn = sharding.jit(
         functools.partial(eval_step, graphdef=graphdef), mesh=mesh, rules=rules,
