@@ -158,11 +158,57 @@ def run_trl(config, workdir: str, threads: int) -> list[dict]:
     return steps
 
 
+def matmul_shapes(cfg, tokens: int) -> dict[str, tuple[int, int, int]]:
+    """(M, K, N) of the training step's matmuls for `tokens` rows: each projection forward and
+    its two backward products (input gradient, weight gradient), and the output head's."""
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    shapes = {}
+    for name, (k, n) in {"qkv": (d, qkv), "o": (d, d), "gate+up": (d, 2 * f), "down": (f, d),
+                         "head": (d, v)}.items():  # fmt: skip
+        shapes[f"{name} fwd"] = (tokens, k, n)
+        shapes[f"{name} dx"] = (tokens, n, k)
+        shapes[f"{name} dw"] = (k, tokens, n)
+    return shapes
+
+
+def matmul_bench(cfg, tokens: int, threads: int, reps: int = 3) -> dict:
+    """GFLOP/s of XLA:CPU (a jitted jnp.dot) and PyTorch (torch.mm) on each training matmul
+    shape, float32, `threads` threads, best of `reps`."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for name, (m, k, n) in matmul_shapes(cfg, tokens).items():
+        a, b = np.random.rand(m, k).astype(np.float32), np.random.rand(k, n).astype(np.float32)
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        dot = jax.jit(jnp.dot)
+        dot(ja, jb).block_until_ready()
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        torch.mm(ta, tb)
+        times = {"xla": [], "torch": []}
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            dot(ja, jb).block_until_ready()
+            times["xla"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            torch.mm(ta, tb)
+            times["torch"].append(time.perf_counter() - t0)
+        flop = 2.0 * m * k * n
+        out[name] = {side: flop / min(t) / 1e9 for side, t in times.items()}
+        print(f"  {name:12s} [{m}x{k}] @ [{k}x{n}]  XLA {out[name]['xla']:6.1f}  "
+              f"torch {out[name]['torch']:6.1f} GFLOP/s", flush=True)  # fmt: skip
+    return out
+
+
 def vs_trl(args) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         raise SystemExit("unset XLA_FLAGS: the fake-device flag slows XLA:CPU several-fold.")
     config = vs_trl_config()
+    config.model.remat, config.grpo.grad_accum_steps = args.remat, args.grad_accum
     config.grpo.num_steps = args.steps
     config.grpo.export_hf = False
     config.checkpoint.every_steps = 0
@@ -178,7 +224,15 @@ def vs_trl(args) -> dict:
     print(f"  {'':10s} {'ours':>9s} {'TRL':>9s} {'TRL/ours':>9s}")
     for k in ("sampling_s", "judging_s", "training_s", "step_s"):
         print(f"  {k[:-2]:10s} {a[k]:8.2f}s {b[k]:8.2f}s {b[k] / a[k]:8.2f}x")
+    from qalign_jax.models import load
+
+    cfg, _ = load.describe_config(config.model)
+    widths = [r["row_width"] for r in ours[1:]]
+    tokens = config.grpo.prompts_per_step * config.grpo.num_generations * max(widths)
+    print(f"training matmuls at {tokens} tokens (our rows), float32, {args.threads} threads:")
+    matmuls = matmul_bench(cfg, tokens, args.threads)
     return {"mode": "vs_trl", "threads": args.threads, "load_avg": os.getloadavg(),
+            "matmuls": matmuls,
             "ours_steps": ours, "trl_steps": theirs, "ours": a, "trl": b,
             "speedup_step": b["step_s"] / a["step_s"],
             "speedup_training": b["training_s"] / a["training_s"]}  # fmt: skip
@@ -191,6 +245,9 @@ def main():
     ap.add_argument("--rows", type=int, default=20, help="GPU: rollouts per step (B x 5)")
     ap.add_argument("--vs-trl", action="store_true", help="CPU: against TRL's GRPOTrainer")
     ap.add_argument("--threads", type=int, default=2, help="--vs-trl: CPU threads per side")
+    ap.add_argument("--remat", default="full", help="--vs-trl: our model.remat (TRL: its "
+                    "default gradient checkpointing)")  # fmt: skip
+    ap.add_argument("--grad-accum", type=int, default=1, help="--vs-trl: our grad_accum_steps")
     args = ap.parse_args()
     if args.vs_trl:
         return write_result(vs_trl(args))
