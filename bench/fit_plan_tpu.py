@@ -153,8 +153,9 @@ def _terms(config, cfg, num_devices, fit):
 
 # Held at physical values, not fitted: on the small shapes they are a few percent of the bytes
 # (the fit cannot see them) but at 8B they are gigabytes. The float32 gradients of the (sharded)
-# parameters exist once; remat 'full' keeps every block's input. The gathered weights (`block`,
-# `head`) are left out: the small shapes cannot tell them apart from per-token terms.
+# parameters exist once; remat 'full' keeps every block's input; FSDP gathers one block's
+# weights (compute dtype) at a time inside the layer scan. The head's gathered weights are left
+# out (the compiler does not keep them whole at 8B: the 8B points agree without them).
 FIXED = {"grads": 1.0, "inputs": 1.0, "block": 1.0, "head": 0.0}
 
 
