@@ -5,7 +5,7 @@
     bench/fit_plan_tpu.py collect fit held_out     # compile the points (skips cached ones)
   ... bench/fit_plan_tpu.py fit [0.5]              # prints FIT_TPU to paste into plan.py
   ... bench/fit_plan_tpu.py validate held_out sft_8b grpo_8b   # plan vs compiler table
-  ... bench/fit_plan_tpu.py collect sft_8b grpo_8b # the 8B train steps (~5 min each)
+  ... bench/fit_plan_tpu.py collect sft_8b grpo_8b # the 8B train steps (~2 min each)
 
 `collect` compiles the train step of every point of the named sets for a small v5p topology
 (`plan.compile_mesh`, programs from `qalign_jax/aot.py`: the SFT step, or the GRPO step alone)

@@ -8,21 +8,30 @@
   JAX_PLATFORMS=cpu python -m qalign_jax.plan --config configs/sft_prime_llama3_8b.py \
     --preset llama3_1_8b --compile --topology v5p:4x4x2 --accelerator v5p
 
-Measured (2026-12-05, libtpu 0.0.52, 32 x v5p, the 8B SFT config): the compiler's arguments
-equal the plan's params + Adam + batch (3.01 GB); its temporaries are 3.67 GB where the plan
-counts 5.71 GB (the CPU-fitted activations over-count TPU's fusion): plan / compiler = 1.31.
+Measured (2026-12-05, libtpu 0.0.52, deviceless v5p:4x4x2 = 32 chips, Llama-3.1-8B, fp32
+weights, bf16 compute, remat 'full'; bench/fit_plan_tpu.py validate), the train step's peak
+per chip, plan (FIT_TPU) / compiler: SFT (configs/sft_prime_llama3_8b.py) 6.81 / 6.69 GB =
+1.02 (temporaries 3.80 / 3.67); GRPO (configs/qalign_grpo_llama3_8b.py) 8.99 / 9.35 GB = 0.96
+(temporaries 5.98 / 6.34). Arguments (params + Adam + batch, 3.01 GB) match exactly. With the
+CPU-fitted FIT the same plans said 9.23 and 13.12 GB (1.38x, 1.40x over). Roofline on v5p
+(459 TFLOP/s, 2.77 TB/s): SFT 102 model TFLOP per chip per step (132 executed with full
+remat) -> >= 287 ms per step; GRPO 198 (255) -> >= 556 ms; compute-bound (the compiled bytes
+take 14 and 22 ms, a lower bound), so MFU at the roofline is 77% for both: the ceiling that
+full remat's recomputed forward leaves, not a projection of what the chips will reach.
 
 Arithmetic from the config, no devices needed: the model's shapes (`--preset`, else the
 config's model source, read but not loaded), dtypes, the mesh (`config.mesh.shape`, a -1 filled
 from `--num_devices`), the sharding rules, batch sizes and sequence lengths. Parameters,
 optimizer state and gradients are summed per parameter over its *actual* shard shape under the
 rules (the same `sharding.logical_to_spec` the loops use, so replicated norms and undivisible
-axes count in full). Activations and the step's temporaries follow a per-token model whose
-coefficients were fitted to `compiled.memory_analysis()` of the SFT step on CPU in float32
-(tests/test_plan.py checks the plan against memory_analysis within 10% on shapes it was not
-fitted on). XLA on TPU/GPU fuses differently, and CPU computes bfloat16 in float32 (its
-temporaries barely shrink), while the plan counts bfloat16 activations at 2 bytes as on
-TPU/GPU: treat activations as an estimate; the parameter-shaped terms are exact.
+axes count in full). Activations and the step's temporaries follow a per-token model with two
+coefficient sets (`coefficients`): FIT_TPU, fitted to the TPU compiler's `memory_analysis()`
+of the SFT step (bf16 compute, deviceless v5p), when the plan targets a TPU (`--accelerator`
+v4/v5e/v5p/v6e, or `--topology`); FIT, fitted to XLA:CPU in float32, otherwise (GPUs are not
+fitted: XLA:GPU fuses more like TPU than CPU, so FIT over-counts there). tests/test_plan.py
+checks each against its compiler on shapes it was not fitted on (CPU within 10%; TPU within
+15%, run where libtpu is importable). Treat activations as an estimate; the parameter-shaped
+terms are exact.
 
 Phases (they do not coexist, the peak is the larger):
   train    policy params + Adam (mu, nu) + gradients (float32 accumulator and one micro-batch's)

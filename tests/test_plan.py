@@ -191,3 +191,16 @@ def test_plan_matches_the_tpu_compiler():
     print(plan.train_step_peak(p), got)
     assert plan.train_step_peak(p) == pytest.approx(got["peak"], rel=0.15)
     assert plan.temporaries(p) == pytest.approx(got["temporaries"], rel=0.25)
+
+
+def test_grpo_train_step_alone_for_plan_compile():
+    """`plan --compile --train_only` (and bench/fit_plan_tpu.py) lower GRPO's train step
+    without the sampler and judge programs, which take most of the compile time at 8B."""
+    from tests.test_grpo import smoke_config
+
+    config = smoke_config()
+    cfg = aot.model_config(config, "tiny")
+    mesh = sharding.make_mesh(config.mesh.shape)
+    out = aot.compile_grpo(config, cfg, mesh, compile_=False, train_only=True)
+    assert list(out) == ["grpo_step"]
+    assert hasattr(out["grpo_step"], "compile")  # lowered, not compiled
