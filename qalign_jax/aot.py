@@ -112,13 +112,16 @@ def compile_sft(config, cfg, mesh, *, compile_: bool = True) -> dict:
     return out
 
 
-def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) -> dict:
+def compile_grpo(
+    config, cfg, mesh, *, compile_: bool = True, judge_cfg=None, train_only: bool = False
+) -> dict:
     """The GRPO loop's programs for its shapes on `mesh`: {name: compiled (or lowered)}.
 
     `compile_`: True, False (lower only) or the set of names to compile; the sampler's
     prefill, prepare and decode always compile (each one's output shardings are the next one's
     inputs), its second pass (extend, decode2) only when 'sampler_extend' is wanted.
-    `judge_cfg`: the judge's architecture (default: the policy's, as with the 8B configs)."""
+    `judge_cfg`: the judge's architecture (default: the policy's, as with the 8B configs).
+    `train_only`: the train step alone (what `plan --compile` needs in minutes at 8B)."""
     g, rules = config.grpo, tuple(config.sharding.rules)
     rows = g.prompts_per_step * g.num_generations
     sharding.check_batch_divisible(rows // g.grad_accum_steps, mesh)
@@ -141,6 +144,8 @@ def compile_grpo(config, cfg, mesh, *, compile_: bool = True, judge_cfg=None) ->
         dtype = jnp.int32 if k in ("tokens", "positions", "targets") else jnp.float32
         batch[k] = _sds(shape, dtype, bsh[k])
     _timed(out, "grpo_step", step.lower(abstract_state, batch, *frozen_args), compile_)
+    if train_only:
+        return out
     row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
     # The reference: the policy's weights, or with LoRA the base alone (adapters off).
     ref_graphdef, ref_params, ref_sh = graphdef, abstract_state.params, state_sh.params

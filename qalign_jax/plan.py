@@ -8,21 +8,30 @@
   JAX_PLATFORMS=cpu python -m qalign_jax.plan --config configs/sft_prime_llama3_8b.py \
     --preset llama3_1_8b --compile --topology v5p:4x4x2 --accelerator v5p
 
-Measured (2026-12-05, libtpu 0.0.52, 32 x v5p, the 8B SFT config): the compiler's arguments
-equal the plan's params + Adam + batch (3.01 GB); its temporaries are 3.67 GB where the plan
-counts 5.71 GB (the CPU-fitted activations over-count TPU's fusion): plan / compiler = 1.31.
+Measured (2026-12-05, libtpu 0.0.52, deviceless v5p:4x4x2 = 32 chips, Llama-3.1-8B, fp32
+weights, bf16 compute, remat 'full'; bench/fit_plan_tpu.py validate), the train step's peak
+per chip, plan (FIT_TPU) / compiler: SFT (configs/sft_prime_llama3_8b.py) 6.81 / 6.69 GB =
+1.02 (temporaries 3.80 / 3.67); GRPO (configs/qalign_grpo_llama3_8b.py) 8.99 / 9.35 GB = 0.96
+(temporaries 5.98 / 6.34). Arguments (params + Adam + batch, 3.01 GB) match exactly. With the
+CPU-fitted FIT the same plans said 9.23 and 13.12 GB (1.38x, 1.40x over). Roofline on v5p
+(459 TFLOP/s, 2.77 TB/s): SFT 102 model TFLOP per chip per step (132 executed with full
+remat) -> >= 287 ms per step; GRPO 198 (255) -> >= 556 ms; compute-bound (the compiled bytes
+take 14 and 22 ms, a lower bound), so MFU at the roofline is 77% for both: the ceiling that
+full remat's recomputed forward leaves, not a projection of what the chips will reach.
 
 Arithmetic from the config, no devices needed: the model's shapes (`--preset`, else the
 config's model source, read but not loaded), dtypes, the mesh (`config.mesh.shape`, a -1 filled
 from `--num_devices`), the sharding rules, batch sizes and sequence lengths. Parameters,
 optimizer state and gradients are summed per parameter over its *actual* shard shape under the
 rules (the same `sharding.logical_to_spec` the loops use, so replicated norms and undivisible
-axes count in full). Activations and the step's temporaries follow a per-token model whose
-coefficients were fitted to `compiled.memory_analysis()` of the SFT step on CPU in float32
-(tests/test_plan.py checks the plan against memory_analysis within 10% on shapes it was not
-fitted on). XLA on TPU/GPU fuses differently, and CPU computes bfloat16 in float32 (its
-temporaries barely shrink), while the plan counts bfloat16 activations at 2 bytes as on
-TPU/GPU: treat activations as an estimate; the parameter-shaped terms are exact.
+axes count in full). Activations and the step's temporaries follow a per-token model with two
+coefficient sets (`coefficients`): FIT_TPU, fitted to the TPU compiler's `memory_analysis()`
+of the SFT step (bf16 compute, deviceless v5p), when the plan targets a TPU (`--accelerator`
+v4/v5e/v5p/v6e, or `--topology`); FIT, fitted to XLA:CPU in float32, otherwise (GPUs are not
+fitted: XLA:GPU fuses more like TPU than CPU, so FIT over-counts there). tests/test_plan.py
+checks each against its compiler on shapes it was not fitted on (CPU within 10%; TPU within
+15%, run where libtpu is importable). Treat activations as an estimate; the parameter-shaped
+terms are exact.
 
 Phases (they do not coexist, the peak is the larger):
   train    policy params + Adam (mu, nu) + gradients (float32 accumulator and one micro-batch's)
@@ -79,6 +88,39 @@ FIT = {
     "full": dict(grads=2.6, d=4.9, f=7.2, qkv=2.0, scores=1.2, vocab=1.3, inputs=1.0),
 }
 FIT["dots"] = FIT["none"]  # not fitted: counted as 'none', an upper bound
+
+# The same model fitted to the TPU compiler (libtpu 0.0.52, deviceless v5p, 2026-12-05): the SFT
+# step's `memory_analysis()` temporaries (less the compute copy, counted apart) with fp32
+# weights and bf16 compute on 4 chips (v5p:2x2x1; 8 for two points), over 31 shapes: a 4-layer
+# D=256 model (V 4096, F 768, 4 heads of 64, 8 rows x 512 tokens) and variants with V x4, D x2,
+# F x4, L x2, rows x2, T x2 and x4, heads x2, V and T x2, D and F x2, tensor parallel 2, 8 chips,
+# each with remat 'none' and 'full', and at T x4 heads x2, D and F x2, V x4 with 'full'.
+# Non-negative least squares weighted by 1 / sqrt(bytes); `grads`, `inputs` and `block` (one
+# block's weights gathered over fsdp in the compute dtype) held at 1, their physical counts (at
+# small shapes they are too few bytes to fit; at 8B they are gigabytes), `head` at 0. Fit error:
+# 'none' within 5%; 'full' within 12% at T=2048 but up to 1.8x at T <= 1024 (XLA:TPU keeps
+# relatively less of a small recomputed block), so it is fitted to the long-sequence regime
+# of the configs. Held out: 4 shapes (every dimension changed, 4 and 8 chips) within 8% of the
+# compiled peak, the 8B SFT and GRPO steps on v5p:4x4x2 within 4% (plan.py docstring). Rerun
+# and print with bench/fit_plan_tpu.py (collect fit, then fit; validate for the held-out).
+# XLA:TPU fuses a block's elementwise work into its matmuls and keeps bf16 at 2 bytes: far
+# fewer D- and F-wide values per token are live than on XLA:CPU.
+FIT_TPU = {
+    "none": dict(
+        grads=1.0, d=6.98, f=5.74, qkv=0.0, scores=1.73, vocab=1.03, inputs=1.0, block=1.0, head=0.0
+    ),
+    "full": dict(
+        grads=1.0, d=0.0, f=0.0, qkv=0.0, scores=1.83, vocab=0.32, inputs=1.0, block=1.0, head=0.0
+    ),
+}
+FIT_TPU["dots"] = FIT_TPU["none"]
+TPUS = ("v4", "v5e", "v5p", "v6e")
+
+
+def coefficients(accelerator: str = "", topology: str = "") -> dict:
+    """The activation model for the target: `FIT_TPU` for a TPU (`accelerator` one of `TPUS`,
+    or a `topology` to compile for), else `FIT` (XLA:CPU; GPUs are not fitted)."""
+    return FIT_TPU if accelerator in TPUS or topology else FIT
 
 
 @dataclasses.dataclass
@@ -179,9 +221,12 @@ def micro_count(config) -> int:
     return config.sft.grad_accum_steps if config.loop == "sft" else config.grpo.grad_accum_steps
 
 
-def activation_bytes(cfg: llama.LlamaConfig, rows: int, seq_len: int, mesh_shape, remat: str):
-    """Activations of one micro-batch's forward + backward, per device (see FIT above)."""
-    c = FIT[remat]
+def activation_bytes(
+    cfg: llama.LlamaConfig, rows: int, seq_len: int, mesh_shape, remat: str, fit=None
+):
+    """Activations of one micro-batch's forward + backward, per device (see FIT above; `fit`:
+    the coefficient set, FIT by default)."""
+    c = (fit or FIT)[remat]
     batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
     tp = mesh_shape["tensor"]
     rows_here = -(-rows // batch_ways)
@@ -193,12 +238,17 @@ def activation_bytes(cfg: llama.LlamaConfig, rows: int, seq_len: int, mesh_shape
     heads, kv = _split(cfg.num_heads, tp), _split(cfg.num_kv_heads, tp)
     layer = cb * (c["d"] * d + c["f"] * f + c["qkv"] * (heads + 2 * kv) * cfg.head_dim)
     layer += 4 * c["scores"] * heads * seq_len
-    head = 4 * c["vocab"] * _split(cfg.vocab_size, tp)
+    vocab = _split(cfg.vocab_size, tp)
+    head = 4 * c["vocab"] * vocab
     if remat == "full":  # block inputs kept, one block recomputed at a time
         per_token = c["inputs"] * cfg.num_layers * cb * d + layer
     else:
         per_token = cfg.num_layers * layer
-    return tokens * per_token + head_tokens * head
+    # Weights gathered whole over fsdp (split over tensor) in the compute dtype: a block's and
+    # the head's (FIT_TPU only; on XLA:CPU these are folded into the per-token terms).
+    block = d * (heads + 2 * kv) * cfg.head_dim + heads * cfg.head_dim * d + 3 * d * f
+    gathered = cb * (c.get("block", 0.0) * block + c.get("head", 0.0) * d * vocab)
+    return tokens * per_token + head_tokens * head + gathered
 
 
 def kv_cache_bytes(cfg, rows: int, cache_len: int, mesh_shape) -> float:
@@ -209,10 +259,14 @@ def kv_cache_bytes(cfg, rows: int, cache_len: int, mesh_shape) -> float:
     return -(-rows // batch_ways) * per_row
 
 
-def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str = "") -> Plan:
-    """The memory plan of `config` (loop 'sft' or 'grpo') with model `cfg`."""
+def plan(
+    config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str = "", fit=None
+) -> Plan:
+    """The memory plan of `config` (loop 'sft' or 'grpo') with model `cfg`; `fit`: the
+    activation coefficients, by default those for the accelerator (`coefficients`)."""
     if accelerator and accelerator not in ACCELERATORS:
         raise ValueError(f"unknown accelerator {accelerator!r}; known: {sorted(ACCELERATORS)}.")
+    fit = fit or coefficients(accelerator)
     mesh_shape = resolve_mesh(config.mesh.shape, num_devices)
     rules = tuple(config.sharding.rules)
     pb = _dtype_bytes(cfg.param_dtype)
@@ -221,13 +275,13 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
     if cfg.lora is None:
         rows["params"] = elems * pb
         rows["optimizer (Adam mu, nu)"] = 2 * elems * pb
-        rows["gradients + step temporaries (f32)"] = FIT[cfg.remat]["grads"] * elems * 4
+        rows["gradients + step temporaries (f32)"] = fit[cfg.remat]["grads"] * elems * 4
     else:  # trained: the float32 adapters; the base is frozen (also the reference)
         adapter_elems = param_elements_per_device(cfg, mesh_shape, rules, "adapters")
         rows["params"] = elems * pb
         rows["LoRA adapters (f32)"] = adapter_elems * 4
         rows["optimizer (Adam mu, nu)"] = 2 * adapter_elems * 4
-        rows["gradients + step temporaries (f32)"] = FIT[cfg.remat]["grads"] * adapter_elems * 4
+        rows["gradients + step temporaries (f32)"] = fit[cfg.remat]["grads"] * adapter_elems * 4
         notes.append(
             f"LoRA rank {cfg.lora.rank}: {cfg.num_lora_params / 1e6:.1f}M trained parameters "
             f"({100 * cfg.num_lora_params / cfg.num_params:.2f}% of the base); params are the "
@@ -253,10 +307,10 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
     accum = micro_count(config)
     rows["batch"] = num_keys * accum * -(-micro // batch_ways) * seq_len * 4
     rows[f"activations (remat {cfg.remat})"] = activation_bytes(
-        cfg, micro, seq_len, mesh_shape, cfg.remat
+        cfg, micro, seq_len, mesh_shape, cfg.remat, fit
     )
     train = sum(rows.values())
-    without = activation_bytes(cfg, micro, seq_len, mesh_shape, other)
+    without = activation_bytes(cfg, micro, seq_len, mesh_shape, other, fit)
     notes.append(
         f"activations with remat '{other}' instead: {without / GB:.2f} GB "
         f"({micro} rows x {seq_len} tokens per micro-batch)"
@@ -305,6 +359,22 @@ def plan(config, cfg: llama.LlamaConfig, num_devices: int = 0, accelerator: str 
         )  # fmt: skip
     memory = ACCELERATORS.get(accelerator, 0.0)
     return Plan(rows, train, rollout, max(train, rollout), memory, notes)
+
+
+ARGUMENT_ROWS = ("params", "LoRA adapters (f32)", "optimizer (Adam mu, nu)", "batch")
+FROZEN_PREFIXES = ("frozen", "judge copy")
+
+
+def train_step_peak(p: Plan) -> float:
+    """The train step program's planned bytes: the train phase less the frozen copies (the
+    reference and the judge, which are not its arguments): what `memory_analysis()` counts."""
+    return p.train - sum(v for k, v in p.rows.items() if k.startswith(FROZEN_PREFIXES))
+
+
+def temporaries(p: Plan) -> float:
+    """The train step's planned temporaries: its peak less its arguments (params, Adam, batch):
+    gradients and the optimizer's temporaries, the compute copy and the activations."""
+    return train_step_peak(p) - sum(p.rows.get(k, 0.0) for k in ARGUMENT_ROWS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,26 +530,55 @@ def compiled_cost(compiled) -> tuple[float, float]:
     return float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0))
 
 
+def _step_tokens(config) -> int:
+    if config.loop == "sft":
+        return config.sft.global_batch_size * config.data.seq_len
+    return config.grpo.prompts_per_step * config.grpo.num_generations * grpo_lengths(config).seq_len
+
+
+def _seq_len(config) -> int:
+    return config.data.seq_len if config.loop == "sft" else grpo_lengths(config).seq_len
+
+
 def train_step_flops(config, cfg: llama.LlamaConfig, num_devices: int) -> float:
     """Model FLOPs of one optimizer step per device: 6 x params x tokens (forward + backward)
     plus attention's 12 x layers x heads x head_dim x T per token, with the config's rows."""
-    if config.loop == "sft":
-        rows, seq_len = config.sft.global_batch_size, config.data.seq_len
-    else:
-        rows = config.grpo.prompts_per_step * config.grpo.num_generations
-        seq_len = grpo_lengths(config).seq_len
-    tokens = rows * seq_len
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len / 2  # causal
-    return (6 * cfg.num_params + attention) * tokens / num_devices
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * _seq_len(config) / 2  # causal
+    return (6 * cfg.num_params + attention) * _step_tokens(config) / num_devices
 
 
-def compiled_report(config, cfg: llama.LlamaConfig, mesh, p: Plan, chip: str = "") -> str:
-    """Compiles the loop's programs (`aot.py`) on `mesh` and prints each one's compiled bytes
-    per device; the train step's beside the plan's train phase (without the frozen copies,
-    which are not its arguments), and, given a chip, its roofline time and MFU."""
+def hardware_step_flops(config, cfg: llama.LlamaConfig, num_devices: int) -> float:
+    """FLOPs the chips execute per step per device: the model's, plus with remat 'full' the
+    blocks' forward once more (2 x block params + a third of attention's, per token)."""
+    model = train_step_flops(config, cfg, num_devices)
+    if cfg.remat != "full":
+        return model
+    head = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * _seq_len(config) / 2
+    return model + (2 * (cfg.num_params - head) + attention) * _step_tokens(config) / num_devices
+
+
+def roofline(config, cfg: llama.LlamaConfig, num_devices: int, chip: str, moved: float):
+    """(floor seconds, MFU at the roofline) of one train step on `chip`: the executed FLOPs at
+    the chip's peak or `moved` bytes at its bandwidth, whichever is slower; MFU = model FLOPs /
+    (peak x floor), an upper bound (no chip reaches its peak; `moved` from `cost_analysis()`
+    counts a scanned loop's body once, a lower bound)."""
+    peak_flops, bandwidth = CHIPS[chip]
+    model = train_step_flops(config, cfg, num_devices)
+    floor = max(hardware_step_flops(config, cfg, num_devices) / peak_flops, moved / bandwidth)
+    return floor, model / (peak_flops * floor)
+
+
+def compiled_report(
+    config, cfg: llama.LlamaConfig, mesh, p: Plan, chip: str = "", train_only: bool = False
+) -> str:
+    """Compiles the loop's programs (`aot.py`; `train_only`: the train step alone) on `mesh`
+    and prints each one's compiled bytes per device; the train step's beside the plan's
+    (`train_step_peak`), and, given a chip, its roofline time and MFU."""
     from qalign_jax import aot  # aot imports this module
 
-    programs = aot.COMPILERS[config.loop](config, cfg, mesh, compile_=True)
+    kwargs = {"train_only": True} if train_only and config.loop == "grpo" else {}
+    programs = aot.COMPILERS[config.loop](config, cfg, mesh, compile_=True, **kwargs)
     kind = mesh.devices.flat[0].device_kind
     lines = [f"compiled for {mesh.devices.size} x {kind}, mesh {dict(mesh.shape)}; GB per device"]
     lines.append(f"  {'program':<22}{'args':>9}{'temps':>9}{'peak':>9}{'TFLOP':>9}{'GB moved':>10}")
@@ -491,23 +590,25 @@ def compiled_report(config, cfg: llama.LlamaConfig, mesh, p: Plan, chip: str = "
             f"{b['peak'] / GB:9.3f}{flops / 1e12:9.3f}{moved / GB:10.3f}"
         )
     step = programs[f"{config.loop}_step"]
-    planned = p.train - sum(v for k, v in p.rows.items() if k.startswith(("frozen", "judge copy")))
-    got = compiled_bytes(step)["peak"]
+    planned, got = train_step_peak(p), compiled_bytes(step)
     lines.append(
-        f"  train step: plan {planned / GB:.2f} GB vs compiler {got / GB:.2f} GB "
-        f"(plan / compiler = {planned / got:.2f})"
+        f"  train step: plan {planned / GB:.2f} GB vs compiler {got['peak'] / GB:.2f} GB "
+        f"(plan / compiler = {planned / got['peak']:.2f}; temporaries plan "
+        f"{temporaries(p) / GB:.2f} vs {got['temporaries'] / GB:.2f} GB)"
     )
     if chip:
+        n = mesh.devices.size
         peak_flops, bandwidth = CHIPS[chip]
-        model = train_step_flops(config, cfg, mesh.devices.size)
-        flops, moved = compiled_cost(step)
-        floor = max(model / peak_flops, moved / bandwidth)
+        model, hardware = train_step_flops(config, cfg, n), hardware_step_flops(config, cfg, n)
+        moved = compiled_cost(step)[1]
+        floor, mfu = roofline(config, cfg, n, chip, moved)
         lines.append(
             f"  {chip}: {peak_flops / 1e12:.0f} TFLOP/s, {bandwidth / 1e9:.0f} GB/s; model "
-            f"{model / 1e12:.2f} TFLOP per device per step -> >= {floor * 1e3:.1f} ms at peak "
-            f"(compute {model / peak_flops * 1e3:.1f} ms, the compiled bytes "
-            f"{moved / bandwidth * 1e3:.1f} ms). MFU at a measured step time t: "
-            f"{model / peak_flops:.4f} s / t."
+            f"{model / 1e12:.2f} TFLOP per device per step ({hardware / 1e12:.2f} executed with "
+            f"remat '{cfg.remat}') -> >= {floor * 1e3:.1f} ms at peak (compute "
+            f"{hardware / peak_flops * 1e3:.1f} ms, the compiled bytes "
+            f"{moved / bandwidth * 1e3:.1f} ms); MFU at the roofline {mfu:.0%} (an upper "
+            f"bound). MFU at a measured step time t: {model / peak_flops:.4f} s / t."
         )
     return "\n".join(lines)
 
@@ -523,18 +624,21 @@ def main(argv):
     if flags.FLAGS.compile:
         mesh = compile_mesh(config, flags.FLAGS.topology)
         num_devices = mesh.devices.size
-    p = plan(config, cfg, num_devices, flags.FLAGS.accelerator)
+    fit = coefficients(flags.FLAGS.accelerator, flags.FLAGS.topology if mesh is not None else "")
+    p = plan(config, cfg, num_devices, flags.FLAGS.accelerator, fit=fit)
     title = (
         f"plan: loop {config.loop}, {cfg.num_params / 1e9:.2f}B params ({cfg.param_dtype} "
         f"weights, {cfg.dtype} compute), mesh {resolve_mesh(config.mesh.shape, num_devices)}, "
-        f"{flags.FLAGS.accelerator or 'no accelerator'}; bytes per device"
+        f"{flags.FLAGS.accelerator or 'no accelerator'}, activations fitted to "
+        f"{'XLA:TPU' if fit is FIT_TPU else 'XLA:CPU'}; bytes per device"
     )
     print(format_plan(p, title))
     if mesh is not None:
         chip = flags.FLAGS.accelerator or (
             flags.FLAGS.topology.split(":")[0] if flags.FLAGS.topology else ""
         )
-        print(compiled_report(config, cfg, mesh, p, chip if chip in CHIPS else ""))
+        chip = chip if chip in CHIPS else ""
+        print(compiled_report(config, cfg, mesh, p, chip, flags.FLAGS.train_only))
 
 
 if __name__ == "__main__":
@@ -548,6 +652,9 @@ if __name__ == "__main__":
     _ACCEL = flags.DEFINE_enum("accelerator", "", ["", *ACCELERATORS], "Accelerator kind.")
     _COMPILE = flags.DEFINE_bool(
         "compile", False, "Also compile the loop's programs and print the compiler's bytes."
+    )
+    _TRAIN_ONLY = flags.DEFINE_bool(
+        "train_only", False, "With --compile: the train step alone (GRPO: not the sampler/judge)."
     )
     _TOPOLOGY = flags.DEFINE_string(
         "topology",

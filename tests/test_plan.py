@@ -70,10 +70,10 @@ def test_8b_verdicts_and_components():
     assert g.rows["KV cache, both passes"] == 5 * 1792 * 32 * 4 * 128 * 2 * 2
     assert g.peak == max(g.train, g.rollout)
     grpo.checkpoint.init = ""  # model.source is the reference, the judge is separate: 2 copies
-    two = plan.plan(grpo, cfg, num_devices=32)
+    two = plan.plan(grpo, cfg, num_devices=32, accelerator="v5p")  # v5p: the same coefficients
     assert two.train == pytest.approx(g.train)
     grpo.judge.source = ""  # one frozen copy: judge and reference
-    one = plan.plan(grpo, cfg, num_devices=32)
+    one = plan.plan(grpo, cfg, num_devices=32, accelerator="v5p")
     assert "judge copy (judge.source)" not in one.rows
     assert one.train == pytest.approx(g.train - g.rows["params"])
 
@@ -150,3 +150,57 @@ def test_compile_prints_the_compilers_bytes_beside_the_plan():
     model = plan.train_step_flops(config, HELD_OUT, 8)
     assert model == pytest.approx(6 * HELD_OUT.num_params * 16 * 128 / 8, rel=0.2)
     assert f"model {model / 1e12:.2f} TFLOP per device" in text and "v5p: 459 TFLOP/s" in text
+
+
+def test_tpu_targets_use_the_tpu_coefficients():
+    assert plan.coefficients("v5p") is plan.FIT_TPU and plan.coefficients("v6e") is plan.FIT_TPU
+    assert plan.coefficients("", topology="v5p:2x2x1") is plan.FIT_TPU
+    assert plan.coefficients("h100") is plan.FIT and plan.coefficients() is plan.FIT
+    config = sft_config(16, 192, (1, 8, 1))
+    cfg = HELD_OUT.replace(param_dtype="float32", dtype="bfloat16", remat="full")
+    key = "activations (remat full)"
+    tpu, cpu = plan.plan(config, cfg, 8, "v5p"), plan.plan(config, cfg, 8)
+    assert tpu.rows[key] == plan.activation_bytes(cfg, 16, 192, tpu_mesh := {"data": 1,
+        "fsdp": 8, "tensor": 1}, "full", plan.FIT_TPU)  # fmt: skip
+    assert cpu.rows[key] == plan.activation_bytes(cfg, 16, 192, tpu_mesh, "full", plan.FIT)
+    assert tpu.rows[key] != cpu.rows[key]
+    grads = "gradients + step temporaries (f32)"
+    assert tpu.rows[grads] == plan.FIT_TPU["full"]["grads"] * cpu.rows[grads] / plan.FIT["full"][
+        "grads"]  # fmt: skip
+    # The train step's bytes: the train phase less the frozen copies; its temporaries: less
+    # the arguments (params, Adam, batch).
+    assert plan.train_step_peak(tpu) == tpu.train
+    args = sum(tpu.rows[k] for k in ("params", "optimizer (Adam mu, nu)", "batch"))
+    assert plan.temporaries(tpu) == pytest.approx(tpu.train - args)
+
+
+def test_plan_matches_the_tpu_compiler():
+    """A small model compiled deviceless for 4 v5p chips (needs libtpu: `pip install libtpu`,
+    or its directory on PYTHONPATH; no TPU): the plan with FIT_TPU within 15% of the compiled
+    train step's peak, on a shape the coefficients were not fitted on."""
+    pytest.importorskip("libtpu", reason="libtpu is not installed: no deviceless TPU compile")
+    config = sft_config(12, 768, (1, -1, 1))
+    config.model.param_dtype, config.model.dtype = "float32", "bfloat16"
+    cfg = llama.LlamaConfig(
+        vocab_size=8192, hidden_size=384, intermediate_size=1024, num_layers=3, num_heads=6,
+        num_kv_heads=2, head_dim=64, param_dtype="float32", dtype="bfloat16", remat="full",
+    )  # fmt: skip
+    mesh = plan.compile_mesh(config, "v5p:2x2x1")
+    got = plan.compiled_bytes(aot.compile_sft(config, cfg, mesh)["sft_step"])
+    p = plan.plan(config, cfg, 4, "v5p")
+    print(plan.train_step_peak(p), got)
+    assert plan.train_step_peak(p) == pytest.approx(got["peak"], rel=0.15)
+    assert plan.temporaries(p) == pytest.approx(got["temporaries"], rel=0.25)
+
+
+def test_grpo_train_step_alone_for_plan_compile():
+    """`plan --compile --train_only` (and bench/fit_plan_tpu.py) lower GRPO's train step
+    without the sampler and judge programs, which take most of the compile time at 8B."""
+    from tests.test_grpo import smoke_config
+
+    config = smoke_config()
+    cfg = aot.model_config(config, "tiny")
+    mesh = sharding.make_mesh(config.mesh.shape)
+    out = aot.compile_grpo(config, cfg, mesh, compile_=False, train_only=True)
+    assert list(out) == ["grpo_step"]
+    assert hasattr(out["grpo_step"], "compile")  # lowered, not compiled
