@@ -53,6 +53,7 @@ import dataclasses
 import math
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -397,7 +398,7 @@ def device_memory() -> tuple[float, str]:
     return host / n, f"CPU host ({host / GB:.1f} GB of memory shared by {n} local devices)"
 
 
-def fitting_settings(config, cfg: llama.LlamaConfig, num_devices: int, memory: float):
+def fitting_settings(config, cfg: llama.LlamaConfig, num_devices: int, memory: float, fit=None):
     """[(overrides, planned peak bytes)]: for `remat` as configured and 'full', the smallest
     `grad_accum_steps` (a power-of-two multiple of today's) whose plan fits `memory`."""
     section = config.sft if config.loop == "sft" else config.grpo
@@ -413,7 +414,7 @@ def fitting_settings(config, cfg: llama.LlamaConfig, num_devices: int, memory: f
         while rows % accum == 0 and (rows // accum) % ways == 0:
             trial = config.copy_and_resolve_references()
             (trial.sft if config.loop == "sft" else trial.grpo).grad_accum_steps = accum
-            peak = plan(trial, cfg.replace(remat=remat), num_devices).peak
+            peak = plan(trial, cfg.replace(remat=remat), num_devices, fit=fit).peak
             if peak <= USABLE_FRACTION * memory:
                 flags_ = [f"--config.{config.loop}.grad_accum_steps={accum}"]
                 flags_ += [f"--config.model.remat={remat}"] if remat != cfg.remat else []
@@ -441,10 +442,11 @@ def check_fits(
     if memory is None:
         memory, device = device_memory()
     cfg = load.describe_config(config.model)[0].replace(lora=lora.from_config(config.model.lora))
-    p = plan(config, cfg, num_devices)
+    fit = FIT_TPU if jax.default_backend() == "tpu" else None  # the coefficients of this chip
+    p = plan(config, cfg, num_devices, fit=fit)
     if p.peak <= USABLE_FRACTION * memory:
         return
-    fixes = fitting_settings(config, cfg, num_devices, memory)
+    fixes = fitting_settings(config, cfg, num_devices, memory, fit)
     fix_text = "; ".join(f"{f} ({peak / GB:.1f} GB)" for f, peak in fixes) or (
         "none by grad_accum_steps and remat alone: fewer rows per step, shorter sequences, "
         "a larger mesh or bfloat16 weights"
