@@ -74,6 +74,7 @@ def get_config(arg=None):
         g.overlong_cache_tokens = 32  # of revision_max_tokens = 160
     elif arg == "demo":  # `make demo`'s GRPO stage (configs/qalign_pipeline_smol.py)
         g.num_steps = 4
+        g.grad_accum_steps = 2  # with the pipeline's remat 'full': the demo's peak under 6 GB
         g.revision_max_tokens = 96
         g.rollouts_every = 2
         c.checkpoint.every_steps = 2
