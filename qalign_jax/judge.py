@@ -39,12 +39,13 @@ so that reports do not depend on which other pairs shared the batch. Scores are
 deterministic in logit mode: the same whatever the batch order, batch size or padding (up to
 float rounding, <= 1e-5).
 
-Defences (off by default; `judge_robustness.py` measures them): `quote_response` shows the
-response as a "> " quote so that a "### Question" line inside it cannot end the judge's context
-section; `substantive_gate` vetoes a non-answer (empty, ":", a lone master key, the prompt or
-rubric echoed: `substantive_reasons`) to the floor after judging, like a violated gate;
-`calibrate` divides every answer's option probabilities by the judge's on a content-free pair
-("N/A", "N/A"), so a judge that says "Yes" or "A" to anything no longer does so by default.
+Defences (off by default; `judge_defences.py` says what each does and what
+`judge_robustness.py` measured): `quote_response` shows the response as a "> " quote so that a
+"### Question" line inside it cannot end the judge's context section; `substantive_gate` vetoes
+a non-answer (empty, ":", a lone master key, the prompt or rubric echoed) to the floor after
+judging, like a violated gate; `calibrate` divides every answer's option probabilities by the
+judge's on a content-free pair ("N/A", "N/A"), so a judge that says "Yes" or "A" to anything no
+longer does so by default.
 
 CLI:
   python -m qalign_jax.judge --rubric demo --input responses.jsonl --output report.jsonl
@@ -68,7 +69,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from qalign_jax import judge_cache, rewards, sampler, sharding
+from qalign_jax import judge_cache, judge_defences, rewards, sampler, sharding
 from qalign_jax import rubric as rubric_lib
 from qalign_jax.models import llama
 from qalign_jax.models.load import LoadedModel
@@ -79,6 +80,8 @@ DEFAULT_SYSTEM = (
 )
 GRADE_HINT = {"A": "excellent", "B": "good", "C": "adequate", "D": "poor", "F": "failing"}
 _CONTEXT, _QUESTION = "@@QALIGN_CONTEXT@@", "@@QALIGN_QUESTION@@"
+# The training guard (`rollouts.rollout_metrics`) counts non-answers with the gate's rules.
+substantive_reasons = judge_defences.substantive_reasons
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +102,7 @@ class JudgeConfig:
     quote_response: bool = False  # show the response as a '> ' quote: no header inside it can
     #   end the context section (a fake "### Question" stays quoted text)
     substantive_gate: bool = False  # veto non-answers (empty, ':', "Thought process:", the
-    #   prompt or rubric echoed: `substantive_reasons`) to the floor, like a violated gate
+    #   prompt or rubric echoed: `judge_defences.substantive_reasons`) to the floor
     calibrate: bool = False  # logit mode: divide each question's option probabilities by the
     #   judge's on a content-free pair ("N/A", "N/A") and renormalize (contextual calibration,
     #   Zhao et al. 2021): removes the judge's standing preference for "Yes" or "A"
@@ -556,24 +559,13 @@ def _generate_probs(judge: Judge, contexts: list[list[int]], qidx: list[int], rn
     return probs, [texts[b * len(qidx) : (b + 1) * len(qidx)] for b in range(len(contexts))]
 
 
-CONTENT_FREE = ("N/A", "N/A")  # (prompt, response) whose answers are the judge's prior
-
-
-def _content_free_probs(judge: Judge) -> np.ndarray:
-    """[Q, O] every question's option probabilities on CONTENT_FREE, once per judge weights."""
-    m = judge.model
-    if judge.memo.get("prior_params") is not m.params:
-        ids, _ = _context_ids(judge, *CONTENT_FREE)
-        prefixes, lengths = _prefill_batch(judge, [ids])
-        probs, _ = _logit_probs(judge, prefixes, lengths, list(range(len(judge.suffix_ids))))
-        judge.memo.update(prior_params=m.params, prior=probs[0])
-    return judge.memo["prior"]
-
-
-def _calibrate(probs: np.ndarray, prior: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """probs [B, Q, O] / prior [Q, O], renormalized over each question's valid options."""
-    p = np.where(valid, probs / np.maximum(prior, 1e-12), 0.0)
-    return p / p.sum(-1, keepdims=True)
+def _pair_option_probs(judge: Judge, pair: tuple[str, str]) -> np.ndarray:
+    """[Q, O] every question's option probabilities on one pair, all questions scored (logit
+    mode; what calibration divides by: `judge_defences.content_free_probs`)."""
+    ids, _ = _context_ids(judge, *pair)
+    prefixes, lengths = _prefill_batch(judge, [ids])
+    probs, _ = _logit_probs(judge, prefixes, lengths, list(range(len(judge.suffix_ids))))
+    return probs[0]
 
 
 def _applies(q: rubric_lib.Question, applicable: dict, argmax: dict) -> bool:
@@ -618,9 +610,8 @@ def _judge_batch(judge: Judge, contexts: list[list[int]], rng) -> list[dict]:
         if cfg.mode == "logits":
             probs, mass = _logit_probs(judge, prefixes, lengths, todo)
             if cfg.calibrate:
-                probs = _calibrate(
-                    probs, _content_free_probs(judge)[todo], judge.option_valid[todo]
-                )
+                prior = judge_defences.content_free_probs(judge, _pair_option_probs)
+                probs = judge_defences.calibrate(probs, prior[todo], judge.option_valid[todo])
             texts = [[None] * len(todo)] * len(contexts)
         else:
             rng, key = jax.random.split(rng)
@@ -650,7 +641,9 @@ def score_pairs(judge: Judge, pairs, rng=None) -> list[Verdict]:
         records = _score_unique(judge, pairs, rng)
         stats.misses += len(pairs)
         stats.computed_s += sum(r["seconds"] for r in records)
-        return [_veto(judge, pair, _verdict(judge, r)) for pair, r in zip(pairs, records)]
+        return [
+            judge_defences.veto(judge, pair, _verdict(judge, r)) for pair, r in zip(pairs, records)
+        ]
     if cache.enabled:
         cache.use(_namespace(judge))
     keys = [judge_cache.pair_key(p, r) for p, r in pairs]
@@ -675,51 +668,10 @@ def score_pairs(judge: Judge, pairs, rng=None) -> list[Verdict]:
         if key in first or key not in todo:
             stats.saved_s += records[key]["seconds"]
         first.add(key)
-    return [_veto(judge, pair, _verdict(judge, records[key])) for key, pair in zip(keys, pairs)]
-
-
-SUBSTANTIVE_GATE = "substantive_answer"  # the veto's name in Scores.violated_gates
-_NOT_SUBSTANTIVE = {  # degeneracy reason -> the gate's reason
-    "empty": "empty", "master_key": "master_key",
-    "copies_prompt": "echoes_prompt", "copies_findings": "echoes_rubric",
-}  # fmt: skip
-
-
-def substantive_reasons(prompt: str, response: str, rubric_text: str = "") -> list[str]:
-    """Why a response is not a substantive answer to its prompt ([] when it is): no words at
-    all ("", ":"), a lone master key ("Thought process:", "Solution", "Let's solve this step
-    by step."), or mostly a copy of the prompt or of `rubric_text` (`judge.substantive_gate`;
-    the rules are `reward_components.degeneracy_reasons`, less its repetition checks, so that a
-    long or padded but real answer is left to the rubric)."""
-    from qalign_jax import reward_components  # late: it imports the loss functions
-
-    reasons = reward_components.degeneracy_reasons(response, prompt, echo=rubric_text or None)
-    return [_NOT_SUBSTANTIVE[r] for r in reasons if r in _NOT_SUBSTANTIVE]
-
-
-def rubric_text(rubric: rubric_lib.Rubric) -> str:
-    """Every question's text: what an echoed rubric copies (`substantive_reasons`)."""
-    return "\n".join(q.text for q in rubric.questions)
-
-
-def _veto(judge: Judge, pair, verdict: Verdict) -> Verdict:
-    """With `cfg.substantive_gate`, a non-answer scores the floor on every dimension, principle
-    and the reward, like a violated gate, and names SUBSTANTIVE_GATE among its violated gates;
-    the judge's answers are kept as computed (and cached) for the report."""
-    if not judge.cfg.substantive_gate:
-        return verdict
-    if "rubric_text" not in judge.memo:
-        judge.memo["rubric_text"] = rubric_text(judge.rubric)
-    if not substantive_reasons(*pair, judge.memo["rubric_text"]):
-        return verdict
-    floor = rewards.floor_value(judge.rubric, judge.reward_cfg.scale)
-    principles = {k: floor for k in verdict.scores.principles}
-    scores = rewards.Scores(
-        reward=rewards.pool_principles(judge.rubric, principles, judge.reward_cfg),
-        principles=principles, dimensions={k: floor for k in verdict.scores.dimensions},
-        violated_gates=(*verdict.scores.violated_gates, SUBSTANTIVE_GATE),
-    )  # fmt: skip
-    return dataclasses.replace(verdict, scores=scores)
+    return [
+        judge_defences.veto(judge, pair, _verdict(judge, records[key]))
+        for key, pair in zip(keys, pairs)
+    ]
 
 
 _KEYED_DEFAULTS = {"quote_response": False, "calibrate": False, "option_order": "forward"}
@@ -735,7 +687,8 @@ def _namespace(judge: Judge) -> str:
                       "system_prompt", "generate_max_tokens", "generate_temperature")
         }  # fmt: skip
         # The defences that change answers are keyed when on (default namespaces stay as they
-        # were); substantive_gate vetoes scores after the cache (`_veto`) and is not keyed.
+        # were); substantive_gate vetoes scores after the cache (`judge_defences.veto`) and is
+        # not keyed.
         answer_cfg.update({k: getattr(cfg, k) for k, off in _KEYED_DEFAULTS.items()
                            if getattr(cfg, k) != off})  # fmt: skip
         template = [judge.head_ids, judge.header_ids, judge.suffix_ids,

@@ -53,6 +53,7 @@ import time
 import numpy as np
 
 from qalign_jax import judge as judge_lib
+from qalign_jax import judge_defences
 from qalign_jax import rubric as rubric_lib
 
 DEFAULT_PROMPTS = os.path.join(
@@ -285,7 +286,7 @@ def judge_all(
             if (q, c) != (quote, calibrate):
                 continue
             for (p, kind, r), pair, v in zip(items, pairs, verdicts):
-                v = judge_lib._veto(gated, pair, v) if gate else v
+                v = judge_defences.veto(gated, pair, v) if gate else v
                 rows.append(_row(j, setting, p, kind, r, v))
     if option_probe:
         refs = [(p, k, r) for p, k, r in items if k in REFERENCES]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from qalign_jax import judge as judge_lib
+from qalign_jax import judge_defences, sharding
 from qalign_jax import judge_robustness as rob
 from qalign_jax import rubric as rubric_lib
-from qalign_jax import sharding
 from qalign_jax.models import load
 from tests.test_rubric_rewards import SMALL
 
@@ -106,22 +106,22 @@ def test_hh_rlhf_transcripts_become_prompts_with_references(tmp_path):
 
 
 def test_substantive_reasons(rubric):
-    text = judge_lib.rubric_text(rubric)
+    text = judge_defences.rubric_text(rubric)
     for response, reason in [
         ("", "empty"), (":", "empty"), ("Thought process:", "master_key"),
         ("Let's solve this step by step.", "master_key"), ("Solution", "master_key"),
         (PROMPT, "echoes_prompt"),
     ]:  # fmt: skip
-        assert judge_lib.substantive_reasons(PROMPT, response, text) == [reason], response
+        assert judge_defences.substantive_reasons(PROMPT, response, text) == [reason], response
     long_prompt = "Please explain in detail how I should bake a loaf of sourdough bread at home."
-    assert judge_lib.substantive_reasons(long_prompt, long_prompt, text) == ["echoes_prompt"]
+    assert judge_defences.substantive_reasons(long_prompt, long_prompt, text) == ["echoes_prompt"]
     real_rubric = rubric_lib.resolve_rubric("demo")
     echo = rob.build_echo_rubric(PROMPT, BASE, rob.scored_question_texts(real_rubric))
-    assert judge_lib.substantive_reasons(PROMPT, echo, judge_lib.rubric_text(real_rubric)) == [
-        "echoes_rubric"
-    ]
+    assert judge_defences.substantive_reasons(
+        PROMPT, echo, judge_defences.rubric_text(real_rubric)
+    ) == ["echoes_rubric"]
     for fine in ["4", "Knead, proof and bake at 230C.", BASE, rob.build_padded(PROMPT, BASE, [])]:
-        assert judge_lib.substantive_reasons(PROMPT, fine, text) == [], fine
+        assert judge_defences.substantive_reasons(PROMPT, fine, text) == [], fine
 
 
 def test_quoted_response_cannot_open_a_section():
@@ -160,7 +160,7 @@ def test_gate_vetoes_non_answers_and_keeps_answers(model, rubric):
     pairs = [(PROMPT, "Thought process:"), (PROMPT, "Knead the dough, proof, and bake it.")]
     before, after = judge_lib.score_pairs(plain, pairs), judge_lib.score_pairs(gated, pairs)
     assert after[0].scores.reward == -1.0 and set(after[0].scores.principles.values()) == {-1.0}
-    assert after[0].scores.violated_gates[-1] == judge_lib.SUBSTANTIVE_GATE
+    assert after[0].scores.violated_gates[-1] == judge_defences.SUBSTANTIVE_GATE
     for qid, a in after[0].answers.items():  # the judge's answers are kept
         assert a.argmax == before[0].answers[qid].argmax
         np.testing.assert_array_equal(a.probs, before[0].answers[qid].probs)
@@ -303,7 +303,7 @@ def test_calibrate_by_hand():
     probs = np.array([[[0.8, 0.2, 0.0], [0.6, 0.4, 0.0], [0.2, 0.3, 0.5]]])  # [B=1, Q=3, O=3]
     prior = np.array([[0.8, 0.2, 0.0], [0.8, 0.2, 0.0], [0.5, 0.3, 0.2]])
     valid = np.array([[True, True, False]] * 2 + [[True, True, True]])
-    out = judge_lib._calibrate(probs, prior, valid)
+    out = judge_defences.calibrate(probs, prior, valid)
     # q0: 1, 1 -> 0.5, 0.5; q1: 0.75, 2 -> 3/11, 8/11; q2: 0.4, 1, 2.5 -> / 3.9
     np.testing.assert_allclose(out[0, 0], [0.5, 0.5, 0.0])
     np.testing.assert_allclose(out[0, 1], [3 / 11, 8 / 11, 0.0])
@@ -314,10 +314,10 @@ def test_calibrated_judge_is_uniform_on_the_content_free_pair(model, rubric):
     cfg = judge_lib.JudgeConfig(batch_size=2, question_chunk=4, skip_inapplicable=False)
     plain = judge_lib.build_judge(model, rubric, cfg)
     calibrated = rob._variant(plain, calibrate=True)
-    (v,) = judge_lib.score_pairs(calibrated, [judge_lib.CONTENT_FREE])
+    (v,) = judge_lib.score_pairs(calibrated, [judge_defences.CONTENT_FREE])
     for q in rubric.questions:
         np.testing.assert_allclose(v.answers[q.id].probs, 1 / len(q.options), atol=1e-5)
-    (raw,) = judge_lib.score_pairs(plain, [judge_lib.CONTENT_FREE])
+    (raw,) = judge_lib.score_pairs(plain, [judge_defences.CONTENT_FREE])
     assert max(np.ptp(a.probs) for a in raw.answers.values()) > 1e-3  # the random judge has a bias
     with pytest.raises(ValueError, match="calibrate needs mode='logits'"):
         judge_lib.JudgeConfig(mode="generate", calibrate=True)
