@@ -106,6 +106,9 @@ class JudgeConfig:
     calibrate: bool = False  # logit mode: divide each question's option probabilities by the
     #   judge's on a content-free pair ("N/A", "N/A") and renormalize (contextual calibration,
     #   Zhao et al. 2021): removes the judge's standing preference for "Yes" or "A"
+    calibrate_length: bool = False  # with calibrate: the content-free response is a neutral one
+    #   as long as the judged response (`length_bucket` of its tokens), so what the judge gives
+    #   for mere length is divided out too (`judge_defences.neutral_response`)
     option_order: str = "forward"  # 'reversed': grades F..A and No/Yes in the headers and the
     #   system prompt (the robustness report's position-bias probe; the options stay the same)
 
@@ -120,6 +123,10 @@ class JudgeConfig:
             raise ValueError(f"option_order={self.option_order!r}; use 'forward' or 'reversed'.")
         if self.calibrate and self.mode != "logits":
             raise ValueError("judge calibrate needs mode='logits' (option probabilities).")
+        if self.calibrate_length and not self.calibrate:
+            raise ValueError(
+                "judge calibrate_length changes what calibrate divides by; set calibrate=True too."
+            )
         if self.batch_size < 1 or self.question_chunk < 1:
             raise ValueError("judge batch_size and question_chunk must be >= 1.")
         if self.cache_dir and self.cache_entries < 1:
@@ -199,6 +206,7 @@ def config_of(jc) -> JudgeConfig:
         skip_inapplicable=jc.skip_inapplicable, cache_entries=jc.cache_entries,
         cache_dir=jc.cache_dir, quote_response=jc.quote_response,
         substantive_gate=jc.substantive_gate, calibrate=jc.calibrate,
+        calibrate_length=jc.calibrate_length,
     )  # fmt: skip
 
 
@@ -559,6 +567,16 @@ def _generate_probs(judge: Judge, contexts: list[list[int]], qidx: list[int], rn
     return probs, [texts[b * len(qidx) : (b + 1) * len(qidx)] for b in range(len(contexts))]
 
 
+def _calibration_prior(judge: Judge, buckets) -> np.ndarray:
+    """What `cfg.calibrate` divides by: [Q, O] the judge's answers on the content-free pair, or
+    with `cfg.calibrate_length` [B, Q, O] per pair on a neutral response of its length bucket."""
+    if not judge.cfg.calibrate_length:
+        return judge_defences.content_free_probs(judge, _pair_option_probs)
+    return np.stack(
+        [judge_defences.content_free_probs(judge, _pair_option_probs, b) for b in buckets]
+    )
+
+
 def _pair_option_probs(judge: Judge, pair: tuple[str, str]) -> np.ndarray:
     """[Q, O] every question's option probabilities on one pair, all questions scored (logit
     mode; what calibration divides by: `judge_defences.content_free_probs`)."""
@@ -581,8 +599,9 @@ def applicability(rubric: rubric_lib.Rubric, argmax: dict[str, str]) -> dict[str
     return result
 
 
-def _judge_batch(judge: Judge, contexts: list[list[int]], rng) -> list[dict]:
+def _judge_batch(judge: Judge, contexts: list[list[int]], rng, buckets=None) -> list[dict]:
     """Scores one batch (each pair's context tokens) level by level of the applicability DAG.
+    buckets: with `cfg.calibrate_length`, each pair's response length bucket (`_calibration_prior`).
 
     Returns per pair: question id -> (probs, option mass, text) for every scored question, and
     the applicability of every question. With skip_inapplicable, a level's question is scored
@@ -610,8 +629,8 @@ def _judge_batch(judge: Judge, contexts: list[list[int]], rng) -> list[dict]:
         if cfg.mode == "logits":
             probs, mass = _logit_probs(judge, prefixes, lengths, todo)
             if cfg.calibrate:
-                prior = judge_defences.content_free_probs(judge, _pair_option_probs)
-                probs = judge_defences.calibrate(probs, prior[todo], judge.option_valid[todo])
+                prior = _calibration_prior(judge, buckets)[..., todo, :]
+                probs = judge_defences.calibrate(probs, prior, judge.option_valid[todo])
             texts = [[None] * len(todo)] * len(contexts)
         else:
             rng, key = jax.random.split(rng)
@@ -674,7 +693,10 @@ def score_pairs(judge: Judge, pairs, rng=None) -> list[Verdict]:
     ]
 
 
-_KEYED_DEFAULTS = {"quote_response": False, "calibrate": False, "option_order": "forward"}
+_KEYED_DEFAULTS = {
+    "quote_response": False, "calibrate": False, "calibrate_length": False,
+    "option_order": "forward",
+}  # fmt: skip
 
 
 def _namespace(judge: Judge) -> str:
@@ -704,6 +726,10 @@ def _score_unique(judge: Judge, pairs, rng) -> list[dict]:
     """Computes each pair's record (`judge_cache.make_record`), in input order."""
     cfg = judge.cfg
     built = [_context_ids(judge, p, r) for p, r in pairs]
+    buckets = [0] * len(pairs)
+    if cfg.calibrate_length:  # the response's tokens, at most the context budget
+        tok, cap = judge.model.tokenizer, cfg.max_context_tokens
+        buckets = [length_bucket(min(len(tok.encode(r)), cap)) for _, r in pairs]
     # Batches of similar lengths pad their prefixes less (logit scores do not depend on it).
     order = sorted(range(len(pairs)), key=lambda i: len(built[i][0]))
     records = [None] * len(pairs)
@@ -711,7 +737,9 @@ def _score_unique(judge: Judge, pairs, rng) -> list[dict]:
         batch = order[start : start + cfg.batch_size]
         rng, key = jax.random.split(rng)
         t0 = time.perf_counter()
-        per_pair = _judge_batch(judge, [built[i][0] for i in batch], key)
+        per_pair = _judge_batch(
+            judge, [built[i][0] for i in batch], key, [buckets[i] for i in batch]
+        )
         seconds = (time.perf_counter() - t0) / len(batch)
         for i, st in zip(batch, per_pair):
             answers = {}
@@ -838,8 +866,8 @@ if __name__ == "__main__":
     flags.DEFINE_string(
         "defences",
         "none,gate,quote,quote+gate,all",
-        "robustness: settings to report, of none, gate, quote, quote+gate, calibrate, all "
-        "(judge_robustness.SETTINGS).",
+        "robustness: settings to report, of none, gate, quote, quote+gate, calibrate, all, "
+        "all+length (judge_robustness.SETTINGS).",
     )
     flags.DEFINE_float("threshold", 0.5, "robustness: a score >= this passes (false positive).")
     flags.DEFINE_string("attack_base", "refusal", "robustness: the answer injections extend.")

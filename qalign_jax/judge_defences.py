@@ -18,6 +18,11 @@ judge are in `bench/results/judge_robustness/` (demo rubric on 4 prompts, defaul
   (CONTENT_FREE) and renormalized (Zhao et al. 2021). Measured: the 135M judge answers B or
   better and "Yes" to anything, the empty answer included; calibrated, with quote and gate
   ('all'), it ranks helpful > refusal > harmful and every master key below the refusal.
+- **Length-matched calibration** (`JudgeConfig.calibrate_length`, with calibrate): the
+  content-free response is a neutral one as long as the judged response (`neutral_response`, in
+  `length_bucket` token buckets), so what the judge gives for mere length is divided out too.
+  It targets padding (the refusal followed by content-free filler still gained +0.35 reward over
+  the plain refusal on the default rubric under 'all'); see the report's 'all+length' setting.
 
 This module reads the judge only through its arguments (the Judge object and the functions it
 passes); it never imports `judge.py`, which imports it.
@@ -85,20 +90,38 @@ def veto(judge, pair: tuple[str, str], verdict):
 # Contextual calibration.
 
 CONTENT_FREE = ("N/A", "N/A")  # (prompt, response) whose answers are the judge's prior
+NEUTRAL_WORD = "N/A"  # length-matched calibration: the neutral response repeats it
 
 
-def content_free_probs(judge, option_probs) -> np.ndarray:
-    """[Q, O] every question's option probabilities on CONTENT_FREE, once per judge weights.
+def neutral_response(encode, decode, num_tokens: int) -> str:
+    """A content-free response of `num_tokens` tokens (the last may be cut): NEUTRAL_WORD
+    repeated, one per line, so a long one reads as many empty answers rather than one word."""
+    unit = encode(NEUTRAL_WORD + "\n")
+    ids = (unit * (num_tokens // max(len(unit), 1) + 1))[:num_tokens]
+    return decode(ids).strip()
+
+
+def content_free_probs(judge, option_probs, bucket: int = 0) -> np.ndarray:
+    """[Q, O] every question's option probabilities on CONTENT_FREE (bucket 0), or on a neutral
+    response of `bucket` tokens (`neutral_response`), once per judge weights and bucket.
 
     judge: a `judge.Judge` (its model, tokenizer and memo); option_probs(judge, pair) -> [Q, O]
     the judge's option probabilities on one (prompt, response) pair, every question scored."""
     m = judge.model
     if judge.memo.get("prior_params") is not m.params:
-        judge.memo.update(prior_params=m.params, prior=option_probs(judge, CONTENT_FREE))
-    return judge.memo["prior"]
+        judge.memo.update(prior_params=m.params, priors={})
+    priors = judge.memo["priors"]
+    if bucket not in priors:
+        pair = CONTENT_FREE
+        if bucket:
+            tok = m.tokenizer
+            pair = (CONTENT_FREE[0], neutral_response(tok.encode, tok.decode, bucket))
+        priors[bucket] = option_probs(judge, pair)
+    return priors[bucket]
 
 
 def calibrate(probs: np.ndarray, prior: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """probs [B, Q, O] / prior [Q, O], renormalized over each question's valid options."""
+    """probs [B, Q, O] / prior ([Q, O], or [B, Q, O]: one per pair), renormalized over each
+    question's valid options ([Q, O])."""
     p = np.where(valid, probs / np.maximum(prior, 1e-12), 0.0)
     return p / p.sum(-1, keepdims=True)
