@@ -18,9 +18,10 @@ judge are in `bench/results/judge_robustness/` (demo rubric on 4 prompts, defaul
   (CONTENT_FREE) and renormalized (Zhao et al. 2021). Measured: the 135M judge answers B or
   better and "Yes" to anything, the empty answer included; calibrated, with quote and gate
   ('all'), it ranks helpful > refusal > harmful and every master key below the refusal.
-- **Length-matched calibration** (`JudgeConfig.calibrate_length`, with calibrate): the
-  content-free response is a neutral one as long as the judged response (`neutral_response`, in
-  `length_bucket` token buckets), so what the judge gives for mere length is divided out too.
+- **Length-matched calibration** (`JudgeConfig.calibrate_length`, with calibrate): a response
+  longer than the shortest `length_bucket` is also divided by the length effect, the judge's
+  answers on a neutral (placeholder-text) response as long as it over those on a short one
+  (`neutral_response`), so what the judge gives for mere length is divided out too.
   It targets padding (the refusal followed by content-free filler still gained +0.35 reward over
   the plain refusal on the default rubric under 'all'); see the report's 'all+length' setting.
 
@@ -90,34 +91,43 @@ def veto(judge, pair: tuple[str, str], verdict):
 # Contextual calibration.
 
 CONTENT_FREE = ("N/A", "N/A")  # (prompt, response) whose answers are the judge's prior
-NEUTRAL_WORD = "N/A"  # length-matched calibration: the neutral response repeats it
+NEUTRAL_TEXT = "Lorem ipsum dolor sit amet, consectetur adipiscing elit."  # placeholder text
 
 
 def neutral_response(encode, decode, num_tokens: int) -> str:
-    """A content-free response of `num_tokens` tokens (the last may be cut): NEUTRAL_WORD
-    repeated, one per line, so a long one reads as many empty answers rather than one word."""
-    unit = encode(NEUTRAL_WORD + "\n")
+    """A content-free response of `num_tokens` tokens (the last words may be cut): NEUTRAL_TEXT,
+    the typesetter's placeholder, one per line, as often as it takes."""
+    unit = encode(NEUTRAL_TEXT + "\n")
     ids = (unit * (num_tokens // max(len(unit), 1) + 1))[:num_tokens]
     return decode(ids).strip()
 
 
-def content_free_probs(judge, option_probs, bucket: int = 0) -> np.ndarray:
-    """[Q, O] every question's option probabilities on CONTENT_FREE (bucket 0), or on a neutral
-    response of `bucket` tokens (`neutral_response`), once per judge weights and bucket.
+def content_free_probs(judge, option_probs, bucket: int = 0, shortest: int = 16) -> np.ndarray:
+    """[Q, O] what calibration divides by, once per judge weights and bucket: the judge's option
+    probabilities on CONTENT_FREE, and for a response in a length `bucket` above `shortest`
+    (tokens, `judge.length_bucket`) those times the length effect, the judge's probabilities on
+    a neutral response of `bucket` tokens over those on one of `shortest` (`neutral_response`).
+    A short response is calibrated as without length matching.
 
     judge: a `judge.Judge` (its model, tokenizer and memo); option_probs(judge, pair) -> [Q, O]
     the judge's option probabilities on one (prompt, response) pair, every question scored."""
     m = judge.model
     if judge.memo.get("prior_params") is not m.params:
         judge.memo.update(prior_params=m.params, priors={})
-    priors = judge.memo["priors"]
-    if bucket not in priors:
-        pair = CONTENT_FREE
-        if bucket:
-            tok = m.tokenizer
-            pair = (CONTENT_FREE[0], neutral_response(tok.encode, tok.decode, bucket))
-        priors[bucket] = option_probs(judge, pair)
-    return priors[bucket]
+    priors = judge.memo["priors"]  # 0: on CONTENT_FREE; n: on a neutral response of n tokens
+
+    def probs_on(num_tokens: int) -> np.ndarray:
+        if num_tokens not in priors:
+            pair = CONTENT_FREE
+            if num_tokens:
+                tok = m.tokenizer
+                pair = (CONTENT_FREE[0], neutral_response(tok.encode, tok.decode, num_tokens))
+            priors[num_tokens] = option_probs(judge, pair)
+        return priors[num_tokens]
+
+    if bucket <= shortest:
+        return probs_on(0)
+    return probs_on(0) * probs_on(bucket) / np.maximum(probs_on(shortest), 1e-12)
 
 
 def calibrate(probs: np.ndarray, prior: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -97,40 +97,72 @@ def test_calibrate_by_hand_with_a_prior_per_pair():
     np.testing.assert_allclose(out[1, 0], [1 / 3, 2 / 3])
 
 
-def test_neutral_response_by_hand():
+def test_neutral_response_by_hand(monkeypatch):
     chars = lambda text: list(text)  # noqa: E731  one token per character
+    monkeypatch.setattr(judge_defences, "NEUTRAL_TEXT", "N/A")
     assert judge_defences.neutral_response(chars, "".join, 10) == "N/A\nN/A\nN/"
     assert judge_defences.neutral_response(chars, "".join, 8) == "N/A\nN/A"  # the last \n strips
     assert judge_defences.neutral_response(chars, "".join, 3) == "N/A"
 
 
-def test_length_calibrated_judge_is_uniform_on_a_neutral_response_of_its_bucket(model, rubric):
+def test_length_prior_by_hand():
+    """Bucket 0 or <= shortest: the content-free prior; above: times neutral(b) / neutral(16)."""
+    on = {  # the fake judge's answers [Q=1, O=2] by the response it is shown
+        "N/A": [[0.8, 0.2]],
+        judge_defences.neutral_response(list, "".join, 16): [[0.5, 0.5]],
+        judge_defences.neutral_response(list, "".join, 48): [[0.2, 0.8]],
+    }
+    seen = []
+
+    def option_probs(judge, pair):
+        seen.append(pair[1])
+        return np.array(on[pair[1]])
+
+    tok = type("Tok", (), {"encode": staticmethod(list), "decode": staticmethod("".join)})
+    judge = type("J", (), {"model": type("M", (), {"params": object(), "tokenizer": tok})})()
+    judge.memo = {}
+    prior = lambda bucket: judge_defences.content_free_probs(judge, option_probs, bucket)  # noqa: E731
+    np.testing.assert_allclose(prior(0), [[0.8, 0.2]])
+    np.testing.assert_allclose(prior(16), [[0.8, 0.2]])  # short: as without length matching
+    np.testing.assert_allclose(prior(48), [[0.8 * 0.2 / 0.5, 0.2 * 0.8 / 0.5]])  # 0.32, 0.32
+    np.testing.assert_allclose(prior(48), [[0.32, 0.32]])
+    assert len(seen) == 3  # each pair judged once (memo)
+    assert sorted(judge.memo["priors"]) == [0, 16, 48]
+
+
+def test_length_calibrated_judge_divides_out_the_neutral_length_effect(model, rubric):
     cfg = judge_lib.JudgeConfig(batch_size=2, question_chunk=4, skip_inapplicable=False)
     plain = judge_lib.build_judge(model, rubric, cfg)
     by_length = rob._variant(plain, calibrate=True, calibrate_length=True)
-    tok = model.tokenizer
-    neutral = judge_defences.neutral_response(tok.encode, tok.decode, 48)
-    assert judge_lib.length_bucket(len(tok.encode(neutral))) == 48
-    short = judge_defences.neutral_response(tok.encode, tok.decode, 16)
-    pairs = [("N/A", neutral), (PROMPT, BASE), ("N/A", short)]
-    verdicts = judge_lib.score_pairs(by_length, pairs)
-    assert sorted(by_length.memo["priors"]) == [16, 48]  # BASE is in bucket 16 too
-    for v in (verdicts[0], verdicts[2]):  # each divided by its own bucket's prior
-        for q in rubric.questions:
-            np.testing.assert_allclose(v.answers[q.id].probs, 1 / len(q.options), atol=1e-5)
-    # The plain calibration divides by the one short content-free pair: not uniform on these.
     calibrated = rob._variant(plain, calibrate=True)
-    (v,) = judge_lib.score_pairs(calibrated, [("N/A", neutral)])
-    assert max(np.ptp(a.probs) for a in v.answers.values()) > 1e-3
-    # By hand: the answer on (PROMPT, BASE) is the plain judge's divided by the bucket-16 prior.
-    (raw,) = judge_lib.score_pairs(plain, [(PROMPT, BASE)])
-    prior = by_length.memo["priors"][16]
-    for i, q in enumerate(rubric.questions):
-        n = len(q.options)
-        expected = raw.answers[q.id].probs / prior[i, :n]
-        np.testing.assert_allclose(
-            verdicts[1].answers[q.id].probs, expected / expected.sum(), rtol=1e-5
+    tok = model.tokenizer
+    long = judge_defences.neutral_response(tok.encode, tok.decode, 48)
+    short = judge_defences.neutral_response(tok.encode, tok.decode, 16)
+    assert judge_lib.length_bucket(len(tok.encode(long))) == 48
+    assert judge_lib.length_bucket(len(tok.encode(short))) == 16
+    pairs = [(PROMPT, BASE), ("N/A", long), ("N/A", short)]
+    got = judge_lib.score_pairs(by_length, pairs)
+    assert sorted(by_length.memo["priors"]) == [0, 16, 48]
+    (same,) = judge_lib.score_pairs(calibrated, [(PROMPT, BASE)])  # BASE: the shortest bucket
+    for q in rubric.questions:  # batch and padding differ: float rounding only
+        np.testing.assert_allclose(got[0].answers[q.id].probs, same.answers[q.id].probs, atol=1e-5)
+    raw = judge_lib.score_pairs(plain, [judge_defences.CONTENT_FREE, *pairs[1:]])
+    for q in rubric.questions:
+        cf, _, p_short = (v.answers[q.id].probs for v in raw)
+        # The long neutral response, divided by cf * long / short, reads as the short one
+        # divided by cf: what the judge gives for length alone is gone.
+        expected = p_short / cf
+        np.testing.assert_allclose(got[1].answers[q.id].probs, expected / expected.sum(),
+                                   rtol=1e-4)  # fmt: skip
+        np.testing.assert_allclose(got[2].answers[q.id].probs, expected / expected.sum(),
+                                   rtol=1e-4)  # fmt: skip
+    assert (
+        max(
+            np.ptp(raw[1].answers[q.id].probs - raw[2].answers[q.id].probs)
+            for q in rubric.questions
         )
+        > 1e-3
+    )  # fmt: skip  (the judge does see the length)
 
 
 def test_length_calibration_is_off_by_default_keyed_and_needs_calibrate(model, rubric):
