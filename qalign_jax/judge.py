@@ -45,7 +45,8 @@ Defences (off by default; `judge_defences.py` says what each does and what
 a non-answer (empty, ":", a lone master key, the prompt or rubric echoed) to the floor after
 judging, like a violated gate; `calibrate` divides every answer's option probabilities by the
 judge's on a content-free pair ("N/A", "N/A"), so a judge that says "Yes" or "A" to anything no
-longer does so by default.
+longer does so by default; `calibrate_length` also divides a longer response by the judge's
+length effect (placeholder text of its length bucket over a short one), against padding.
 
 CLI:
   python -m qalign_jax.judge --rubric demo --input responses.jsonl --output report.jsonl
