@@ -107,9 +107,9 @@ class JudgeConfig:
     calibrate: bool = False  # logit mode: divide each question's option probabilities by the
     #   judge's on a content-free pair ("N/A", "N/A") and renormalize (contextual calibration,
     #   Zhao et al. 2021): removes the judge's standing preference for "Yes" or "A"
-    calibrate_length: bool = False  # with calibrate: the content-free response is a neutral one
-    #   as long as the judged response (`length_bucket` of its tokens), so what the judge gives
-    #   for mere length is divided out too (`judge_defences.neutral_response`)
+    calibrate_length: bool = False  # with calibrate: a response longer than the shortest
+    #   `length_bucket` is also divided by the judge's length effect, its answers on placeholder
+    #   text of the response's bucket over those on a short one (`judge_defences`)
     option_order: str = "forward"  # 'reversed': grades F..A and No/Yes in the headers and the
     #   system prompt (the robustness report's position-bias probe; the options stay the same)
 
@@ -570,7 +570,8 @@ def _generate_probs(judge: Judge, contexts: list[list[int]], qidx: list[int], rn
 
 def _calibration_prior(judge: Judge, buckets) -> np.ndarray:
     """What `cfg.calibrate` divides by: [Q, O] the judge's answers on the content-free pair, or
-    with `cfg.calibrate_length` [B, Q, O] per pair on a neutral response of its length bucket."""
+    with `cfg.calibrate_length` [B, Q, O] per pair, by its response's length bucket
+    (`judge_defences.content_free_probs`)."""
     if not judge.cfg.calibrate_length:
         return judge_defences.content_free_probs(judge, _pair_option_probs)
     return np.stack(
@@ -602,7 +603,7 @@ def applicability(rubric: rubric_lib.Rubric, argmax: dict[str, str]) -> dict[str
 
 def _judge_batch(judge: Judge, contexts: list[list[int]], rng, buckets=None) -> list[dict]:
     """Scores one batch (each pair's context tokens) level by level of the applicability DAG.
-    buckets: with `cfg.calibrate_length`, each pair's response length bucket (`_calibration_prior`).
+    buckets: with `cfg.calibrate_length`, each pair's response length bucket.
 
     Returns per pair: question id -> (probs, option mass, text) for every scored question, and
     the applicability of every question. With skip_inapplicable, a level's question is scored

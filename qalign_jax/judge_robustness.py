@@ -20,9 +20,9 @@ a rubric we score, for a set of prompts, honest references and attack responses 
 
 Defence settings (`SETTINGS`) are judged from the same responses: 'none' (today's judge),
 'quote' (`quote_response`), 'gate' (`substantive_gate`), 'quote+gate', 'calibrate'
-(`calibrate`), 'all' (the three) and 'all+length' (the three, calibrated on a neutral response
-as long as the judged one: `calibrate_length`). The gate vetoes scores after judging, so 'gate'
-reuses the 'none' answers and 'quote+gate' the 'quote' ones.
+(`calibrate`), 'all' (the three) and 'all+length' (the three, and a longer response also divided
+by the judge's length effect on placeholder text: `calibrate_length`). The gate vetoes scores
+after judging, so 'gate' reuses the 'none' answers and 'quote+gate' the 'quote' ones.
 
 Metrics (`summarize`, all host-side arithmetic on report rows, tested with hand numbers):
 - false-positive (FP) rate of a response kind on a principle: the fraction of prompts where
