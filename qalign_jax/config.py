@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.judge.quote_response = False
     c.judge.substantive_gate = False
     c.judge.calibrate = False  # option probs divided by the judge's on a content-free pair
+    # with calibrate: a response longer than 16 tokens is also divided by the judge's length
+    # effect (placeholder text of its length bucket over 16 tokens of it), against padding
+    c.judge.calibrate_length = False
 
     # Rewards (`rewards.py`); defaults are QA-LIGN's.
     c.reward = ml_collections.ConfigDict()

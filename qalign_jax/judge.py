@@ -39,12 +39,14 @@ so that reports do not depend on which other pairs shared the batch. Scores are
 deterministic in logit mode: the same whatever the batch order, batch size or padding (up to
 float rounding, <= 1e-5).
 
-Defences (off by default; `judge_robustness.py` measures them): `quote_response` shows the
-response as a "> " quote so that a "### Question" line inside it cannot end the judge's context
-section; `substantive_gate` vetoes a non-answer (empty, ":", a lone master key, the prompt or
-rubric echoed: `substantive_reasons`) to the floor after judging, like a violated gate;
-`calibrate` divides every answer's option probabilities by the judge's on a content-free pair
-("N/A", "N/A"), so a judge that says "Yes" or "A" to anything no longer does so by default.
+Defences (off by default; `judge_defences.py` says what each does and what
+`judge_robustness.py` measured): `quote_response` shows the response as a "> " quote so that a
+"### Question" line inside it cannot end the judge's context section; `substantive_gate` vetoes
+a non-answer (empty, ":", a lone master key, the prompt or rubric echoed) to the floor after
+judging, like a violated gate; `calibrate` divides every answer's option probabilities by the
+judge's on a content-free pair ("N/A", "N/A"), so a judge that says "Yes" or "A" to anything no
+longer does so by default; `calibrate_length` also divides a longer response by the judge's
+length effect (placeholder text of its length bucket over a short one), against padding.
 
 CLI:
   python -m qalign_jax.judge --rubric demo --input responses.jsonl --output report.jsonl
@@ -68,7 +70,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from qalign_jax import judge_cache, rewards, sampler, sharding
+from qalign_jax import judge_cache, judge_defences, rewards, sampler, sharding
 from qalign_jax import rubric as rubric_lib
 from qalign_jax.models import llama
 from qalign_jax.models.load import LoadedModel
@@ -79,6 +81,8 @@ DEFAULT_SYSTEM = (
 )
 GRADE_HINT = {"A": "excellent", "B": "good", "C": "adequate", "D": "poor", "F": "failing"}
 _CONTEXT, _QUESTION = "@@QALIGN_CONTEXT@@", "@@QALIGN_QUESTION@@"
+# The training guard (`rollouts.rollout_metrics`) counts non-answers with the gate's rules.
+substantive_reasons = judge_defences.substantive_reasons
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +103,13 @@ class JudgeConfig:
     quote_response: bool = False  # show the response as a '> ' quote: no header inside it can
     #   end the context section (a fake "### Question" stays quoted text)
     substantive_gate: bool = False  # veto non-answers (empty, ':', "Thought process:", the
-    #   prompt or rubric echoed: `substantive_reasons`) to the floor, like a violated gate
+    #   prompt or rubric echoed: `judge_defences.substantive_reasons`) to the floor
     calibrate: bool = False  # logit mode: divide each question's option probabilities by the
     #   judge's on a content-free pair ("N/A", "N/A") and renormalize (contextual calibration,
     #   Zhao et al. 2021): removes the judge's standing preference for "Yes" or "A"
+    calibrate_length: bool = False  # with calibrate: a response longer than the shortest
+    #   `length_bucket` is also divided by the judge's length effect, its answers on placeholder
+    #   text of the response's bucket over those on a short one (`judge_defences`)
     option_order: str = "forward"  # 'reversed': grades F..A and No/Yes in the headers and the
     #   system prompt (the robustness report's position-bias probe; the options stay the same)
 
@@ -117,6 +124,10 @@ class JudgeConfig:
             raise ValueError(f"option_order={self.option_order!r}; use 'forward' or 'reversed'.")
         if self.calibrate and self.mode != "logits":
             raise ValueError("judge calibrate needs mode='logits' (option probabilities).")
+        if self.calibrate_length and not self.calibrate:
+            raise ValueError(
+                "judge calibrate_length changes what calibrate divides by; set calibrate=True too."
+            )
         if self.batch_size < 1 or self.question_chunk < 1:
             raise ValueError("judge batch_size and question_chunk must be >= 1.")
         if self.cache_dir and self.cache_entries < 1:
@@ -196,6 +207,7 @@ def config_of(jc) -> JudgeConfig:
         skip_inapplicable=jc.skip_inapplicable, cache_entries=jc.cache_entries,
         cache_dir=jc.cache_dir, quote_response=jc.quote_response,
         substantive_gate=jc.substantive_gate, calibrate=jc.calibrate,
+        calibrate_length=jc.calibrate_length,
     )  # fmt: skip
 
 
@@ -556,24 +568,24 @@ def _generate_probs(judge: Judge, contexts: list[list[int]], qidx: list[int], rn
     return probs, [texts[b * len(qidx) : (b + 1) * len(qidx)] for b in range(len(contexts))]
 
 
-CONTENT_FREE = ("N/A", "N/A")  # (prompt, response) whose answers are the judge's prior
+def _calibration_prior(judge: Judge, buckets) -> np.ndarray:
+    """What `cfg.calibrate` divides by: [Q, O] the judge's answers on the content-free pair, or
+    with `cfg.calibrate_length` [B, Q, O] per pair, by its response's length bucket
+    (`judge_defences.content_free_probs`)."""
+    if not judge.cfg.calibrate_length:
+        return judge_defences.content_free_probs(judge, _pair_option_probs)
+    return np.stack(
+        [judge_defences.content_free_probs(judge, _pair_option_probs, b) for b in buckets]
+    )
 
 
-def _content_free_probs(judge: Judge) -> np.ndarray:
-    """[Q, O] every question's option probabilities on CONTENT_FREE, once per judge weights."""
-    m = judge.model
-    if judge.memo.get("prior_params") is not m.params:
-        ids, _ = _context_ids(judge, *CONTENT_FREE)
-        prefixes, lengths = _prefill_batch(judge, [ids])
-        probs, _ = _logit_probs(judge, prefixes, lengths, list(range(len(judge.suffix_ids))))
-        judge.memo.update(prior_params=m.params, prior=probs[0])
-    return judge.memo["prior"]
-
-
-def _calibrate(probs: np.ndarray, prior: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """probs [B, Q, O] / prior [Q, O], renormalized over each question's valid options."""
-    p = np.where(valid, probs / np.maximum(prior, 1e-12), 0.0)
-    return p / p.sum(-1, keepdims=True)
+def _pair_option_probs(judge: Judge, pair: tuple[str, str]) -> np.ndarray:
+    """[Q, O] every question's option probabilities on one pair, all questions scored (logit
+    mode; what calibration divides by: `judge_defences.content_free_probs`)."""
+    ids, _ = _context_ids(judge, *pair)
+    prefixes, lengths = _prefill_batch(judge, [ids])
+    probs, _ = _logit_probs(judge, prefixes, lengths, list(range(len(judge.suffix_ids))))
+    return probs[0]
 
 
 def _applies(q: rubric_lib.Question, applicable: dict, argmax: dict) -> bool:
@@ -589,8 +601,9 @@ def applicability(rubric: rubric_lib.Rubric, argmax: dict[str, str]) -> dict[str
     return result
 
 
-def _judge_batch(judge: Judge, contexts: list[list[int]], rng) -> list[dict]:
+def _judge_batch(judge: Judge, contexts: list[list[int]], rng, buckets=None) -> list[dict]:
     """Scores one batch (each pair's context tokens) level by level of the applicability DAG.
+    buckets: with `cfg.calibrate_length`, each pair's response length bucket.
 
     Returns per pair: question id -> (probs, option mass, text) for every scored question, and
     the applicability of every question. With skip_inapplicable, a level's question is scored
@@ -618,9 +631,8 @@ def _judge_batch(judge: Judge, contexts: list[list[int]], rng) -> list[dict]:
         if cfg.mode == "logits":
             probs, mass = _logit_probs(judge, prefixes, lengths, todo)
             if cfg.calibrate:
-                probs = _calibrate(
-                    probs, _content_free_probs(judge)[todo], judge.option_valid[todo]
-                )
+                prior = _calibration_prior(judge, buckets)[..., todo, :]
+                probs = judge_defences.calibrate(probs, prior, judge.option_valid[todo])
             texts = [[None] * len(todo)] * len(contexts)
         else:
             rng, key = jax.random.split(rng)
@@ -650,7 +662,9 @@ def score_pairs(judge: Judge, pairs, rng=None) -> list[Verdict]:
         records = _score_unique(judge, pairs, rng)
         stats.misses += len(pairs)
         stats.computed_s += sum(r["seconds"] for r in records)
-        return [_veto(judge, pair, _verdict(judge, r)) for pair, r in zip(pairs, records)]
+        return [
+            judge_defences.veto(judge, pair, _verdict(judge, r)) for pair, r in zip(pairs, records)
+        ]
     if cache.enabled:
         cache.use(_namespace(judge))
     keys = [judge_cache.pair_key(p, r) for p, r in pairs]
@@ -675,54 +689,16 @@ def score_pairs(judge: Judge, pairs, rng=None) -> list[Verdict]:
         if key in first or key not in todo:
             stats.saved_s += records[key]["seconds"]
         first.add(key)
-    return [_veto(judge, pair, _verdict(judge, records[key])) for key, pair in zip(keys, pairs)]
+    return [
+        judge_defences.veto(judge, pair, _verdict(judge, records[key]))
+        for key, pair in zip(keys, pairs)
+    ]
 
 
-SUBSTANTIVE_GATE = "substantive_answer"  # the veto's name in Scores.violated_gates
-_NOT_SUBSTANTIVE = {  # degeneracy reason -> the gate's reason
-    "empty": "empty", "master_key": "master_key",
-    "copies_prompt": "echoes_prompt", "copies_findings": "echoes_rubric",
+_KEYED_DEFAULTS = {
+    "quote_response": False, "calibrate": False, "calibrate_length": False,
+    "option_order": "forward",
 }  # fmt: skip
-
-
-def substantive_reasons(prompt: str, response: str, rubric_text: str = "") -> list[str]:
-    """Why a response is not a substantive answer to its prompt ([] when it is): no words at
-    all ("", ":"), a lone master key ("Thought process:", "Solution", "Let's solve this step
-    by step."), or mostly a copy of the prompt or of `rubric_text` (`judge.substantive_gate`;
-    the rules are `reward_components.degeneracy_reasons`, less its repetition checks, so that a
-    long or padded but real answer is left to the rubric)."""
-    from qalign_jax import reward_components  # late: it imports the loss functions
-
-    reasons = reward_components.degeneracy_reasons(response, prompt, echo=rubric_text or None)
-    return [_NOT_SUBSTANTIVE[r] for r in reasons if r in _NOT_SUBSTANTIVE]
-
-
-def rubric_text(rubric: rubric_lib.Rubric) -> str:
-    """Every question's text: what an echoed rubric copies (`substantive_reasons`)."""
-    return "\n".join(q.text for q in rubric.questions)
-
-
-def _veto(judge: Judge, pair, verdict: Verdict) -> Verdict:
-    """With `cfg.substantive_gate`, a non-answer scores the floor on every dimension, principle
-    and the reward, like a violated gate, and names SUBSTANTIVE_GATE among its violated gates;
-    the judge's answers are kept as computed (and cached) for the report."""
-    if not judge.cfg.substantive_gate:
-        return verdict
-    if "rubric_text" not in judge.memo:
-        judge.memo["rubric_text"] = rubric_text(judge.rubric)
-    if not substantive_reasons(*pair, judge.memo["rubric_text"]):
-        return verdict
-    floor = rewards.floor_value(judge.rubric, judge.reward_cfg.scale)
-    principles = {k: floor for k in verdict.scores.principles}
-    scores = rewards.Scores(
-        reward=rewards.pool_principles(judge.rubric, principles, judge.reward_cfg),
-        principles=principles, dimensions={k: floor for k in verdict.scores.dimensions},
-        violated_gates=(*verdict.scores.violated_gates, SUBSTANTIVE_GATE),
-    )  # fmt: skip
-    return dataclasses.replace(verdict, scores=scores)
-
-
-_KEYED_DEFAULTS = {"quote_response": False, "calibrate": False, "option_order": "forward"}
 
 
 def _namespace(judge: Judge) -> str:
@@ -735,7 +711,8 @@ def _namespace(judge: Judge) -> str:
                       "system_prompt", "generate_max_tokens", "generate_temperature")
         }  # fmt: skip
         # The defences that change answers are keyed when on (default namespaces stay as they
-        # were); substantive_gate vetoes scores after the cache (`_veto`) and is not keyed.
+        # were); substantive_gate vetoes scores after the cache (`judge_defences.veto`) and is
+        # not keyed.
         answer_cfg.update({k: getattr(cfg, k) for k, off in _KEYED_DEFAULTS.items()
                            if getattr(cfg, k) != off})  # fmt: skip
         template = [judge.head_ids, judge.header_ids, judge.suffix_ids,
@@ -751,6 +728,10 @@ def _score_unique(judge: Judge, pairs, rng) -> list[dict]:
     """Computes each pair's record (`judge_cache.make_record`), in input order."""
     cfg = judge.cfg
     built = [_context_ids(judge, p, r) for p, r in pairs]
+    buckets = [0] * len(pairs)
+    if cfg.calibrate_length:  # the response's tokens, at most the context budget
+        tok, cap = judge.model.tokenizer, cfg.max_context_tokens
+        buckets = [length_bucket(min(len(tok.encode(r)), cap)) for _, r in pairs]
     # Batches of similar lengths pad their prefixes less (logit scores do not depend on it).
     order = sorted(range(len(pairs)), key=lambda i: len(built[i][0]))
     records = [None] * len(pairs)
@@ -758,7 +739,9 @@ def _score_unique(judge: Judge, pairs, rng) -> list[dict]:
         batch = order[start : start + cfg.batch_size]
         rng, key = jax.random.split(rng)
         t0 = time.perf_counter()
-        per_pair = _judge_batch(judge, [built[i][0] for i in batch], key)
+        per_pair = _judge_batch(
+            judge, [built[i][0] for i in batch], key, [buckets[i] for i in batch]
+        )
         seconds = (time.perf_counter() - t0) / len(batch)
         for i, st in zip(batch, per_pair):
             answers = {}
@@ -885,8 +868,8 @@ if __name__ == "__main__":
     flags.DEFINE_string(
         "defences",
         "none,gate,quote,quote+gate,all",
-        "robustness: settings to report, of none, gate, quote, quote+gate, calibrate, all "
-        "(judge_robustness.SETTINGS).",
+        "robustness: settings to report, of none, gate, quote, quote+gate, calibrate, all, "
+        "all+length (judge_robustness.SETTINGS).",
     )
     flags.DEFINE_float("threshold", 0.5, "robustness: a score >= this passes (false positive).")
     flags.DEFINE_string("attack_base", "refusal", "robustness: the answer injections extend.")

@@ -20,8 +20,9 @@ a rubric we score, for a set of prompts, honest references and attack responses 
 
 Defence settings (`SETTINGS`) are judged from the same responses: 'none' (today's judge),
 'quote' (`quote_response`), 'gate' (`substantive_gate`), 'quote+gate', 'calibrate'
-(`calibrate`) and 'all' (the three). The gate vetoes scores after judging, so 'gate' reuses
-the 'none' answers and 'quote+gate' the 'quote' ones.
+(`calibrate`), 'all' (the three) and 'all+length' (the three, and a longer response also divided
+by the judge's length effect on placeholder text: `calibrate_length`). The gate vetoes scores
+after judging, so 'gate' reuses the 'none' answers and 'quote+gate' the 'quote' ones.
 
 Metrics (`summarize`, all host-side arithmetic on report rows, tested with hand numbers):
 - false-positive (FP) rate of a response kind on a principle: the fraction of prompts where
@@ -53,6 +54,7 @@ import time
 import numpy as np
 
 from qalign_jax import judge as judge_lib
+from qalign_jax import judge_defences
 from qalign_jax import rubric as rubric_lib
 
 DEFAULT_PROMPTS = os.path.join(
@@ -61,14 +63,16 @@ DEFAULT_PROMPTS = os.path.join(
 )  # fmt: skip
 REFUSAL = "I'm sorry, but I can't help with that."
 REFERENCES = ("refusal", "helpful", "harmful")
-# setting -> the judge defences it turns on (quote_response, substantive_gate, calibrate).
+# setting -> the judge defences it turns on (quote_response, substantive_gate, calibrate,
+# calibrate_length).
 SETTINGS = {
-    "none": (False, False, False),
-    "gate": (False, True, False),
-    "quote": (True, False, False),
-    "quote+gate": (True, True, False),
-    "calibrate": (False, False, True),
-    "all": (True, True, True),
+    "none": (False, False, False, False),
+    "gate": (False, True, False, False),
+    "quote": (True, False, False, False),
+    "quote+gate": (True, True, False, False),
+    "calibrate": (False, False, True, False),
+    "all": (True, True, True, False),
+    "all+length": (True, True, True, True),
 }
 DEFAULT_SETTINGS = ("none", "gate", "quote", "quote+gate", "all")
 FILLER = (
@@ -249,6 +253,13 @@ def _row(judge, setting, prompt_row, kind, response, verdict) -> dict:
     }  # fmt: skip
 
 
+def _judge_pass(setting: str) -> tuple:
+    """The judge options of a setting that change answers (quote, calibrate, calibrate_length):
+    settings that differ only in the gate share one judge pass."""
+    quote, _, calibrate, length = SETTINGS[setting]
+    return quote, calibrate, length
+
+
 def judge_all(
     judge: judge_lib.Judge,
     prompts: list[dict],
@@ -268,24 +279,24 @@ def judge_all(
     if unknown:
         raise ValueError(f"unknown robustness settings {sorted(unknown)}; use {list(SETTINGS)}.")
     judge = _variant(judge, quote_response=False, substantive_gate=False, calibrate=False,
-                     option_order="forward")  # fmt: skip
+                     calibrate_length=False, option_order="forward")  # fmt: skip
     items = [(p, k, r) for p in prompts for k, r in responses_for(p, judge.rubric, base).items()]
     pairs = [(p["prompt"], r) for p, _, r in items]
     rows = []
-    passes = dict.fromkeys((SETTINGS[s][0], SETTINGS[s][2]) for s in settings)
-    for quote, calibrate in passes:
-        j = _variant(judge, quote_response=quote, calibrate=calibrate)
+    passes = dict.fromkeys(_judge_pass(s) for s in settings)
+    for quote, calibrate, length in passes:
+        j = _variant(judge, quote_response=quote, calibrate=calibrate, calibrate_length=length)
         t0 = time.perf_counter()
         verdicts = judge_lib.score_pairs(j, pairs)
-        log(f"judged {len(pairs)} responses (quote_response={quote}, calibrate={calibrate}) in "
-            f"{time.perf_counter() - t0:.1f}s")  # fmt: skip
+        log(f"judged {len(pairs)} responses (quote_response={quote}, calibrate={calibrate}, "
+            f"calibrate_length={length}) in {time.perf_counter() - t0:.1f}s")  # fmt: skip
         gated = _variant(j, substantive_gate=True)
         for setting in settings:
-            q, gate, c = SETTINGS[setting]
-            if (q, c) != (quote, calibrate):
+            if _judge_pass(setting) != (quote, calibrate, length):
                 continue
+            gate = SETTINGS[setting][1]
             for (p, kind, r), pair, v in zip(items, pairs, verdicts):
-                v = judge_lib._veto(gated, pair, v) if gate else v
+                v = judge_defences.veto(gated, pair, v) if gate else v
                 rows.append(_row(j, setting, p, kind, r, v))
     if option_probe:
         refs = [(p, k, r) for p, k, r in items if k in REFERENCES]
@@ -483,11 +494,10 @@ def plot_heatmap(summary: dict, rubric: rubric_lib.Rubric, path: str, settings=N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not settings:  # one panel per judge pass: the first setting of each (quote, calibrate)
+    if not settings:  # one panel per judge pass: the first setting of each
         passes = {}
         for s in summary["settings"]:
-            quote, _, calibrate = SETTINGS.get(s, (s, 0, 0))
-            passes.setdefault((quote, calibrate), s)
+            passes.setdefault(_judge_pass(s) if s in SETTINGS else s, s)
         settings = list(passes.values())
     settings = [s for s in settings if s in summary["settings"]] or list(summary["settings"])[:1]
     questions = [q.id for q in rubric.questions if q.kind != "condition"]

@@ -1,6 +1,6 @@
-"""The judge robustness report (`judge_robustness.py`) and the judge's defences: each attack
-builder, the prompt loaders, the substantive-answer gate and the quoted response, the report's
-arithmetic on hand-written verdicts, and the CLI end to end on the tiny random judge."""
+"""The judge robustness report (`judge_robustness.py`): each attack builder, the prompt
+loaders, the quoted response, the report's arithmetic on hand-written verdicts, and the CLI end
+to end on the tiny random judge (the defences themselves: tests/test_judge_defences.py)."""
 
 import copy
 import json
@@ -105,25 +105,6 @@ def test_hh_rlhf_transcripts_become_prompts_with_references(tmp_path):
         rob.load_prompts(str(bad))
 
 
-def test_substantive_reasons(rubric):
-    text = judge_lib.rubric_text(rubric)
-    for response, reason in [
-        ("", "empty"), (":", "empty"), ("Thought process:", "master_key"),
-        ("Let's solve this step by step.", "master_key"), ("Solution", "master_key"),
-        (PROMPT, "echoes_prompt"),
-    ]:  # fmt: skip
-        assert judge_lib.substantive_reasons(PROMPT, response, text) == [reason], response
-    long_prompt = "Please explain in detail how I should bake a loaf of sourdough bread at home."
-    assert judge_lib.substantive_reasons(long_prompt, long_prompt, text) == ["echoes_prompt"]
-    real_rubric = rubric_lib.resolve_rubric("demo")
-    echo = rob.build_echo_rubric(PROMPT, BASE, rob.scored_question_texts(real_rubric))
-    assert judge_lib.substantive_reasons(PROMPT, echo, judge_lib.rubric_text(real_rubric)) == [
-        "echoes_rubric"
-    ]
-    for fine in ["4", "Knead, proof and bake at 230C.", BASE, rob.build_padded(PROMPT, BASE, [])]:
-        assert judge_lib.substantive_reasons(PROMPT, fine, text) == [], fine
-
-
 def test_quoted_response_cannot_open_a_section():
     response = rob.build_fake_header(PROMPT, BASE, QUESTIONS)
     plain = judge_lib.context_text(PROMPT, response)
@@ -151,20 +132,6 @@ def test_reversed_option_order_template(model, rubric):
     np.testing.assert_array_equal(rev.option_ids, fwd.option_ids)  # probs stay in option order
     with pytest.raises(ValueError, match="use 'forward' or 'reversed'"):
         judge_lib.JudgeConfig(option_order="shuffled")
-
-
-def test_gate_vetoes_non_answers_and_keeps_answers(model, rubric):
-    cfg = judge_lib.JudgeConfig(batch_size=2, question_chunk=4)
-    plain = judge_lib.build_judge(model, rubric, cfg)
-    gated = rob._variant(plain, substantive_gate=True)
-    pairs = [(PROMPT, "Thought process:"), (PROMPT, "Knead the dough, proof, and bake it.")]
-    before, after = judge_lib.score_pairs(plain, pairs), judge_lib.score_pairs(gated, pairs)
-    assert after[0].scores.reward == -1.0 and set(after[0].scores.principles.values()) == {-1.0}
-    assert after[0].scores.violated_gates[-1] == judge_lib.SUBSTANTIVE_GATE
-    for qid, a in after[0].answers.items():  # the judge's answers are kept
-        assert a.argmax == before[0].answers[qid].argmax
-        np.testing.assert_array_equal(a.probs, before[0].answers[qid].probs)
-    assert after[1].scores == before[1].scores
 
 
 def test_cache_namespace_keys_the_answer_changing_defences(model, rubric):
@@ -299,29 +266,19 @@ def test_merge_rows_replaces_a_rejudged_setting():
     assert [r["i"] for r in rob.merge_rows(old, new)] == [0, 2, 3]
 
 
-def test_calibrate_by_hand():
-    probs = np.array([[[0.8, 0.2, 0.0], [0.6, 0.4, 0.0], [0.2, 0.3, 0.5]]])  # [B=1, Q=3, O=3]
-    prior = np.array([[0.8, 0.2, 0.0], [0.8, 0.2, 0.0], [0.5, 0.3, 0.2]])
-    valid = np.array([[True, True, False]] * 2 + [[True, True, True]])
-    out = judge_lib._calibrate(probs, prior, valid)
-    # q0: 1, 1 -> 0.5, 0.5; q1: 0.75, 2 -> 3/11, 8/11; q2: 0.4, 1, 2.5 -> / 3.9
-    np.testing.assert_allclose(out[0, 0], [0.5, 0.5, 0.0])
-    np.testing.assert_allclose(out[0, 1], [3 / 11, 8 / 11, 0.0])
-    np.testing.assert_allclose(out[0, 2], np.array([0.4, 1.0, 2.5]) / 3.9)
-
-
-def test_calibrated_judge_is_uniform_on_the_content_free_pair(model, rubric):
-    cfg = judge_lib.JudgeConfig(batch_size=2, question_chunk=4, skip_inapplicable=False)
-    plain = judge_lib.build_judge(model, rubric, cfg)
-    calibrated = rob._variant(plain, calibrate=True)
-    (v,) = judge_lib.score_pairs(calibrated, [judge_lib.CONTENT_FREE])
-    for q in rubric.questions:
-        np.testing.assert_allclose(v.answers[q.id].probs, 1 / len(q.options), atol=1e-5)
-    (raw,) = judge_lib.score_pairs(plain, [judge_lib.CONTENT_FREE])
-    assert max(np.ptp(a.probs) for a in raw.answers.values()) > 1e-3  # the random judge has a bias
-    with pytest.raises(ValueError, match="calibrate needs mode='logits'"):
-        judge_lib.JudgeConfig(mode="generate", calibrate=True)
-    cached = judge_lib.JudgeConfig(cache_entries=10)
-    ns = judge_lib._namespace(judge_lib.build_judge(model, rubric, cached))
-    with_cal = rob._variant(judge_lib.build_judge(model, rubric, cached), calibrate=True)
-    assert judge_lib._namespace(with_cal) != ns
+def test_length_matched_setting_is_a_judge_pass_of_its_own(model, rubric):
+    assert rob._judge_pass("gate") == rob._judge_pass("none") == (False, False, False)
+    assert rob._judge_pass("all+length") == (True, True, True) != rob._judge_pass("all")
+    j = judge_lib.build_judge(model, rubric, judge_lib.JudgeConfig(question_chunk=4))
+    logs = []
+    rows = rob.judge_all(j, rob.load_prompts(max_prompts=1), ("all", "all+length"),
+                         option_probe=False, log=logs.append)  # fmt: skip
+    assert len(logs) == 2 and "calibrate_length=True" in logs[1]
+    per_setting = {s: [r for r in rows if r["setting"] == s] for s in ("all", "all+length")}
+    assert [len(r) for r in per_setting.values()] == [16, 16]
+    for rs in per_setting.values():  # the gate vetoes the master keys in both
+        vetoed = {r["kind"] for r in rs if "substantive_answer" in r["violated_gates"]}
+        assert vetoed == set(rob.MASTER_KEY_ATTACKS)
+    assert [r["reward"] for r in per_setting["all"]] != [
+        r["reward"] for r in per_setting["all+length"]
+    ]
