@@ -13,12 +13,13 @@ Four stages (`qalign_jax/loops/pipeline.py`), each a normal config run at its `:
      (configs/data/eval_prompts.jsonl) greedily, two-pass, judged on the demo rubric.
 The console shows each stage's progress and a summary at the end; outputs are in
 workdirs/demo/{1_prime,2_sft,3_grpo,4_eval} and workdirs/demo/summary.json. Rerunning the
-command resumes (finished stages are skipped). Measured (seed 0, a quiet 2-core CPU): 12m56s
-in all (priming 2m27s, 11/16 kept; SFT 2m55s, 9 steps, loss 1.21 -> 0.51; GRPO 6m13s, 4 steps
-of ~85 s: sampling 17 s, judging 23 s, training 45 s; before/after 1m18s), under the 20-min
-target. An earlier run (session 4, before the judge's option-set prefixes) took 17m05s; its
-fixed-shape training ran 67 s a step against 45 s here, so much of the gap is the machine's
-speed on the day, not the code. Each stage's full-size config runs alone.
+command resumes (finished stages are skipped). Measured (seed 0, a quiet 2-core AMD EPYC,
+2026-12-05, remat 'full', `/usr/bin/time -v`): 10m28s in all (priming 2m03s, 11/16 kept; SFT
+2m38s, 9 steps, loss 1.21 -> 0.51; GRPO 4m34s, 4 steps of ~60 s: sampling 15 s, judging 17 s,
+training 30 s; before/after 1m08s), peak resident memory 7.6 GB (16.8 GB with remat 'none' on
+2026-12-04). The GRPO stage's memory grows ~1.3 GB over its 4 steps at one training width,
+which points at the sampler's and judge's per-shape compiled programs; not yet cut to 6 GB.
+Each stage's full-size config runs alone.
 `:smoke` (tests): a tiny random model with the real tokenizer through the same four stages.
 """
 
