@@ -1,7 +1,7 @@
 """Fit the planner's TPU coefficients (`plan.FIT_TPU`) to the TPU compiler's own accounting.
 
-  # libtpu outside the venv (pip install libtpu); no TPU needed: compiles are deviceless
-  PYTHONPATH=$PWD:/work/libtpu_pkg JAX_PLATFORMS=cpu nice -n 15 .venv/bin/python \
+  # libtpu (pip install --target LIBTPU_DIR libtpu); no TPU needed: compiles are deviceless
+  PYTHONPATH=$PWD:LIBTPU_DIR JAX_PLATFORMS=cpu nice -n 15 .venv/bin/python \
     bench/fit_plan_tpu.py collect fit held_out     # compile the points (skips cached ones)
   ... bench/fit_plan_tpu.py fit [0.5]              # prints FIT_TPU to paste into plan.py
   ... bench/fit_plan_tpu.py validate held_out sft_8b grpo_8b   # plan vs compiler table
