@@ -232,6 +232,7 @@ def vs_trl(args) -> dict:
     print(f"training matmuls at {tokens} tokens (our rows), float32, {args.threads} threads:")
     matmuls = matmul_bench(cfg, tokens, args.threads)
     return {"mode": "vs_trl", "threads": args.threads, "load_avg": os.getloadavg(),
+            "remat": args.remat, "grad_accum": args.grad_accum,
             "matmuls": matmuls,
             "ours_steps": ours, "trl_steps": theirs, "ours": a, "trl": b,
             "speedup_step": b["step_s"] / a["step_s"],

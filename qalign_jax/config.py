@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
     c.optimizer.weight_decay = 0.0  # decoupled; never applied to norm weights
+    c.optimizer.mu_dtype = ""  # Adam's first moment: '' = the params' dtype, or 'bfloat16'
     c.optimizer.max_grad_norm = 1.0  # clip the global gradient norm to this; 0 = no clipping
 
     # The judge (`judge.py`): a rubric answered by a judge model from answer-token logits.

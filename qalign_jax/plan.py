@@ -275,13 +275,15 @@ def plan(
     rows, notes = {}, []
     if cfg.lora is None:
         rows["params"] = elems * pb
-        rows["optimizer (Adam mu, nu)"] = 2 * elems * pb
+        mu_bytes = _dtype_bytes(config.optimizer.mu_dtype) if config.optimizer.mu_dtype else pb
+        rows["optimizer (Adam mu, nu)"] = elems * (mu_bytes + pb)
         rows["gradients + step temporaries (f32)"] = fit[cfg.remat]["grads"] * elems * 4
     else:  # trained: the float32 adapters; the base is frozen (also the reference)
         adapter_elems = param_elements_per_device(cfg, mesh_shape, rules, "adapters")
         rows["params"] = elems * pb
         rows["LoRA adapters (f32)"] = adapter_elems * 4
-        rows["optimizer (Adam mu, nu)"] = 2 * adapter_elems * 4
+        mu_bytes = _dtype_bytes(config.optimizer.mu_dtype) if config.optimizer.mu_dtype else 4
+        rows["optimizer (Adam mu, nu)"] = adapter_elems * (mu_bytes + 4)
         rows["gradients + step temporaries (f32)"] = fit[cfg.remat]["grads"] * adapter_elems * 4
         notes.append(
             f"LoRA rank {cfg.lora.rank}: {cfg.num_lora_params / 1e6:.1f}M trained parameters "

@@ -49,8 +49,15 @@ def make_optimizer(opt_cfg, total_steps: int):
     """AdamW with linear warmup and cosine decay, after global-norm clipping.
 
     Weight decay skips the norm weights (`*layernorm*`, `norm`), as Hugging Face does.
+    `opt_cfg.mu_dtype` ('' = the parameters' dtype) stores Adam's first moment narrower, e.g.
+    'bfloat16' (optax has no such option for the second moment, whose squares need range).
     Returns (optax transformation, schedule: step -> lr).
     """
+    if opt_cfg.mu_dtype not in ("", "float32", "bfloat16"):
+        raise ValueError(
+            f"optimizer.mu_dtype={opt_cfg.mu_dtype!r}; use '' (the parameters' dtype), "
+            "'float32' or 'bfloat16'."
+        )
     warmup_steps = int(round(opt_cfg.warmup_ratio * total_steps))
     if warmup_steps:
         schedule = optax.warmup_cosine_decay_schedule(
@@ -78,6 +85,7 @@ def make_optimizer(opt_cfg, total_steps: int):
         eps=opt_cfg.eps,
         weight_decay=opt_cfg.weight_decay,
         mask=decay_mask,
+        mu_dtype=opt_cfg.mu_dtype or None,
     )
     if opt_cfg.max_grad_norm > 0:
         return optax.chain(optax.clip_by_global_norm(opt_cfg.max_grad_norm), adamw), schedule

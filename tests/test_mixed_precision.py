@@ -166,3 +166,27 @@ def test_plan_counts_the_compute_copy():
     config.model.compute_copy = True
     same = plan.plan(config, cfg.replace(param_dtype="bfloat16"), num_devices=32)
     assert "compute copy of the weights" not in same.rows
+
+
+def test_adam_first_moment_dtype():
+    opt = base.base_config().optimizer
+    params = {"w": jnp.ones((4, 3)), "norm": jnp.ones((3,))}
+    opt.mu_dtype = "bfloat16"
+    tx, _ = train_state.make_optimizer(opt, total_steps=10)
+    state = tx.init(params)
+    adam = next(s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu")) if
+                hasattr(s, "mu"))  # fmt: skip
+    assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+    config = load_config(None, "sft_prime_llama3_8b.py")
+    cfg = llama.get_preset("llama3_1_8b").replace(param_dtype="float32", dtype="bfloat16")
+    full = plan.plan(config, cfg, num_devices=32).rows["optimizer (Adam mu, nu)"]
+    config.optimizer.mu_dtype = "bfloat16"
+    assert plan.plan(config, cfg, num_devices=32).rows["optimizer (Adam mu, nu)"] == 0.75 * full
+
+    opt.mu_dtype = "int8"
+    with pytest.raises(ValueError, match="optimizer.mu_dtype='int8'"):
+        train_state.make_optimizer(opt, total_steps=10)
