@@ -139,10 +139,10 @@ def compile_grpo(
     bsh = grpo.batch_shardings(mesh)
     micro = rows // g.grad_accum_steps
     batch = {}
-    for k in grpo.BATCH_KEYS:
-        shape = (g.grad_accum_steps, micro) + (() if k == "advantages" else (seq_len,))
-        dtype = jnp.int32 if k in ("tokens", "positions", "targets") else jnp.float32
-        batch[k] = _sds(shape, dtype, bsh[k])
+    for k in grpo.BATCH_KEYS:  # spans as wide as the rows: the head on every position (bound)
+        shape = (g.grad_accum_steps, micro) + (() if k in grpo.ROW_KEYS else (seq_len,))
+        ints = ("tokens", "positions", "span_start", "targets")
+        batch[k] = _sds(shape, jnp.int32 if k in ints else jnp.float32, bsh[k])
     _timed(out, "grpo_step", step.lower(abstract_state, batch, *frozen_args), compile_)
     if train_only:
         return out
@@ -153,11 +153,12 @@ def compile_grpo(
         ref_graphdef, ref_params, ref_sh = llama.abstract_model(base_cfg)[0], frozen, frozen_sh
     ref_fn = sharding.jit(
         functools.partial(grpo.token_logprobs, graphdef=ref_graphdef), mesh=mesh, rules=rules,
-        in_shardings=(ref_sh, row_sh, row_sh, row_sh), out_shardings=row_sh,
-        name="token_logprobs",
+        in_shardings=(ref_sh, row_sh, row_sh, sharding.batch_sharding(mesh, 1), row_sh),
+        out_shardings=row_sh, name="token_logprobs",
     )  # fmt: skip
     ids = _sds((rows, seq_len), jnp.int32, row_sh)
-    _timed(out, "ref_logprobs", ref_fn.lower(ref_params, ids, ids, ids), compile_)
+    starts = _sds((rows,), jnp.int32, sharding.batch_sharding(mesh, 1))
+    _timed(out, "ref_logprobs", ref_fn.lower(ref_params, ids, ids, starts, ids), compile_)
 
     # Sampling: prefill the prompts, prepare decode weights, decode, extend (second pass).
     params = train_state.full_params(abstract_state.params, frozen)  # the policy: + base (LoRA)

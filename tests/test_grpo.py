@@ -61,11 +61,22 @@ def test_rollout_logprobs_and_mask_match_the_training_forward(setup):
     assert width < 384 and width == judge_lib.length_bucket(
         max(len(s) for s in ro.sequence_ids) - 1, minimum=64
     )
-    batch = grpo.training_batch(ro, np.ones(8), seq_len=width, pad_id=policy.tokenizer.pad_id)
+    span = grpo.span_width(ro, width)  # draft, findings and continuation: all but the prompt
+    longest = max(len(ro.draft_ids[i]) + len(ro.suffix_ids[i]) + len(ro.cont_ids[i])
+                  for i in range(8))  # fmt: skip
+    assert span == min(width, judge_lib.length_bucket(longest, minimum=16))
+    batch = grpo.training_batch(ro, np.ones(8), width, policy.tokenizer.pad_id, span)
+    assert batch["tokens"].shape == (8, width) and batch["targets"].shape == (8, span)
     logits, _ = jax.jit(functools.partial(llama.forward, policy.graphdef))(
         policy.params, batch["tokens"], batch["positions"]
     )
     logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    index = batch["span_start"][:, None] + np.arange(span)  # [8, S] positions of the rows
+    logp = np.take_along_axis(logp, index[..., None], 1)
+    for i, seq in enumerate(ro.sequence_ids):  # each target is the next token of its row
+        trained = batch["loss_mask"][i] > 0
+        np.testing.assert_array_equal(batch["targets"][i][trained],
+                                      np.asarray(seq)[index[i][trained] + 1])  # fmt: skip
     logp = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     mask = batch["loss_mask"] > 0
     np.testing.assert_allclose(logp[mask], batch["sampler_logp"][mask], atol=2e-4)
@@ -73,8 +84,10 @@ def test_rollout_logprobs_and_mask_match_the_training_forward(setup):
         n = len(ro.draft_ids[i]) + len(ro.cont_ids[i])
         assert mask[i].sum() == n
         first = len(ro.prompt_ids[i]) - 1  # the target of this position is the first draft token
-        assert mask[i, first] and not mask[i, first - 1]
-        suffix_at = first + len(ro.draft_ids[i])
+        assert batch["span_start"][i] == min(first, width - span) and mask[i, first - index[i, 0]]
+        if index[i, 0] < first:
+            assert not mask[i, first - index[i, 0] - 1]
+        suffix_at = first - index[i, 0] + len(ro.draft_ids[i])
         assert not mask[i, suffix_at : suffix_at + len(ro.suffix_ids[i])].any()
 
 
@@ -127,6 +140,7 @@ def test_sharded_step_equals_single_device_step():
     mask = (rng.random((a, rows, t)) > 0.3).astype(np.float32)
     batch = {
         "tokens": tokens, "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (a, rows, t)),
+        "span_start": np.zeros((a, rows), np.int32),
         "targets": np.roll(tokens, -1, axis=-1), "loss_mask": mask,
         "old_logp": rng.normal(-10.5, 0.3, (a, rows, t)).astype(np.float32),
         "sampler_logp": rng.normal(-10.5, 0.3, (a, rows, t)).astype(np.float32),
@@ -152,7 +166,7 @@ def random_batch(cfg, seed=0, a=2, rows=8, t=24):
     noise = lambda: rng.normal(-6.0, 0.3, (a, rows, t)).astype(np.float32)  # noqa: E731
     return {
         "tokens": tokens, "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (a, rows, t)),
-        "targets": np.roll(tokens, -1, axis=-1),
+        "span_start": np.zeros((a, rows), np.int32), "targets": np.roll(tokens, -1, axis=-1),
         "loss_mask": (rng.random((a, rows, t)) > 0.3).astype(np.float32),
         "old_logp": noise(), "sampler_logp": noise(), "ref_logp": noise(),
         "advantages": rng.normal(0, 1, (a, rows)).astype(np.float32),
@@ -165,8 +179,78 @@ def training_forward_logprobs(cfg, params, batch):
     one = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     fn = sharding.jit(functools.partial(grpo.token_logprobs, graphdef=graphdef), mesh=one,
                       rules=sharding.DEFAULT_RULES)  # fmt: skip
-    flat = [batch[k].reshape(-1, batch[k].shape[-1]) for k in ("tokens", "positions", "targets")]
-    return np.asarray(fn(params, *flat)).reshape(batch["tokens"].shape)
+    flat = [batch[k].reshape((-1,) + batch[k].shape[2:]) for k in grpo.ROWS_IN]
+    return np.asarray(fn(params, *flat)).reshape(batch["targets"].shape)
+
+
+def span_layout(batch, span, seed=0):
+    """`batch` (full-width rows) with each row's loss mask kept on a random span of `span`
+    positions, and the same batch in the span layout (per-target arrays [A, rows, span])."""
+    rng = np.random.default_rng(seed)
+    a, rows, t = batch["tokens"].shape
+    start = rng.integers(0, t - span + 1, (a, rows)).astype(np.int32)
+    index = start[..., None] + np.arange(span)
+    keep = np.zeros((a, rows, t), np.float32)
+    np.put_along_axis(keep, index, 1.0, axis=-1)
+    full = dict(batch, loss_mask=batch["loss_mask"] * keep)
+    spans = {k: np.take_along_axis(v, index, -1) if k in ("targets", "loss_mask", "old_logp",
+             "sampler_logp", "ref_logp") else v for k, v in full.items()}  # fmt: skip
+    return full, dict(spans, span_start=start)
+
+
+def test_the_head_on_the_trained_spans_gives_the_full_rows_update():
+    """The output head on each row's span only (`span_start`, [A, rows, S] targets) gives the
+    update, loss, KL and entropy of the head on every position with the mask outside the span
+    zero, on 8 devices; with several updates and the KL term on."""
+    cfg = llama.get_preset("tiny")
+    host_params = jax.device_get(llama.init_params(cfg, seed=0))
+    g = smoke_config().grpo
+    g.num_iterations, g.kl_beta = 2, 0.05
+    full, spans = span_layout(random_batch(cfg), span=10)
+    assert spans["targets"].shape == (2, 8, 10) and spans["tokens"].shape == (2, 8, 24)
+    mesh = sharding.make_mesh((1, 8, 1))
+    p_full, m_full = run_steps(mesh, host_params, [full, full], g)
+    p_span, m_span = run_steps(mesh, host_params, [spans, spans], g)
+    for x, y in zip(m_full, m_span):
+        for k in ("loss", "grad_norm", "kl", "clip_fraction", "entropy", "trained_tokens"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
+    assert_trees_close(p_full, p_span, atol=1e-6)
+    logp_full = training_forward_logprobs(cfg, host_params, full)
+    index = spans["span_start"][..., None] + np.arange(10)
+    np.testing.assert_allclose(training_forward_logprobs(cfg, host_params, spans),
+                               np.take_along_axis(logp_full, index, -1), atol=1e-5)  # fmt: skip
+
+
+def test_training_batch_spans_cover_every_trained_token():
+    """Rows of different prompt lengths: each span starts at the row's first trained target
+    (or earlier, when the row ends within S of its width) and holds all of its trained
+    tokens; a span narrower than a row's trained extent is an error, not a cut."""
+    def rollout(prompt, trained, untrained=0):  # ids, mask: prompt, trained, pad, trained
+        ids = list(range(100, 100 + prompt + trained + untrained + 2))
+        mask = [0] * prompt + [1] * trained + [0] * untrained + [1, 1]
+        return ids, mask
+
+    rows = [rollout(5, 3), rollout(20, 6, untrained=4), rollout(2, 1)]
+    ro = types.SimpleNamespace(
+        prompt_ids=[r[0][:1] for r in rows], sequence_ids=[r[0] for r in rows],
+        trained_mask=[r[1] for r in rows], sampler_logp=[-np.arange(len(r[0])) for r in rows],
+    )  # fmt: skip
+    width = grpo.row_width(ro, 64)
+    span = grpo.span_width(ro, width)
+    assert (width, span) == (64, 16)  # the longest extent: 6 + 4 + 2 = 12 -> 16
+    batch = grpo.training_batch(ro, np.zeros(3), width, 0, span)
+    for i, (ids, mask) in enumerate(rows):
+        trained_targets = [ids[j + 1] for j in range(len(ids) - 1) if mask[j + 1]]
+        got = batch["targets"][i][batch["loss_mask"][i] > 0].tolist()
+        assert got == trained_targets
+        s0 = batch["span_start"][i]
+        np.testing.assert_array_equal(
+            batch["sampler_logp"][i][batch["loss_mask"][i] > 0],
+            [-(j + 1) for j in range(len(ids) - 1) if mask[j + 1]],
+        )
+        assert s0 == mask.index(1) - 1
+    with pytest.raises(ValueError, match="trains 12 positions > span 8"):
+        grpo.training_batch(ro, np.zeros(3), width, 0, 8)
 
 
 def test_one_update_per_batch_has_ratio_exactly_one_and_no_clipping():

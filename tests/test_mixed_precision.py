@@ -48,9 +48,9 @@ def step_jaxpr(loop: str, compute_dtype, cfg=MIXED):
     else:
         g = load_config(None, "qalign_grpo_smol.py").grpo
         step, keys = functools.partial(grpo.grpo_step, grpo_cfg=g, **kw), grpo.BATCH_KEYS
-    ints = ("tokens", "positions", "targets")
+    ints = ("tokens", "positions", "span_start", "targets")
     batch = {
-        k: jax.ShapeDtypeStruct((2, 4) + (() if k == "advantages" else (32,)),
+        k: jax.ShapeDtypeStruct((2, 4) + (() if k in ("span_start", "advantages") else (32,)),
                                 jnp.int32 if k in ints else jnp.float32)
         for k in keys
     }  # fmt: skip

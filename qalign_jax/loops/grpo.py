@@ -73,9 +73,11 @@ from qalign_jax.checkpoint import TrainState
 from qalign_jax.models import llama, load
 
 BATCH_KEYS = (
-    "tokens", "positions", "targets", "loss_mask", "old_logp", "sampler_logp", "ref_logp",
-    "advantages",
+    "tokens", "positions", "span_start", "targets", "loss_mask", "old_logp", "sampler_logp",
+    "ref_logp", "advantages",
 )  # fmt: skip
+ROWS_IN = ("tokens", "positions", "span_start", "targets")  # `token_logprobs`' arguments
+ROW_KEYS = ("span_start", "advantages")  # one number per row; the rest are [rows, T] or [rows, S]
 OVERLAP_MODES = ("error", "exclude")
 
 
@@ -125,32 +127,58 @@ def row_width(ro: rollouts.Rollouts, seq_len: int) -> int:
     return min(seq_len, judge_lib.length_bucket(longest, minimum=64))
 
 
-def training_batch(ro: rollouts.Rollouts, advantages: np.ndarray, seq_len: int, pad_id: int):
-    """[rows, seq_len] next-token arrays; the loss mask covers draft and continuation only.
+def span_width(ro: rollouts.Rollouts, width: int) -> int:
+    """The width S of the trained spans: the batch's longest span from a row's first trained
+    target to its last, rounded up as the rows (`judge.length_bucket`, at least 16), at most
+    the row width. The output head runs on these S positions of each row only."""
+    longest = max(_trained_extent(trained) for trained in ro.trained_mask)
+    return min(width, judge_lib.length_bucket(longest, minimum=16))
+
+
+def _trained_extent(trained) -> int:
+    """Positions from the first trained target to the last (targets are ids[1:])."""
+    where = np.flatnonzero(np.asarray(trained[1:]))
+    return int(where[-1] - where[0] + 1) if where.size else 1
+
+
+def training_batch(
+    ro: rollouts.Rollouts, advantages: np.ndarray, seq_len: int, pad_id: int, span: int = 0
+):
+    """Next-token rows: tokens and positions [rows, seq_len]; the per-target arrays (targets,
+    loss_mask, sampler_logp, old_logp) [rows, S] over each row's span `span_start ..
+    span_start + S - 1`, S = `span` (0: S = seq_len, span_start = 0). The loss mask covers
+    draft and continuation only.
 
     `sampler_logp` holds the sampler's log-probabilities of the trained tokens: a diagnostic
     (their gap to the training forward is logged); `old_logp` is filled by the loop when
     num_iterations > 1 (see `grpo_step`).
     """
-    n = len(ro.prompt_ids)
+    n, span = len(ro.prompt_ids), span or seq_len
     tokens = np.full((n, seq_len), pad_id, np.int32)
-    targets = np.full((n, seq_len), pad_id, np.int32)
     positions = np.full((n, seq_len), -1, np.int32)
-    mask = np.zeros((n, seq_len), np.float32)
-    sampled = np.zeros((n, seq_len), np.float32)
+    start = np.zeros(n, np.int32)
+    targets = np.full((n, span), pad_id, np.int32)
+    mask = np.zeros((n, span), np.float32)
+    sampled = np.zeros((n, span), np.float32)
     for i in range(n):
         seq, trained, logp = ro.sequence_ids[i], ro.trained_mask[i], ro.sampler_logp[i]
-        if len(seq) - 1 > seq_len:
-            raise ValueError(f"rollout {i} has {len(seq)} tokens > seq_len {seq_len} + 1.")
         length = len(seq) - 1
+        if length > seq_len:
+            raise ValueError(f"rollout {i} has {len(seq)} tokens > seq_len {seq_len} + 1.")
+        extent = _trained_extent(trained)
+        if extent > span:
+            raise ValueError(f"rollout {i} trains {extent} positions > span {span}.")
         tokens[i, :length] = seq[:-1]
-        targets[i, :length] = seq[1:]
         positions[i, :length] = np.arange(length)
-        mask[i, :length] = trained[1:]
-        sampled[i, :length] = logp[1:]
+        first = np.flatnonzero(np.asarray(trained[1:]))
+        start[i] = min(int(first[0]) if first.size else 0, seq_len - span)
+        end = min(length, start[i] + span)
+        targets[i, : end - start[i]] = seq[start[i] + 1 : end + 1]
+        mask[i, : end - start[i]] = trained[start[i] + 1 : end + 1]
+        sampled[i, : end - start[i]] = logp[start[i] + 1 : end + 1]
     return {
-        "tokens": tokens, "positions": positions, "targets": targets, "loss_mask": mask,
-        "sampler_logp": sampled, "old_logp": np.zeros_like(sampled),
+        "tokens": tokens, "positions": positions, "span_start": start, "targets": targets,
+        "loss_mask": mask, "sampler_logp": sampled, "old_logp": np.zeros_like(sampled),
         "advantages": np.asarray(advantages, np.float32),
     }  # fmt: skip
 
@@ -159,10 +187,12 @@ def training_batch(ro: rollouts.Rollouts, advantages: np.ndarray, seq_len: int, 
 # The jitted pieces.
 
 
-def token_logprobs(params, tokens, positions, targets, *, graphdef):
-    """[rows, T] log p(target) under `params` (the frozen reference, or the policy before its
-    first update when num_iterations > 1)."""
-    return llama.token_stats(graphdef, params, tokens, positions, targets)["logp"]
+def token_logprobs(params, tokens, positions, span_start, targets, *, graphdef):
+    """[rows, S] log p(target) on the rows' spans under `params` (the frozen reference, or the
+    policy before its first update when num_iterations > 1)."""
+    return llama.token_stats(graphdef, params, tokens, positions, targets, start=span_start)[
+        "logp"
+    ]
 
 
 def grpo_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, param_sh,
@@ -188,8 +218,9 @@ def grpo_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, 
 
     def loss_fn(weights, micro):
         stats = llama.token_stats(
-            graphdef, weights, micro["tokens"], micro["positions"], micro["targets"], entropy=True
-        )
+            graphdef, weights, micro["tokens"], micro["positions"], micro["targets"],
+            start=micro["span_start"], entropy=True,
+        )  # fmt: skip
         logp = stats["logp"]
         fixed = jax.lax.stop_gradient(logp)
         old_logp = fixed if g.num_iterations == 1 else micro["old_logp"]
@@ -239,7 +270,7 @@ def jit_grpo_step(graphdef, tx, schedule, state_sh: TrainState, grpo_cfg, mesh, 
 
 def batch_shardings(mesh) -> dict[str, NamedSharding]:
     """[A, rows / A, ...] arrays: rows over (data, fsdp)."""
-    return train_state.micro_shardings(mesh, {k: 2 if k == "advantages" else 3 for k in BATCH_KEYS})
+    return train_state.micro_shardings(mesh, {k: 2 if k in ROW_KEYS else 3 for k in BATCH_KEYS})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,10 +362,10 @@ def run(config, workdir: str) -> None:
     step_fn = jit_grpo_step(graphdef, tx, schedule, state_sh, g, mesh, rules, frozen_sh,
                             train_state.compute_dtype(config.model))  # fmt: skip
     row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+    rows_sh = {k: sharding.batch_sharding(mesh, 1 if k in ROW_KEYS else 2) for k in ROWS_IN}
     logp_fn = sharding.jit(  # the policy's (old) log-probabilities
         functools.partial(token_logprobs, graphdef=graphdef), mesh=mesh, rules=rules,
-        in_shardings=(train_state.full_params(state_sh.params, frozen_sh), row_sh, row_sh,
-                      row_sh),
+        in_shardings=(train_state.full_params(state_sh.params, frozen_sh), *rows_sh.values()),
         out_shardings=row_sh, name="token_logprobs",
     )  # fmt: skip
     # The reference's: the policy at the start of RL; with LoRA the base with adapters off,
@@ -345,7 +376,7 @@ def run(config, workdir: str) -> None:
     elif frozen is not None:
         ref_logp_fn = sharding.jit(
             functools.partial(token_logprobs, graphdef=reference.graphdef), mesh=mesh,
-            rules=rules, in_shardings=(frozen_sh, row_sh, row_sh, row_sh), out_shardings=row_sh,
+            rules=rules, in_shardings=(frozen_sh, *rows_sh.values()), out_shardings=row_sh,
             name="ref_token_logprobs",
         )  # fmt: skip
 
@@ -367,7 +398,7 @@ def run(config, workdir: str) -> None:
             eps=g.adv_eps, scale_by_std=g.scale_adv_by_std,
         )  # fmt: skip
 
-    widths = set()  # the training-row widths seen (one train-step compile each)
+    widths = set()  # the (row, span) widths seen: one train-step compile each
     with train_state.closing(manager, writer):
         for step in range(first_step, g.num_steps):
             t0 = time.perf_counter()
@@ -406,14 +437,14 @@ def run(config, workdir: str) -> None:
             masked = grpo_variants.masked_rows(ro, composed, g)
             t_train = time.perf_counter()
             width = row_width(ro, seq_len)
-            widths.add(width)
-            host = training_batch(ro, adv, width, tok.pad_id)
+            span = span_width(ro, width)
+            widths.add((width, span))
+            host = training_batch(ro, adv, width, tok.pad_id, span)
             host["loss_mask"][masked] = 0.0  # out of the loss and of its normalizer
             rows_in = None  # placed only when a forward below needs the rows
             if g.num_iterations > 1 or g.kl_beta > 0:
                 rows_in = tuple(train_state.put_batch(
-                    {k: host[k] for k in ("tokens", "positions", "targets")},
-                    dict.fromkeys(("tokens", "positions", "targets"), row_sh),
+                    {k: host[k] for k in ROWS_IN}, rows_sh
                 ).values())  # fmt: skip
             if g.num_iterations > 1:  # the old policy: the training forward before any update
                 full = train_state.full_params(state.params, frozen)
@@ -437,7 +468,8 @@ def run(config, workdir: str) -> None:
             done = step + 1
             row = {f"train/{k}": float(v) for k, v in m.items()}
             row["train/sampler_logp_gap"] = float(sampler_gap)
-            row.update({"train/row_width": width, "train/row_widths_compiled": len(widths)})
+            row.update({"train/row_width": width, "train/span_width": span,
+                        "train/row_widths_compiled": len(widths)})  # fmt: skip
             row.update(rollouts.rollout_metrics(ro, judge.rubric))
             row.update(reward_components.metrics(composed, components, reward_in))
             row.update(judge.cache_stats.metrics())  # cumulative since the judge was built

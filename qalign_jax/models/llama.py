@@ -564,11 +564,17 @@ def forward(graphdef, params, tokens, positions, cache=None):
 
 
 def token_stats(
-    graphdef, params, tokens, positions, targets, *, correct: bool = False, entropy: bool = False
-) -> dict:
+    graphdef, params, tokens, positions, targets, *, start=None, correct: bool = False,
+    entropy: bool = False,
+) -> dict:  # fmt: skip
     """The training losses' per-position numbers, [B, T] float32 each: `logp` = log p(target),
     and if asked `correct` = (argmax == target) and the `entropy` of the next-token
     distribution.
+
+    `start` ([B] int32): the output head runs only on each row's span of S = targets.shape[1]
+    positions `start .. start + S - 1` (the trained tokens: a GRPO completion, not its prompt);
+    `targets` and the results are then [B, S], and `start + S <= T`. The head is a fifth of a
+    small model's forward FLOPs per token, and its [tokens, vocab] softmax more.
 
     With `cfg.logits_chunk` = C > 0 the output head runs on C positions of every row at a time,
     under `jax.checkpoint` inside a scan: neither the forward nor the backward holds the
@@ -577,6 +583,9 @@ def token_stats(
     """
     model = nnx.merge(graphdef, params)
     hidden, _ = model.hidden(tokens, positions)  # [B, T, D]
+    if start is not None:  # [B, S, D]: the rows' spans
+        index = start[:, None] + jnp.arange(targets.shape[1], dtype=start.dtype)
+        hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
 
     def stats(h, t):
         logits = model.logits(h)  # [B, C, V] float32
