@@ -225,6 +225,7 @@ def test_training_batch_spans_cover_every_trained_token():
     """Rows of different prompt lengths: each span starts at the row's first trained target
     (or earlier, when the row ends within S of its width) and holds all of its trained
     tokens; a span narrower than a row's trained extent is an error, not a cut."""
+
     def rollout(prompt, trained, untrained=0):  # ids, mask: prompt, trained, pad, trained
         ids = list(range(100, 100 + prompt + trained + untrained + 2))
         mask = [0] * prompt + [1] * trained + [0] * untrained + [1, 1]

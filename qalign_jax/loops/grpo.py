@@ -190,9 +190,7 @@ def training_batch(
 def token_logprobs(params, tokens, positions, span_start, targets, *, graphdef):
     """[rows, S] log p(target) on the rows' spans under `params` (the frozen reference, or the
     policy before its first update when num_iterations > 1)."""
-    return llama.token_stats(graphdef, params, tokens, positions, targets, start=span_start)[
-        "logp"
-    ]
+    return llama.token_stats(graphdef, params, tokens, positions, targets, start=span_start)["logp"]
 
 
 def grpo_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, param_sh,
