@@ -86,7 +86,7 @@ def run_ours(config, workdir: str) -> list[dict]:
     train.run(config, workdir)
     rows = [r for r in read_metrics(workdir) if "time/step_s" in r]
     return [{k: r[f"time/{k}"] for k in ("sampling_s", "judging_s", "training_s", "step_s")}
-            | {"row_width": r.get("train/row_width")} for r in rows]  # fmt: skip
+            | {"row_width": r.get("train/row_width"), "span_width": r.get("train/span_width")} for r in rows]  # fmt: skip
 
 
 def run_trl(config, workdir: str, threads: int) -> list[dict]:

@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.system_prompt = ""  # system message of every example; '' = the template's default
     c.data.seq_len = 1024  # tokens per batch row (chat-template prompt + answer + end of turn)
     c.data.on_overflow = "error"  # example longer than seq_len: 'error' | 'truncate' (drop tail)
+    # SFT and DPO rows: 'batch' = as wide as each batch's longest row, rounded up to 64, 96,
+    # 128, 192, ... (one train-step compile per width); 'seq_len' = always the longest (one).
+    c.data.row_width = "batch"
 
     # The SFT loop (`loops/sft.py`).
     c.sft = ml_collections.ConfigDict()

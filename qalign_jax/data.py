@@ -457,6 +457,27 @@ def split_by_hash(
 # ---------------------------------------------------------------------------------------------
 # Batches.
 
+ROW_WIDTHS = ("batch", "seq_len")
+
+
+def length_bucket(n: int, minimum: int = 16) -> int:
+    """Round a length up to 2^k or 1.5 * 2^k: shapes (and compiles) repeat, padding <= 33%."""
+    n = max(n, minimum)
+    p = 1 << (n - 1).bit_length()
+    return 3 * p // 4 if n <= 3 * p // 4 and p >= 4 else p
+
+
+def batch_width(lengths, seq_len: int, row_width: str = "batch") -> int:
+    """The width of a batch's rows: `seq_len` (row_width='seq_len'), or the batch's longest
+    row (`lengths`, tokens) rounded up by `length_bucket` (at least 64, at most seq_len): rows as
+    wide as the batch needs, one train-step compile per width, and the widths are few
+    (64, 96, 128, 192, ...)."""
+    if row_width not in ROW_WIDTHS:
+        raise ValueError(f"row_width={row_width!r}; use one of {ROW_WIDTHS}.")
+    if row_width == "seq_len":
+        return seq_len
+    return min(seq_len, length_bucket(max(lengths, default=1), minimum=64))
+
 
 def make_rows(
     examples: Sequence[SFTExample | None], seq_len: int, pad_id: int
@@ -511,12 +532,15 @@ class SFTBatches:
     Every epoch visits every example once, in the order `permutation(seed, epoch)`; the last
     batch of an epoch is filled up with empty rows (positions -1, loss mask 0) rather than
     dropping examples, so an epoch is `ceil(n / global_batch_size)` steps. A batch holds
-    `grad_accum_steps` micro-batches: arrays [A, global_batch_size / A, seq_len].
+    `grad_accum_steps` micro-batches: arrays [A, global_batch_size / A, W], W = seq_len or,
+    with row_width='batch', the batch's longest example bucketed (`batch_width`; the same W in
+    every process: it is taken over the whole batch).
 
     `next()` returns the batch at `position` and advances it; `position` is saved with each
     checkpoint and set directly on resume (nothing is replayed). `rows` (a slice of the
     micro-batch axis) builds only those rows of every micro-batch: a process's share, whose
-    examples alone get tokenized.
+    examples alone get tokenized with row_width='seq_len' (with 'batch' every process reads
+    the lengths of the whole batch, tokenizing its examples once: cheap next to a step).
     """
 
     def __init__(
@@ -529,6 +553,7 @@ class SFTBatches:
         grad_accum_steps: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        row_width: str = "batch",
     ):
         if not examples:
             raise ValueError("SFTBatches: no examples.")
@@ -538,8 +563,10 @@ class SFTBatches:
                 f"grad_accum_steps={grad_accum_steps}; each step splits the batch into that "
                 "many equal micro-batches."
             )
+        batch_width((), seq_len, row_width)  # checks the option
         self.examples = examples
         self.seq_len = seq_len
+        self.row_width = row_width
         self.pad_id = pad_id
         self.num_examples = len(examples)
         self.global_batch_size = global_batch_size
@@ -556,15 +583,20 @@ class SFTBatches:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
 
     def batch_at(self, position: DataPosition, rows: slice | None = None) -> dict[str, np.ndarray]:
-        """The batch at `position`: arrays [A, B / A, seq_len] (A = grad_accum_steps), or
-        [A, len(rows), seq_len] with `rows` of each micro-batch."""
+        """The batch at `position`: arrays [A, B / A, W] (A = grad_accum_steps), or
+        [A, len(rows), W] with `rows` of each micro-batch."""
         if not 0 <= position.index < self.steps_per_epoch:
             raise ValueError(
                 f"data position {position} is outside an epoch of {self.steps_per_epoch} batches."
             )
-        chosen = self._chosen(position, rows)
+        everyone = self._chosen(position, None)
+        width = self.seq_len
+        if self.row_width == "batch":  # every process's rows: its examples get tokenized
+            lengths = [len(self.examples[i].tokens) for i in everyone.ravel() if i >= 0]
+            width = batch_width(lengths, self.seq_len)
+        chosen = everyone if rows is None else everyone[:, rows]
         made = make_rows([None if i < 0 else self.examples[i] for i in chosen.ravel()],
-                         self.seq_len, self.pad_id)  # fmt: skip
+                         width, self.pad_id)  # fmt: skip
         return {name: arr.reshape(*chosen.shape, -1) for name, arr in made.items()}
 
     def _chosen(self, position: DataPosition, rows: slice | None) -> np.ndarray:

@@ -49,8 +49,8 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from qalign_jax import data, files, losses, reward_components, rewards, rollouts, sharding
 from qalign_jax import eval_suites as es
-from qalign_jax import files, losses, reward_components, rewards, rollouts, sharding
 from qalign_jax import judge as judge_lib
 from qalign_jax import rubric as rubric_lib
 from qalign_jax.models import load
@@ -336,7 +336,7 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: 
         idx = order[s : s + batch_size]
         rows = [pairs[i] for i in idx]
         rows += [rows[-1]] * (batch_size - len(rows))  # same shape; results dropped
-        width = judge_lib.length_bucket(max(len(c) + len(a) for c, a in rows) - 1)
+        width = data.length_bucket(max(len(c) + len(a) for c, a in rows) - 1)
         ans = -(-max(len(a) for _, a in rows) // 8) * 8
         tokens = np.full((batch_size, width), pad, np.int32)
         positions = np.full((batch_size, width), -1, np.int32)

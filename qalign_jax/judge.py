@@ -72,6 +72,7 @@ from flax import nnx
 
 from qalign_jax import judge_cache, judge_defences, rewards, sampler, sharding
 from qalign_jax import rubric as rubric_lib
+from qalign_jax.data import length_bucket
 from qalign_jax.models import llama
 from qalign_jax.models.load import LoadedModel
 
@@ -328,13 +329,6 @@ def _context_ids(judge: Judge, prompt: str, response: str) -> tuple[list[int], b
             "raise max_context_tokens."
         )
     return ids, True
-
-
-def length_bucket(n: int, minimum: int = 16) -> int:
-    """Round a length up to 2^k or 1.5 * 2^k: shapes (and compiles) repeat, padding <= 33%."""
-    n = max(n, minimum)
-    p = 1 << (n - 1).bit_length()
-    return 3 * p // 4 if n <= 3 * p // 4 and p >= 4 else p
 
 
 def _prefill_head(graphdef, params, tokens):

@@ -258,10 +258,13 @@ def lazy_examples(tmp_path, n, seq_len=16, on_overflow="error"):
     return data.load_sft_examples(path, TOK, seq_len=seq_len, on_overflow=on_overflow)
 
 
-def test_each_process_builds_and_tokenizes_only_its_rows(tmp_path):
+@pytest.mark.parametrize("row_width", ["seq_len", "batch"])
+def test_each_process_builds_and_tokenizes_only_its_rows(tmp_path, row_width):
     """Two processes' row slices of every micro-batch put together give the one-process batch,
-    and each tokenized only the examples its rows hold."""
-    kw = dict(seq_len=16, pad_id=0, global_batch_size=8, grad_accum_steps=2, seed=1)
+    and with row_width='seq_len' each tokenized only the examples its rows hold ('batch' reads
+    the length of every example of the batch, so each process tokenizes the whole batch)."""
+    kw = dict(seq_len=16, pad_id=0, global_batch_size=8, grad_accum_steps=2, seed=1,
+              row_width=row_width)  # fmt: skip
     whole = data.SFTBatches(lazy_examples(tmp_path, 10), **kw)
     halves = [lazy_examples(tmp_path, 10) for _ in range(2)]
     parts = [data.SFTBatches(ex, **kw) for ex in halves]
@@ -274,7 +277,38 @@ def test_each_process_builds_and_tokenizes_only_its_rows(tmp_path):
     # Epoch 0: 8 + 2 rows; each process held 2 of every 4 rows of each micro-batch.
     first = [b.batch_at(data.DataPosition(0, 0), r) for b, r in zip(parts, (slice(0, 2), None))]
     assert first[1]["tokens"].shape == (2, 4, 16)
-    assert 0 < halves[0].num_tokenized < 10 and whole.examples.num_tokenized == 10
+    assert whole.examples.num_tokenized == 10
+    assert (
+        0 < halves[0].num_tokenized < 10
+        if row_width == "seq_len"
+        else halves[0].num_tokenized == 10
+    )
+
+
+def test_rows_are_as_wide_as_each_batch_needs(tmp_path):
+    """row_width='batch': each batch's rows are its longest example rounded up to 64, 96, 128,
+    ... (at most seq_len), the same width in every process's slice; 'seq_len': always
+    seq_len; the rows' content is the same either way."""
+    rows = [example(id_=f"e{i}", prompt="p" * (10 + 40 * (i % 4))) for i in range(8)]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    load = lambda: data.load_sft_examples(path, TOK, seq_len=300, on_overflow="error")  # noqa: E731
+    kw = dict(seq_len=300, pad_id=0, global_batch_size=4, grad_accum_steps=2, shuffle=False)
+    lengths = [len(load()[i].tokens) for i in range(8)]
+    by_batch = data.SFTBatches(load(), **kw)
+    fixed = data.SFTBatches(load(), row_width="seq_len", **kw)
+    for b in range(2):
+        want = data.length_bucket(max(lengths[4 * b : 4 * b + 4]), minimum=64)
+        got, full = by_batch.next(), fixed.next()
+        assert got["tokens"].shape == (2, 2, want) and full["tokens"].shape == (2, 2, 300)
+        for k in got:
+            np.testing.assert_array_equal(got[k], full[k][..., :want])
+        assert (full["positions"][..., want:] == -1).all()  # nothing cut
+        half = data.SFTBatches(load(), **kw).batch_at(data.DataPosition(0, b), slice(1, 2))
+        assert half["tokens"].shape == (2, 1, want)  # the whole batch's width, not the slice's
+    assert data.batch_width([70], 300) == 96 and data.batch_width([10], 300) == 64
+    assert data.batch_width([290], 300) == 300 and data.batch_width([10], 300, "seq_len") == 300
+    with pytest.raises(ValueError, match="row_width='longest'; use one of"):
+        data.SFTBatches(load(), row_width="longest", **kw)
 
 
 def test_lazy_examples_fingerprint_split_and_early_overflow_error(tmp_path):

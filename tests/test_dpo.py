@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qalign_jax import losses, metrics, train
+from qalign_jax import data, losses, metrics, train
 from qalign_jax.loops import dpo
 from tests.test_train import ROOT
 
@@ -90,6 +90,14 @@ def test_smoke_run_pairs_loss_and_exact_resume(tmp_path):
     assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]  # lr 1e-3 on the same few pairs
     assert all(0.0 <= r["train/accuracy"] <= 1.0 for r in rows)
+    longest = lambda ps: [len(p["prompt_ids"]) + max(len(p["chosen_ids"]),  # noqa: E731
+                                                     len(p["rejected_ids"])) for p in ps]  # fmt: skip
+    seq_len = -(-max(longest(pairs)) // 64) * 64
+    for r in rows:  # each step's rows as wide as its pairs need (data.row_width='batch')
+        step_pairs = data.prompts_for_step(pairs, r["step"] - 1, config.dpo.pairs_per_step,
+                                           config.seed)  # fmt: skip
+        want = data.batch_width([n - 1 for n in longest(step_pairs)], seq_len)
+        assert r["train/row_width"] == want <= seq_len
 
     # Resume: the same command with more steps reuses the pairs (no sampling) and continues
     # from the checkpoint at step 3 (the data order is a pure function of the step, as GRPO's).

@@ -113,6 +113,22 @@ def test_sharded_step_equals_single_device_step(host_params, reference, shape):
     assert not np.allclose(jax.tree.leaves(p1)[0], jax.tree.leaves(host_params)[0])  # it moved
 
 
+def test_narrow_rows_give_the_update_of_rows_padded_to_seq_len(host_params, reference):
+    """data.row_width='batch' changes the rows' width, not the step: the same batch padded to
+    twice its width (positions -1, loss mask 0) gives the same update."""
+    batches, (p_narrow, m_narrow) = reference
+    pad = lambda k, v: np.pad(v, ((0, 0), (0, 0), (0, 32)), constant_values=-1 if k ==  # noqa: E731
+                              "positions" else 0)  # fmt: skip
+    wide = [{k: pad(k, v) for k, v in b.items()} for b in batches]
+    assert wide[0]["tokens"].shape == (2, 8, 64)
+    p_wide, m_wide = run_steps(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]),
+                               host_params, wide)  # fmt: skip
+    for a, b in zip(m_narrow, m_wide):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["trained_tokens"] == b["trained_tokens"]
+    assert_trees_close(p_narrow, p_wide, atol=1e-6)
+
+
 def test_gradient_accumulation_matches_one_big_batch(host_params, reference):
     batches, (p_acc, m_acc) = reference
     whole = [{k: v.reshape(1, 16, -1) for k, v in b.items()} for b in batches]

@@ -393,13 +393,17 @@ def run(config, workdir: str) -> None:
             t0 = time.perf_counter()
             chosen = data.prompts_for_step(pairs, step, d.pairs_per_step, config.seed)
             idx = np.array([index_of[p["id"]] for p in chosen])
-            host = training_batch(chosen, seq_len, tok.pad_id, ref[idx])
+            width = data.batch_width(  # rows as wide as this step's pairs need
+                [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) - 1
+                 for p in chosen], seq_len, config.data.row_width,
+            )  # fmt: skip
+            host = training_batch(chosen, width, tok.pad_id, ref[idx])
             micro = train_state.split_micro(host, d.grad_accum_steps)
             state, m = step_fn(state, train_state.put_batch(micro, batch_sh), *frozen_args)
             m = jax.device_get(m)
             done = step + 1
             row = {f"train/{k}": float(v) for k, v in m.items()}
-            row["time/step_s"] = time.perf_counter() - t0
+            row.update({"time/step_s": time.perf_counter() - t0, "train/row_width": width})
             train_state.end_step(
                 done, m, row, total_steps=total_steps, log_every=config.metrics.log_every,
                 manager=manager, writer=writer, progress=progress,

@@ -119,20 +119,20 @@ def read_prompts(config) -> list[data.PromptRecord]:
 
 def row_width(ro: rollouts.Rollouts, seq_len: int) -> int:
     """The width of this step's training rows: its longest row rounded up to 2^k or 1.5 * 2^k
-    (at least 64; `judge.length_bucket`), at most `seq_len`, the longest a rollout can make.
+    (at least 64; `data.length_bucket`), at most `seq_len`, the longest a rollout can make.
 
     Rows as wide as the batch needs rather than the config's maximum; the train step compiles
     once per width, and the widths are few (about 2 log2(seq_len / 64) + 1)."""
     longest = max(len(seq) - 1 for seq in ro.sequence_ids)
-    return min(seq_len, judge_lib.length_bucket(longest, minimum=64))
+    return min(seq_len, data.length_bucket(longest, minimum=64))
 
 
 def span_width(ro: rollouts.Rollouts, width: int) -> int:
     """The width S of the trained spans: the batch's longest span from a row's first trained
-    target to its last, rounded up as the rows (`judge.length_bucket`, at least 16), at most
+    target to its last, rounded up as the rows (`data.length_bucket`, at least 16), at most
     the row width. The output head runs on these S positions of each row only."""
     longest = max(_trained_extent(trained) for trained in ro.trained_mask)
-    return min(width, judge_lib.length_bucket(longest, minimum=16))
+    return min(width, data.length_bucket(longest, minimum=16))
 
 
 def _trained_extent(trained) -> int:

@@ -187,6 +187,7 @@ def run(config, workdir: str) -> None:
     batch_kw = dict(
         seq_len=config.data.seq_len, pad_id=tokenizer.pad_id,
         global_batch_size=sft_cfg.global_batch_size, grad_accum_steps=sft_cfg.grad_accum_steps,
+        row_width=config.data.row_width,
     )  # fmt: skip
     micro_rows = sft_cfg.global_batch_size // sft_cfg.grad_accum_steps
     rows = local_rows(sft_cfg.global_batch_size, sft_cfg.grad_accum_steps, mesh)
@@ -292,7 +293,8 @@ def run(config, workdir: str) -> None:
             writer.write(0, evaluate(eval_fn, full, eval_batches, batch_sh, micro_rows))
         for step in range(first_step, total_steps):
             t0 = time.perf_counter()
-            batch = train_state.put_local_batch(batches.next(rows), batch_sh, micro_rows)
+            host = batches.next(rows)  # [A, rows, W]: W per batch (data.row_width)
+            batch = train_state.put_local_batch(host, batch_sh, micro_rows)
             state, m = step_fn(state, batch, *frozen_args)
             m = jax.device_get(m)  # the one sync per step: checked before anything is saved
             done = step + 1  # updates done: the step number of this line and checkpoint
@@ -301,6 +303,7 @@ def run(config, workdir: str) -> None:
             row.update({
                 "time/step_s": step_s, "train/tokens_per_s": float(m["tokens"]) / step_s,
                 "data/epoch": done / batches.steps_per_epoch,
+                "train/row_width": host["tokens"].shape[-1],
             })  # fmt: skip
             train_state.end_step(
                 done, m, row, total_steps=total_steps, log_every=config.metrics.log_every,
