@@ -74,7 +74,8 @@ def get_config(arg=None):
         g.overlong_cache_tokens = 32  # of revision_max_tokens = 160
     elif arg == "demo":  # `make demo`'s GRPO stage (configs/qalign_pipeline_smol.py)
         g.num_steps = 4
-        g.grad_accum_steps = 2  # with the pipeline's remat 'full': the demo's peak under 6 GB
+        g.grad_accum_steps = 2  # with the pipeline's remat 'full' and logits_chunk: peak memory
+        c.judge.batch_size = 4  # the judge's scoring temporaries: 1.0 GB instead of 2.0 (plan)
         g.revision_max_tokens = 96
         g.rollouts_every = 2
         c.checkpoint.every_steps = 2

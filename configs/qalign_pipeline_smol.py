@@ -14,11 +14,13 @@ Four stages (`qalign_jax/loops/pipeline.py`), each a normal config run at its `:
 The console shows each stage's progress and a summary at the end; outputs are in
 workdirs/demo/{1_prime,2_sft,3_grpo,4_eval} and workdirs/demo/summary.json. Rerunning the
 command resumes (finished stages are skipped). Measured (seed 0, a quiet 2-core AMD EPYC,
-2026-12-05, remat 'full', `/usr/bin/time -v`): 10m28s in all (priming 2m03s, 11/16 kept; SFT
-2m38s, 9 steps, loss 1.21 -> 0.51; GRPO 4m34s, 4 steps of ~60 s: sampling 15 s, judging 17 s,
-training 30 s; before/after 1m08s), peak resident memory 7.6 GB (16.8 GB with remat 'none' on
-2026-12-04). The GRPO stage's memory grows ~1.3 GB over its 4 steps at one training width,
-which points at the sampler's and judge's per-shape compiled programs; not yet cut to 6 GB.
+2026-12-06, remat 'full', logits_chunk 64, the GRPO judge 4 responses per prefill,
+`/usr/bin/time -v`): with MALLOC_ARENA_MAX=2 (as `make demo` sets it) 10m55s in all and a peak
+resident memory of 5.9 GB; without it 10m04s and 6.8 GB, the GRPO stage's memory growing ~1.4 GB
+over its 4 steps (glibc keeping freed memory in per-thread arenas). Priming 1m44s-2m15s (11/16
+kept), SFT 2m21s (9 steps, loss 1.21 -> 0.51), GRPO 4m39s-5m05s (4 steps of ~60 s: sampling
+13 s, judging 14 s, training 31 s), before/after ~1m. 2026-12-05: 7.6 GB; 2026-12-04, remat
+'none': 16.8 GB.
 Each stage's full-size config runs alone.
 `:smoke` (tests): a tiny random model with the real tokenizer through the same four stages.
 """
@@ -38,6 +40,7 @@ def get_config(arg=None):
     # Recompute each layer's activations in the backward pass: the GRPO stage's train step
     # plans 5.0 GB instead of 16.7 GB (`python -m qalign_jax.plan`), for one more forward.
     c.model.remat = "full"
+    c.model.logits_chunk = 64  # the training losses' head 64 positions at a time (memory)
     c.mesh.shape = (1, -1, 1)
     size = "demo"
     if arg == "smoke":
