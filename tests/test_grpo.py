@@ -352,8 +352,9 @@ def test_sigkill_then_rerun_resumes_exactly(tmp_path):
     assert len(train_rows[-1]) > 0 and (straight / "rollouts.jsonl").exists()
     for r in train_rows:  # each step's rows as wide as its longest, one compile per width
         assert r["train/row_width"] in (64, 96, 128, 192, 256, 384, 512), r["train/row_width"]
+        assert 16 <= r["train/span_width"] <= r["train/row_width"]
     assert train_rows[-1]["train/row_widths_compiled"] == len(
-        {r["train/row_width"] for r in train_rows}
+        {(r["train/row_width"], r["train/span_width"]) for r in train_rows}
     )
 
 

@@ -119,8 +119,10 @@ def test_sft_two_processes_each_tokenize_their_rows_and_match_one_process(tmp_pa
         assert held, log.read_text()[-3000:]
         start, stop, n_train, n_eval = map(int, held.groups())
         assert (start, stop) == (4 * pid, 4 * pid + 4)
-        # Epoch 0 has batches of 8, 8 and 2 rows; the 2 eval rows are both in process 0's half.
-        assert (n_train, n_eval) == ((10, 2), (8, 0))[pid]
+        # Epoch 0 has batches of 8, 8 and 2 rows; the 2 eval rows are both in process 0's half,
+        # but the eval batch is built whole in each process (its row width, data.row_width
+        # 'batch', is the whole batch's longest example: the same in both processes).
+        assert (n_train, n_eval) == ((10, 2), (8, 2))[pid]
     rows1 = [json.loads(line) for line in open(one / "metrics.jsonl")]
     rows2 = [json.loads(line) for line in open(two / "metrics.jsonl")]
     assert len(rows1) == len(rows2)
