@@ -131,14 +131,14 @@ def span_width(ro: rollouts.Rollouts, width: int) -> int:
     """The width S of the trained spans: the batch's longest span from a row's first trained
     target to its last, rounded up as the rows (`data.length_bucket`, at least 16), at most
     the row width. The output head runs on these S positions of each row only."""
-    longest = max(_trained_extent(trained) for trained in ro.trained_mask)
+    longest = max(_trained_span(trained)[1] for trained in ro.trained_mask)
     return min(width, data.length_bucket(longest, minimum=16))
 
 
-def _trained_extent(trained) -> int:
-    """Positions from the first trained target to the last (targets are ids[1:])."""
+def _trained_span(trained) -> tuple[int, int]:
+    """(first trained target, positions from it to the last trained one); targets are ids[1:]."""
     where = np.flatnonzero(np.asarray(trained[1:]))
-    return int(where[-1] - where[0] + 1) if where.size else 1
+    return (int(where[0]), int(where[-1] - where[0] + 1)) if where.size else (0, 1)
 
 
 def training_batch(
@@ -165,13 +165,12 @@ def training_batch(
         length = len(seq) - 1
         if length > seq_len:
             raise ValueError(f"rollout {i} has {len(seq)} tokens > seq_len {seq_len} + 1.")
-        extent = _trained_extent(trained)
+        first, extent = _trained_span(trained)
         if extent > span:
             raise ValueError(f"rollout {i} trains {extent} positions > span {span}.")
         tokens[i, :length] = seq[:-1]
         positions[i, :length] = np.arange(length)
-        first = np.flatnonzero(np.asarray(trained[1:]))
-        start[i] = min(int(first[0]) if first.size else 0, seq_len - span)
+        start[i] = min(first, seq_len - span)
         end = min(length, start[i] + span)
         targets[i, : end - start[i]] = seq[start[i] + 1 : end + 1]
         mask[i, : end - start[i]] = trained[start[i] + 1 : end + 1]
