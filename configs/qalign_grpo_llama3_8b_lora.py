@@ -35,55 +35,23 @@ Adam, gradients and two frozen copies, peak 255 GB: does not fit.
 
 import os
 
-from qalign_jax import config as base
+from qalign_jax import config as config_lib
 
-DATA = os.environ.get("QALIGN_DATA", "data")
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
-    c = base.base_config()
-    c.loop = "grpo"
-    c.seed = 0
-    c.model.source = "Llama-3.1-8B-Instruct"  # a local HF directory; override on the command line
+    # the full fine-tuning run's settings (prompts, rubric, rollouts, KL, schedule), then LoRA's
+    c = config_lib.load_file(os.path.join(HERE, "qalign_grpo_llama3_8b.py"))
     c.model.param_dtype = "bfloat16"  # the frozen base; the adapters are float32 regardless
-    c.model.dtype = "bfloat16"
-    c.model.remat = "full"
     c.model.logits_chunk = 256  # the [rows, T, 128k] float32 logits never exist whole
     c.model.lora.rank = 16
     c.model.lora.alpha = 32.0
     c.model.lora.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     c.mesh.shape = (1, -1, 1)
-
     c.judge.source = ""  # the base model judges (adapters off): no second copy
-    c.judge.rubric = "default"
-    c.judge.batch_size = 16
-    c.judge.question_chunk = 64
-
-    g = c.grpo
-    g.sources = (
-        (os.path.join(DATA, "advbench", "advbench.jsonl"), -1),
-        (os.path.join(DATA, "red_instruct", "harmfulqa.jsonl"), 830),
-        (os.path.join(DATA, "red_instruct", "catqa_english.jsonl"), 250),
-    )
-    g.priming_data = ""
-    g.on_overlap = "error"
-    g.prompts_per_step = 16
-    g.num_generations = 5
-    g.num_steps = 100
-    g.two_pass = True
-    g.draft_max_tokens = 384
-    g.revision_max_tokens = 640
-    g.max_prompt_tokens = 256
-    g.on_long_prompt = "drop"
-    g.temperature = 1.0
-    g.kl_beta = 0.04
-    g.grad_accum_steps = 10  # 8 rows per micro-batch
-    g.rollouts_every = 10
+    c.grpo.grad_accum_steps = 10  # 8 rows per micro-batch
     c.optimizer.lr = 1e-5  # LoRA takes a larger step than full fine-tuning's 1e-6
-    c.optimizer.warmup_ratio = 0.03
-    c.optimizer.min_lr_ratio = 0.1
-    c.checkpoint.every_steps = 10
-    c.checkpoint.keep = 2
     if arg == "v5p":
         c.mesh.shape = (1, 4, 1)  # 80 rollout rows over 4 chips
     elif arg:

@@ -578,7 +578,7 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
 
 
 def main(flags) -> None:
-    """`python -m qalign_jax.judge robustness ...` (flags defined in judge.py)."""
+    """`python -m qalign_jax.judge robustness ...` (flags defined in judge_cli.py)."""
     from qalign_jax import sharding
     from qalign_jax.models import load
 
