@@ -6,6 +6,10 @@
   ... bench/fit_plan_tpu.py fit [0.5]              # prints FIT_TPU to paste into plan.py
   ... bench/fit_plan_tpu.py validate held_out sft_8b grpo_8b   # plan vs compiler table
   ... bench/fit_plan_tpu.py collect sft_8b grpo_8b # the 8B train steps (~2 min each)
+  # the same with Pallas splash attention (the TPU default, 'auto'): FIT_TPU_SPLASH
+  ... bench/fit_plan_tpu.py collect fit:splash held_out:splash sft_8b:splash grpo_8b:splash
+  ... bench/fit_plan_tpu.py fit:splash [0.5]
+  ... bench/fit_plan_tpu.py validate held_out:splash sft_8b:splash grpo_8b:splash
 
 `collect` compiles the train step of every point of the named sets for a small v5p topology
 (`plan.compile_mesh`, programs from `qalign_jax/aot.py`: the SFT step, or the GRPO step alone)
@@ -14,7 +18,9 @@ Points are SFT steps of a 4-layer model (V 4096, D 256, F 768, 4 heads of 64, 2 
 8 rows x 512 tokens over 4 chips, fp32 weights, bf16 compute), each dimension varied alone
 and in pairs, with remat 'none' and 'full'; `held_out` varies every dimension at once (and the
 mesh); `sft_8b` and `grpo_8b` are configs/sft_prime_llama3_8b.py and
-configs/qalign_grpo_llama3_8b.py at Llama-3.1-8B on v5p:4x4x2 (32 chips).
+configs/qalign_grpo_llama3_8b.py at Llama-3.1-8B on v5p:4x4x2 (32 chips). A set name with
+`:splash` is the same points compiled with `model.attention='splash'` (stored as `splash/NAME`);
+without it, the reference attention ('xla').
 
 `fit` solves, per remat, non-negative least squares of the compiler's temporaries (less the
 plan's compute copy of the weights) on the plan's per-component terms with unit coefficients,
@@ -95,6 +101,17 @@ def _sets():
     }
 
 
+def _named(name: str) -> list[dict]:
+    """The points of a set name: 'fit', 'held_out', ... or the same with ':splash'."""
+    base, _, attention = name.partition(":")
+    if attention not in ("", "splash"):
+        raise ValueError(f"set {name!r}: the attention suffix may only be ':splash'.")
+    points = _sets()[base]
+    if attention:
+        points = [dict(p, name=f"{attention}/{p['name']}", attention=attention) for p in points]
+    return points
+
+
 def load_config(arg, name):
     spec = importlib.util.spec_from_file_location("cfg", os.path.join(CONFIGS, name))
     module = importlib.util.module_from_spec(spec)
@@ -117,7 +134,7 @@ def load_point(point):
         cfg = BASE.replace(**{k: v for k, v in point["model"].items() if k != "remat"})
     m = config.model
     cfg = cfg.replace(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
-                      logits_chunk=m.logits_chunk, attention=m.attention)  # fmt: skip
+                      logits_chunk=m.logits_chunk, attention=point.get("attention", "xla"))  # fmt: skip
     return config, cfg
 
 
@@ -125,7 +142,7 @@ def collect(names):
     from qalign_jax import aot
 
     done = json.load(open(POINTS_FILE)) if os.path.exists(POINTS_FILE) else {}
-    for point in [p for n in names for p in _sets()[n]]:
+    for point in [p for n in names for p in _named(n)]:
         if point["name"] in done:
             continue
         config, cfg = load_point(point)
@@ -159,15 +176,17 @@ def _terms(config, cfg, num_devices, fit):
 FIXED = {"grads": 1.0, "inputs": 1.0, "block": 1.0, "head": 0.0}
 
 
-def fit(weight=0.5):
+def fit(name="fit", weight=0.5):
     """Least squares of the temporaries divided by compiler bytes ** `weight` (1: relative
-    errors, every shape alike; 0: absolute, the large shapes, like the 8B ones, dominate)."""
+    errors, every shape alike; 0: absolute, the large shapes, like the 8B ones, dominate) over
+    the points of `name` ('fit' or 'fit:splash')."""
     done = json.load(open(POINTS_FILE))
+    fit_points = _named(name)
     keys = list(plan.FIT_TPU["none"])
     free = [k for k in keys if k not in FIXED]
     out = {}
     for remat in ("none", "full"):
-        points = [p for p in _sets()["fit"] if p["name"].endswith(remat) and p["name"] in done]
+        points = [p for p in fit_points if p["name"].endswith(remat) and p["name"] in done]
         a, b = [], []
         for point in points:
             config, cfg = load_point(point)
@@ -193,7 +212,7 @@ def fit(weight=0.5):
         out[remat] = {k: out[remat][k] for k in keys}
         print(f'    "{remat}": dict(' + ", ".join(f"{k}={v}" for k, v in out[remat].items()) + "),")
     table = {r: dict(v) for r, v in out.items()}
-    for point in _sets()["fit"]:
+    for point in fit_points:
         if point["name"] in done:
             config, cfg = load_point(point)
             got = done[point["name"]]["temporaries"]
@@ -204,13 +223,15 @@ def fit(weight=0.5):
 def validate(names):
     done = json.load(open(POINTS_FILE))
     print(f"{'point':<14}{'plan GB':>9}{'compiler GB':>13}{'ratio':>7}   (train step peak)")
-    for point in [p for n in names for p in _sets()[n]]:
+    for point in [p for n in names for p in _named(n)]:
         if point["name"] not in done:
             print(f"{point['name']:<14} not collected")
             continue
         got = done[point["name"]]
         config, cfg = load_point(point)
-        p = plan.plan(config, cfg, got["num_devices"], fit=plan.FIT_TPU)
+        p = plan.plan(
+            config, cfg, got["num_devices"], fit=plan.coefficients("v5p", attention=cfg.attention)
+        )
         planned = plan.train_step_peak(p)
         print(f"{point['name']:<14}{planned / plan.GB:9.3f}{got['peak'] / plan.GB:13.3f}"
               f"{planned / got['peak']:7.2f}   temps {plan.temporaries(p) / plan.GB:.3f} vs "
@@ -228,4 +249,7 @@ def validate(names):
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     what, names = sys.argv[1], sys.argv[2:]
-    {"collect": collect, "fit": lambda w: fit(*map(float, w)), "validate": validate}[what](names)
+    if what.startswith("fit"):
+        fit(what, *map(float, names))
+    else:
+        {"collect": collect, "validate": validate}[what](names)

@@ -93,7 +93,9 @@ def main():
     ap.add_argument("--dtype", default=None, help="compute dtype (default by mode)")
     ap.add_argument("--remat", default=None, help="none | full | dots (default by mode)")
     ap.add_argument(
-        "--attention", default="xla", help="xla | dot_product | cudnn (llama.ATTENTION)"
+        "--attention",
+        default="xla",
+        help="auto | xla | dot_product | cudnn | splash (llama.ATTENTION)",
     )
     ap.add_argument("--steps", type=int, default=None, help="timed steps")
     ap.add_argument(

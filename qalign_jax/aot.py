@@ -35,22 +35,7 @@ from ml_collections import config_flags
 
 from qalign_jax import checkpoint, judge, plan, sampler, sharding, train_state
 from qalign_jax.loops import grpo, sft
-from qalign_jax.models import llama, load, lora
-
-
-def model_config(config, preset: str = "", num_layers: int = 0) -> llama.LlamaConfig:
-    """The architecture: a preset by name, else the config's model source (read, not loaded)."""
-    cfg = llama.get_preset(preset) if preset else load.describe_config(config.model)[0]
-    m = config.model
-    cfg = cfg.replace(
-        param_dtype=m.param_dtype,
-        dtype=m.dtype,
-        remat=m.remat,
-        logits_chunk=m.logits_chunk,
-        lora=lora.from_config(m.lora),
-        attention=m.attention,
-    )
-    return cfg.replace(num_layers=num_layers) if num_layers else cfg
+from qalign_jax.models import llama
 
 
 def _sds(shape, dtype, sh):
@@ -240,7 +225,7 @@ def main(argv):
     config = flags.FLAGS.config
     if config.loop not in COMPILERS:
         raise app.UsageError(f"config.loop={config.loop!r}; aot knows {sorted(COMPILERS)}.")
-    cfg = model_config(config, flags.FLAGS.preset, flags.FLAGS.num_layers)
+    cfg = plan.model_config(config, flags.FLAGS.preset, flags.FLAGS.num_layers)
     mesh = sharding.make_mesh(config.mesh.shape)
     print(f"aot: {config.loop} on mesh {dict(mesh.shape)} ({jax.device_count()} "
           f"{jax.devices()[0].platform} devices), {cfg.num_params / 1e9:.2f}B params")  # fmt: skip

@@ -62,11 +62,13 @@ def base_config() -> ml_collections.ConfigDict:
     # its rank, alpha and targets must match the above); '' = fresh (B = 0). In GRPO and DPO
     # the KL reference is then the base with these adapters (the policy at the start).
     c.model.lora.init = ""
-    # Attention (`llama.ATTENTION`): 'xla' (the reference einsums; grouped, K/V never repeated),
-    # 'dot_product' (jax.nn.dot_product_attention: cuDNN flash attention on a GPU where it
-    # applies, XLA elsewhere), 'cudnn' (insist on cuDNN). The judge's shared-prefix attention is
-    # always the reference.
-    c.model.attention = "xla"
+    # Attention (`llama.ATTENTION`): 'auto' (splash on a TPU, dot_product on a GPU, xla
+    # elsewhere), 'xla' (the reference einsums; grouped, K/V never repeated), 'dot_product'
+    # (jax.nn.dot_product_attention: cuDNN flash attention on a GPU where it applies, XLA
+    # elsewhere), 'cudnn' (insist on cuDNN), 'splash' (Pallas splash attention, models/splash.py,
+    # for the forwards without a KV cache). The judge's shared-prefix attention is always the
+    # reference.
+    c.model.attention = "auto"
 
     # Devices: (data, fsdp, tensor); one -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict()

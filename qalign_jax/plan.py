@@ -18,6 +18,9 @@ CPU-fitted FIT the same plans said 9.23 and 13.12 GB (1.38x, 1.40x over). Roofli
 remat) -> >= 287 ms per step; GRPO 198 (255) -> >= 556 ms; compute-bound (the compiled bytes
 take 14 and 22 ms, a lower bound), so MFU at the roofline is 77% for both: the ceiling that
 full remat's recomputed forward leaves, not a projection of what the chips will reach.
+With splash attention (the TPU default, 2026-12-06, FIT_TPU_SPLASH): SFT 6.55 / 6.69 GB = 0.98,
+GRPO 8.89 / 9.34 GB = 0.95; the compiled bytes moved per step fall 39.5 -> 32.7 GB (SFT) and
+60.1 -> 48.5 GB (GRPO). Without remat the saving is larger: 1.38 -> 0.74 GB on held-out shape 2.
 
 Arithmetic from the config, no devices needed: the model's shapes (`--preset`, else the
 config's model source, read but not loaded), dtypes, the mesh (`config.mesh.shape`, a -1 filled
@@ -115,13 +118,55 @@ FIT_TPU = {
     ),
 }
 FIT_TPU["dots"] = FIT_TPU["none"]
+# The same fit with Pallas splash attention (`model.attention` 'splash', and 'auto' on a TPU;
+# 2026-12-06, bench/fit_plan_tpu.py fit:splash over the same 31 points compiled with splash):
+# the [N, T, T] scores are never stored (scores ~ 0; the kernel keeps one log-sum-exp per head
+# and token). Fit error: 'none' within 7%; 'full' within 15% but D x2 and D, F x2 (1.23, 1.34
+# over: small shapes, where the fixed terms weigh most).
+FIT_TPU_SPLASH = {
+    "none": dict(
+        grads=1.0,
+        d=5.29,
+        f=5.59,
+        qkv=4.59,
+        scores=0.03,
+        vocab=1.07,
+        inputs=1.0,
+        block=1.0,
+        head=0.0,
+    ),
+    "full": dict(
+        grads=1.0, d=0.0, f=0.0, qkv=0.0, scores=0.02, vocab=0.99, inputs=1.0, block=1.0, head=0.0
+    ),
+}
+FIT_TPU_SPLASH["dots"] = FIT_TPU_SPLASH["none"]
 TPUS = ("v4", "v5e", "v5p", "v6e")
 
 
-def coefficients(accelerator: str = "", topology: str = "") -> dict:
-    """The activation model for the target: `FIT_TPU` for a TPU (`accelerator` one of `TPUS`,
-    or a `topology` to compile for), else `FIT` (XLA:CPU; GPUs are not fitted)."""
-    return FIT_TPU if accelerator in TPUS or topology else FIT
+def coefficients(accelerator: str = "", topology: str = "", attention: str = "auto") -> dict:
+    """The activation model for the target: for a TPU (`accelerator` one of `TPUS`, or a
+    `topology` to compile for) `FIT_TPU_SPLASH` when the attention is splash ('auto' is, there)
+    and `FIT_TPU` otherwise; else `FIT` (XLA:CPU; GPUs are not fitted)."""
+    if accelerator in TPUS or topology:
+        return FIT_TPU_SPLASH if attention in ("auto", "splash") else FIT_TPU
+    return FIT
+
+
+def model_config(config, preset: str = "", num_layers: int = 0) -> llama.LlamaConfig:
+    """The architecture a config trains: a preset by name, else the config's model source (read,
+    not loaded), with the model section's dtypes, remat, logits chunk, LoRA and attention;
+    `num_layers` replaces the depth (compile-time savings, see aot.py)."""
+    cfg = llama.get_preset(preset) if preset else load.describe_config(config.model)[0]
+    m = config.model
+    cfg = cfg.replace(
+        param_dtype=m.param_dtype,
+        dtype=m.dtype,
+        remat=m.remat,
+        logits_chunk=m.logits_chunk,
+        lora=lora.from_config(m.lora),
+        attention=m.attention,
+    )
+    return cfg.replace(num_layers=num_layers) if num_layers else cfg
 
 
 @dataclasses.dataclass
@@ -267,7 +312,7 @@ def plan(
     activation coefficients, by default those for the accelerator (`coefficients`)."""
     if accelerator and accelerator not in ACCELERATORS:
         raise ValueError(f"unknown accelerator {accelerator!r}; known: {sorted(ACCELERATORS)}.")
-    fit = fit or coefficients(accelerator)
+    fit = fit or coefficients(accelerator, attention=cfg.attention)
     mesh_shape = resolve_mesh(config.mesh.shape, num_devices)
     rules = tuple(config.sharding.rules)
     pb = _dtype_bytes(cfg.param_dtype)
@@ -443,8 +488,9 @@ def check_fits(
         config.loop = loop
     if memory is None:
         memory, device = device_memory()
-    cfg = load.describe_config(config.model)[0].replace(lora=lora.from_config(config.model.lora))
-    fit = FIT_TPU if jax.default_backend() == "tpu" else None  # the coefficients of this chip
+    cfg = model_config(config)
+    on_tpu = jax.default_backend() == "tpu"  # the coefficients of this chip
+    fit = coefficients(topology="local", attention=cfg.attention) if on_tpu else None
     p = plan(config, cfg, num_devices, fit=fit)
     if p.peak <= USABLE_FRACTION * memory:
         return
@@ -619,22 +665,22 @@ def compiled_report(
 
 def main(argv):
     del argv
-    from qalign_jax import aot  # aot imports this module
-
     config = flags.FLAGS.config
-    cfg = aot.model_config(config, flags.FLAGS.preset)
+    cfg = model_config(config, flags.FLAGS.preset)
     num_devices = flags.FLAGS.num_devices
     mesh = None
     if flags.FLAGS.compile:
         mesh = compile_mesh(config, flags.FLAGS.topology)
         num_devices = mesh.devices.size
-    fit = coefficients(flags.FLAGS.accelerator, flags.FLAGS.topology if mesh is not None else "")
+    fit = coefficients(
+        flags.FLAGS.accelerator, flags.FLAGS.topology if mesh is not None else "", cfg.attention
+    )
     p = plan(config, cfg, num_devices, flags.FLAGS.accelerator, fit=fit)
     title = (
         f"plan: loop {config.loop}, {cfg.num_params / 1e9:.2f}B params ({cfg.param_dtype} "
         f"weights, {cfg.dtype} compute), mesh {resolve_mesh(config.mesh.shape, num_devices)}, "
         f"{flags.FLAGS.accelerator or 'no accelerator'}, activations fitted to "
-        f"{'XLA:TPU' if fit is FIT_TPU else 'XLA:CPU'}; bytes per device"
+        f"{'XLA:CPU' if fit is FIT else 'XLA:TPU'} ({cfg.attention} attention); bytes per device"
     )
     print(format_plan(p, title))
     if mesh is not None:

@@ -165,12 +165,16 @@ def use_rules(mesh: Mesh, rules):
         _active.value = previous
 
 
+def active() -> tuple[Mesh, tuple] | None:
+    """The (mesh, rules) of the enclosing `use_rules`, or None outside one."""
+    return getattr(_active, "value", None)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical axes; a no-op outside `use_rules`."""
-    active = getattr(_active, "value", None)
-    if active is None:
+    if (scope := active()) is None:
         return x
-    mesh, rules = active
+    mesh, rules = scope
     spec = logical_to_spec(logical_axes, rules, mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 

@@ -18,11 +18,11 @@ SCRIPT = r"""
 import os, sys, time, importlib.util
 sys.path.insert(0, os.getcwd())
 import jax
-from qalign_jax import aot, sharding
+from qalign_jax import aot, plan, sharding
 spec = importlib.util.spec_from_file_location("c", "configs/qalign_grpo_llama3_8b.py")
 mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
 config = mod.get_config()
-cfg = aot.model_config(config, "llama3_1_8b")
+cfg = plan.model_config(config, "llama3_1_8b")
 mesh = sharding.make_mesh(config.mesh.shape)
 assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "tensor": 4}, mesh.shape
 out = aot.compile_grpo(config, cfg, mesh, compile_={"grpo_step"})
@@ -64,7 +64,7 @@ from qalign_jax import aot, plan, sharding
 spec = importlib.util.spec_from_file_location("c", "configs/sft_prime_llama3_8b.py")
 mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
 config = mod.get_config()
-cfg = aot.model_config(config, "llama3_1_8b")
+cfg = plan.model_config(config, "llama3_1_8b")
 mesh = sharding.make_mesh(config.mesh.shape)
 ma = aot.compile_sft(config, cfg, mesh)["sft_step"].memory_analysis()
 p = plan.plan(config, cfg, num_devices=32, accelerator="v5p")

@@ -196,6 +196,81 @@ def test_dot_product_attention_equals_the_reference(name, dtype):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("name", ["gqa_tied", "mqa_untied"])
+def test_splash_attention_equals_the_reference(name):
+    """`attention='splash'` (the Pallas TPU kernel, in Pallas' interpreter on CPU) against the
+    reference einsums on left-padded rows: the training forward's logits on real tokens and
+    the gradients; a cached prefill keeps the reference (splash has no cache path)."""
+    ref_cfg = VARIANTS[name]
+    cfg = ref_cfg.replace(attention="splash")
+    params = llama.init_params(cfg, seed=7)
+    tokens, mask, positions = padded_batch(cfg.vocab_size)
+    real = mask > 0
+    ours, ref = (
+        jax_logits(cfg, params, tokens, positions),
+        jax_logits(ref_cfg, params, tokens, positions),
+    )
+    np.testing.assert_allclose(ours[real], ref[real], atol=2e-5, rtol=0)
+    assert np.abs(ref[real]).max() > 0.1
+
+    def grads(c):
+        graphdef, _ = llama.abstract_model(c)
+
+        def loss(p):
+            logits, _ = llama.forward(graphdef, p, tokens, positions)
+            return jnp.sum(jnp.where(real[..., None], logits, 0.0) ** 2)
+
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+
+    for a, b in zip(grads(cfg), grads(ref_cfg)):
+        scale = max(float(np.abs(np.asarray(b)).max()), 1e-6)
+        np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=1e-4)
+
+    graphdef, _ = llama.abstract_model(cfg)
+    cache = llama.init_cache(cfg, batch_size=2, max_len=16)
+    jaxpr = jax.make_jaxpr(lambda p: llama.forward(graphdef, p, tokens, positions, cache))(params)
+    assert "pallas_call" not in str(jaxpr)
+    jaxpr = jax.make_jaxpr(lambda p: llama.forward(graphdef, p, tokens, positions))(params)
+    assert "pallas_call" in str(jaxpr)
+
+
+def test_splash_attention_sharded_over_batch_and_heads():
+    """Under a (data 2, fsdp 2, tensor 2) mesh the splash call is a shard_map over the rows
+    and kv heads; the logits equal the reference's on the same mesh."""
+    cfg = VARIANTS["gqa_tied"]  # 4 heads over 2 kv heads: each tensor shard holds one group
+    mesh = sharding.make_mesh((2, 2, 2))
+    rules = sharding.DEFAULT_RULES
+    batches = [padded_batch(cfg.vocab_size, seed) for seed in (0, 1)]
+    tokens, mask, positions = (np.concatenate(parts) for parts in zip(*batches))  # 4 rows
+    params = llama.init_params(cfg, seed=8)
+    real = mask > 0
+
+    def logits(c):
+        graphdef, _ = llama.abstract_model(c)
+        fn = sharding.jit(
+            lambda p, t, pos: llama.forward(graphdef, p, t, pos)[0], mesh=mesh, rules=rules
+        )
+        with sharding.use_rules(mesh, rules):
+            jaxpr = str(jax.make_jaxpr(fn)(params, tokens, positions))
+        return np.asarray(fn(params, tokens, positions)), jaxpr
+
+    (ours, jaxpr), (ref, _) = logits(cfg.replace(attention="splash")), logits(cfg)
+    assert "shard_map" in jaxpr and "pallas_call" in jaxpr
+    np.testing.assert_allclose(ours[real], ref[real], atol=2e-5, rtol=0)
+
+
+def test_auto_attention_follows_the_platform():
+    """'auto' is the reference on CPU (what every CPU run and test computes) and names
+    splash on a TPU and dot_product on a GPU."""
+    assert llama.AUTO_ATTENTION == {"tpu": "splash", "gpu": "dot_product"}
+    tokens, _, positions = padded_batch(TINY.vocab_size)
+    params = llama.init_params(TINY, seed=9)
+    np.testing.assert_array_equal(
+        jax_logits(TINY.replace(attention="auto"), params, tokens, positions),
+        jax_logits(TINY.replace(attention="xla"), params, tokens, positions),
+    )
+
+
 def test_attention_choice_is_checked():
     with pytest.raises(ValueError, match="attention='flash'; choose one of"):
         TINY.replace(attention="flash")

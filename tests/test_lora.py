@@ -473,12 +473,12 @@ def test_8b_lora_config_fits_one_80gb_gpu():
 def test_aot_compiles_the_lora_grpo_programs():
     """`qalign_jax.aot` with model.lora: the step takes the frozen base beside the adapter
     state, the reference and judge run the base architecture, the sampler the adapted one."""
-    from qalign_jax import aot
+    from qalign_jax import aot, plan
     from tests.test_grpo import smoke_config
 
     config = smoke_config()
     config.model.lora.rank = 4
-    cfg = aot.model_config(config, "tiny")
+    cfg = plan.model_config(config, "tiny")
     assert cfg.lora == lora.LoraConfig(4)
     mesh = sharding.make_mesh(config.mesh.shape)
     out = aot.compile_grpo(config, cfg, mesh, compile_={"grpo_step", "ref_logprobs"})

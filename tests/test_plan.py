@@ -153,12 +153,17 @@ def test_compile_prints_the_compilers_bytes_beside_the_plan():
 
 
 def test_tpu_targets_use_the_tpu_coefficients():
-    assert plan.coefficients("v5p") is plan.FIT_TPU and plan.coefficients("v6e") is plan.FIT_TPU
-    assert plan.coefficients("", topology="v5p:2x2x1") is plan.FIT_TPU
+    """A TPU target takes the TPU fit of its attention: splash ('auto' there) or the reference."""
+    assert plan.coefficients("v5p") is plan.FIT_TPU_SPLASH
+    assert plan.coefficients("v6e", attention="splash") is plan.FIT_TPU_SPLASH
+    assert plan.coefficients("v5p", attention="xla") is plan.FIT_TPU
+    assert plan.coefficients("", topology="v5p:2x2x1", attention="xla") is plan.FIT_TPU
     assert plan.coefficients("h100") is plan.FIT and plan.coefficients() is plan.FIT
+    assert plan.coefficients("h100", attention="splash") is plan.FIT
     config = sft_config(16, 192, (1, 8, 1))
     cfg = HELD_OUT.replace(param_dtype="float32", dtype="bfloat16", remat="full")
     key = "activations (remat full)"
+    cfg = cfg.replace(attention="xla")
     tpu, cpu = plan.plan(config, cfg, 8, "v5p"), plan.plan(config, cfg, 8)
     assert tpu.rows[key] == plan.activation_bytes(cfg, 16, 192, tpu_mesh := {"data": 1,
         "fsdp": 8, "tensor": 1}, "full", plan.FIT_TPU)  # fmt: skip
@@ -174,19 +179,26 @@ def test_tpu_targets_use_the_tpu_coefficients():
     assert plan.temporaries(tpu) == pytest.approx(tpu.train - args)
 
 
-def test_plan_matches_the_tpu_compiler():
+@pytest.mark.parametrize("attention", ["xla", "auto"])
+def test_plan_matches_the_tpu_compiler(attention):
     """A small model compiled deviceless for 4 v5p chips (needs libtpu: `pip install libtpu`,
-    or its directory on PYTHONPATH; no TPU): the plan with FIT_TPU within 15% of the compiled
-    train step's peak, on a shape the coefficients were not fitted on."""
+    or its directory on PYTHONPATH; no TPU): the plan with the TPU fit of the attention
+    (FIT_TPU for 'xla', FIT_TPU_SPLASH for 'auto', which is splash there) within 15% of the
+    compiled train step's peak, on a shape the coefficients were not fitted on."""
     pytest.importorskip("libtpu", reason="libtpu is not installed: no deviceless TPU compile")
     config = sft_config(12, 768, (1, -1, 1))
     config.model.param_dtype, config.model.dtype = "float32", "bfloat16"
     cfg = llama.LlamaConfig(
         vocab_size=8192, hidden_size=384, intermediate_size=1024, num_layers=3, num_heads=6,
         num_kv_heads=2, head_dim=64, param_dtype="float32", dtype="bfloat16", remat="full",
+        attention=attention,
     )  # fmt: skip
     mesh = plan.compile_mesh(config, "v5p:2x2x1")
-    got = plan.compiled_bytes(aot.compile_sft(config, cfg, mesh)["sft_step"])
+    lowered = aot.compile_sft(config, cfg, mesh, compile_=False)["sft_step"]
+    # the Pallas kernel (a Mosaic custom call) is in the program exactly when splash runs:
+    # 'auto' picks it on a TPU mesh
+    assert ("tpu_custom_call" in lowered.as_text()) == (attention == "auto")
+    got = plan.compiled_bytes(lowered.compile())
     p = plan.plan(config, cfg, 4, "v5p")
     print(plan.train_step_peak(p), got)
     assert plan.train_step_peak(p) == pytest.approx(got["peak"], rel=0.15)
@@ -199,7 +211,7 @@ def test_grpo_train_step_alone_for_plan_compile():
     from tests.test_grpo import smoke_config
 
     config = smoke_config()
-    cfg = aot.model_config(config, "tiny")
+    cfg = plan.model_config(config, "tiny")
     mesh = sharding.make_mesh(config.mesh.shape)
     out = aot.compile_grpo(config, cfg, mesh, compile_=False, train_only=True)
     assert list(out) == ["grpo_step"]

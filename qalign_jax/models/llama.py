@@ -35,17 +35,24 @@ from flax import nnx
 
 from qalign_jax import sharding
 from qalign_jax.models import lora as lora_lib
+from qalign_jax.models import splash
 
 # Mask value for disallowed attention: finite so that a fully masked row (a padding query)
 # gives a uniform softmax instead of NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 # Attention implementations (`LlamaConfig.attention`), all grouped-query without repeating K/V:
+#   auto         by the devices' platform (AUTO_ATTENTION): splash on a TPU, dot_product on a
+#                GPU, xla elsewhere
 #   xla          the reference einsums below (`_attend`); the judge's shared-prefix path always
 #   dot_product  jax.nn.dot_product_attention: cuDNN's fused flash attention on a GPU where it
 #                applies (dtype, head size), XLA's own elsewhere
 #   cudnn        the same, insisting on cuDNN (an error where it does not apply)
-ATTENTION = {"xla": None, "dot_product": None, "cudnn": "cudnn"}
+#   splash       Pallas splash attention (`models/splash.py`) for forwards without a KV cache
+#                (training, log-probs); cached and shared-prefix forwards use xla. Off a TPU
+#                it runs in Pallas' interpreter: for parity tests only.
+ATTENTION = ("auto", "xla", "dot_product", "cudnn", "splash")
+AUTO_ATTENTION = {"tpu": "splash", "gpu": "dot_product"}  # any other platform: xla
 
 
 # What the backward pass may keep from a block instead of recomputing it.
@@ -87,7 +94,7 @@ class LlamaConfig:
     remat: str = "none"  # see REMAT_POLICIES
     logits_chunk: int = 0  # training losses: the head on this many positions at a time (0: all)
     lora: lora_lib.LoraConfig | None = None  # low-rank adapters on the projections (models/lora)
-    attention: str = "xla"  # see ATTENTION
+    attention: str = "auto"  # see ATTENTION
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -101,7 +108,7 @@ class LlamaConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
         if self.attention not in ATTENTION:
-            raise ValueError(f"attention={self.attention!r}; choose one of {sorted(ATTENTION)}.")
+            raise ValueError(f"attention={self.attention!r}; choose one of {ATTENTION}.")
         if self.logits_chunk < 0:
             raise ValueError(f"logits_chunk={self.logits_chunk}; use 0 (off) or a position count.")
         for name in ("param_dtype", "dtype"):
@@ -362,18 +369,31 @@ def attention_mask(q_positions, k_positions):
     return (k >= 0) & (k <= q)
 
 
-def _attend(q, k, v, q_positions, k_positions, prefix, cfg):
+def _platform() -> str:
+    """The platform of the devices being compiled for: the active mesh's (a deviceless TPU
+    topology included), else the default backend's."""
+    scope = sharding.active()
+    return scope[0].devices.flat[0].platform if scope else jax.default_backend()
+
+
+def _attend(q, k, v, q_positions, k_positions, prefix, cached, cfg):
     """Grouped-query attention. q: [B, T, N, H]; k, v: [B, S, K, H] -> [B, T, N, H].
 
     `prefix` (or None) is a shared prefix (k [Bp, P, K, H], v, positions [Bp, P]) that every
     query row also attends to: row r belongs to prefix row r // (B / Bp). The prefix keys are
     read in place, never broadcast to B rows (the judge scores many questions per prefix).
+    `cached`: k, v are a KV cache's slots (S may differ from T).
     """
     dt = cfg.dtype
-    if prefix is None and cfg.attention != "xla":
+    name = cfg.attention
+    if name == "auto":
+        name = AUTO_ATTENTION.get(_platform(), "xla")
+    if prefix is None and name == "splash" and not cached:
+        return splash.attend(q, k, v, q_positions, _platform()).astype(dt)
+    if prefix is None and name in ("dot_product", "cudnn"):
         mask = attention_mask(q_positions, k_positions)[:, None]  # [B, 1, T, S]
         return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, implementation=ATTENTION[cfg.attention]
+            q, k, v, mask=mask, implementation="cudnn" if name == "cudnn" else None
         ).astype(dt)
     b, t, _, h = q.shape
     kh, g = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
@@ -428,7 +448,7 @@ def _block_forward(
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
         layer_cache = (k_cache, v_cache)
         k, v = k_cache.astype(dt), v_cache.astype(dt)
-    out = _attend(q, k, v, positions, k_positions, prefix, cfg)
+    out = _attend(q, k, v, positions, k_positions, prefix, layer_cache is not None, cfg)
     x = x + lora_lib.project(attn.o_proj, out, 2, dt)  # [B, T, D]
     x = sharding.constrain(x, ("batch", "seq", "embed"))
 

@@ -94,7 +94,7 @@ def recorded_source(workdir: str, default: str | None = None) -> str:
 
 def describe(
     source: str, *, param_dtype: str = "float32", dtype: str = "float32", remat: str = "none",
-    logits_chunk: int = 0, attention: str = "xla", tokenizer_source: str | None = None,
+    logits_chunk: int = 0, attention: str = "auto", tokenizer_source: str | None = None,
     arch_source: str | None = None,
 ) -> tuple[llama.LlamaConfig, tokenizer_lib.Tokenizer | None]:  # fmt: skip
     """Architecture and tokenizer of `source`, without reading any weights.
@@ -166,7 +166,7 @@ def load_model(
     dtype: str = "float32",
     remat: str = "none",
     logits_chunk: int = 0,
-    attention: str = "xla",
+    attention: str = "auto",
     seed: int = 0,
     tokenizer_source: str | None = None,
     arch_source: str | None = None,
