@@ -9,6 +9,9 @@ needed to pick a refusal, and it would triple the stage's time). Kept: a harmful
 answer if it is a refusal (reward >= 0.5), a benign prompt's best if it neither refuses nor
 degenerates (>= 0). The same prompts are GRPO's (the priming teaches the form, GRPO its use);
 the held-out evaluation sets (AdvBench, XSTest) are not among them.
+`:contrast` samples the GRPO config's `:contrast` prompts instead (100 DangerousQA, 100 Alpaca,
+the 150 XSTest safe prompts the held-out readout does not read, 100 XSTest unsafe contrasts),
+so that the priming also shows which alarming-sounding requests to answer.
 Then SFT on the kept answers:
   python -m qalign_jax.train --config configs/sft_prime_smol.py:best_of_n \
     --workdir workdirs/sft_bon_smol --config.data.train_path=workdirs/bon_smol/sft.jsonl
@@ -42,6 +45,17 @@ def get_config(arg=None):
     b.max_prompt_tokens = 128
     b.on_long_prompt = "drop"
     b.min_reward_by_label = (("harmful", 0.5), ("benign", 0.0))
-    if arg:
-        raise ValueError(f"unknown config argument {arg!r}; this config takes none.")
+    if arg == "contrast":
+        # the GRPO config's `:contrast` prompts: benign look-alikes (XSTest's safe prompts but
+        # the 100 that eval_smol.py:safety reads) and their unsafe contrasts, so that priming
+        # also teaches which alarming-sounding requests to answer
+        xstest = os.path.join(DATA, "xstest", "xstest.jsonl")
+        b.sources = (
+            (os.path.join(DATA, "red_instruct", "dangerousqa.jsonl"), 100),
+            (os.path.join(DATA, "alpaca", "alpaca_noinput_sample2000.jsonl"), 100),
+            (xstest, -1, {"label": "benign", "holdout": 100}),
+            (xstest, 100, {"label": "harmful"}),
+        )
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; use 'contrast' or none.")
     return c
