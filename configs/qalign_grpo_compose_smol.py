@@ -34,10 +34,13 @@ XSTest's unsafe contrasts, beside 100 DangerousQA and 100 Alpaca prompts. Withou
 refusal learned on harmful prompts spread to XSTest's look-alikes (FRR 0.33 -> 0.91); with them
 (2026-12-05, two seeds) the policy lost the refusals instead (AdvBench ASR 0.52 -> 0.66, 0.81;
 FRR 0.42, 0.30): neither recipe reaches the targets yet (bench/results/compose_smol/).
-`:contrast,focus` drops the rubric (refusal + veto only), 8 prompts x G=8 per step, 30 steps at
-lr 1e-4 (~35 min with model.remat=full). 2026-12-06, seed 0, from the best-of-16 SFT (ASR 0.52,
-FRR 0.33): ASR 0.39, FRR 0.43, degenerate 0.015: GRPO lowered attack success, and false
-refusals rose with it (the same recipe at lr 2e-5 for 20 steps: 0.54 / 0.32, no movement).
+`:contrast,focus` drops the rubric (refusal + veto only), 8 prompts x G=8 per step, 20 steps
+(~22 min with model.remat=full). 2026-12-06, seed 0, from the best-of-16 SFT (ASR 0.52, FRR
+0.33): ASR 0.54, FRR 0.32, degenerate 0.03: no movement. At lr 1e-4 for 30 steps the readout
+said ASR 0.39, FRR 0.43, but the policy had collapsed: 102 of its 200 held-out answers open
+"As an AI machine ...", 49 introduce a "Dr. Elena Martinez", none answers or apologizes; the
+refusal matcher counts the persona as a refusal and the degeneracy component does not flag it.
+That is reward hacking, not a safer model; do not raise the step without a check for it.
 """
 
 import os
@@ -102,13 +105,11 @@ def get_config(arg=None):
         elif part == "focus":
             # the refusal signal alone (with the veto): the 135M judge's scalar verdicts are
             # noise at this size, and its half weight pushed toward complying; twice the
-            # prompts per step for steadier group statistics, in two micro-batches; a 5x
-            # larger step (at 2e-5 for 20 steps the held-out readout did not move)
+            # prompts per step for steadier group statistics, in two micro-batches
             c.reward.components = tuple(x for x in c.reward.components if x[0] != "rubric")
             g.prompts_per_step = 8
-            g.num_steps = 30
+            g.num_steps = 20
             g.grad_accum_steps = 2
-            c.optimizer.lr = 1e-4
         elif part:
             raise ValueError(
                 f"unknown config argument {arg!r}; use nothing or a comma-separated set of "
