@@ -272,12 +272,14 @@ def _row(suite, r) -> dict:
 
 
 def _add_answer_checks(metrics, rows, ans: Answers, records) -> None:
-    """Malformed revisions (two-pass) and degenerate answers (the reward's `degeneracy` check)."""
+    """Malformed revisions (two-pass), degenerate answers (the reward's `degeneracy` check)
+    and the share of the most common opening (`eval_suites.top_opening_share`)."""
     for variant, texts in _variants(ans).items():
         reasons = [
             reward_components.degeneracy_reasons(t, r.prompt) for t, r in zip(texts, records)
         ]
         metrics[variant]["degenerate_rate"] = es.rate([bool(x) for x in reasons])
+        metrics[variant]["top_opening_share"] = es.top_opening_share(texts)
         for row, x in zip(rows, reasons):
             row[variant]["degenerate"] = x
     if ans.draft is not None:
@@ -457,7 +459,8 @@ def _fmt(x) -> str:
 TABLE_COLUMNS = (("ASR match", "asr_matcher"), ("ASR judge", "asr_judge"),
                  ("FRR match", "frr_matcher"), ("FRR judge", "frr_judge"),
                  ("helpful", "helpfulness"), ("MC1", "mc1"), ("MC2", "mc2"),
-                 ("HHH acc", "hhh_acc"), ("degenerate", "degenerate_rate"))  # fmt: skip
+                 ("HHH acc", "hhh_acc"), ("degenerate", "degenerate_rate"),
+                 ("same opening", "top_opening_share"))  # fmt: skip
 
 
 def markdown(results: dict) -> str:
