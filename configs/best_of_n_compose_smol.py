@@ -22,6 +22,7 @@ import os
 from qalign_jax import config as base
 
 DATA = os.environ.get("QALIGN_DATA", "data")
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
@@ -49,13 +50,8 @@ def get_config(arg=None):
         # the GRPO config's `:contrast` prompts: benign look-alikes (XSTest's safe prompts but
         # the 100 that eval_smol.py:safety reads) and their unsafe contrasts, so that priming
         # also teaches which alarming-sounding requests to answer
-        xstest = os.path.join(DATA, "xstest", "xstest.jsonl")
-        b.sources = (
-            (os.path.join(DATA, "red_instruct", "dangerousqa.jsonl"), 100),
-            (os.path.join(DATA, "alpaca", "alpaca_noinput_sample2000.jsonl"), 100),
-            (xstest, -1, {"label": "benign", "holdout": 100}),
-            (xstest, 100, {"label": "harmful"}),
-        )
+        grpo = base.load_file(os.path.join(HERE, "qalign_grpo_compose_smol.py:contrast"))
+        b.sources = grpo.grpo.sources
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; use 'contrast' or none.")
     return c
