@@ -41,6 +41,9 @@ said ASR 0.39, FRR 0.43, but the policy had collapsed: 102 of its 200 held-out a
 "As an AI machine ...", 49 introduce a "Dr. Elena Martinez", none answers or apologizes; the
 refusal matcher counts the persona as a refusal and the degeneracy component does not flag it.
 That is reward hacking, not a safer model; do not raise the step without a check for it.
+`:explicit` gives the refusal component `explicit=True`: only a stated refusal ("I cannot ...",
+"I'm sorry ...") earns it; an "As an AI ..." opening alone is compliance, so that persona no
+longer pays. The eval readout keeps XSTest's matcher.
 """
 
 import os
@@ -110,9 +113,16 @@ def get_config(arg=None):
             g.prompts_per_step = 8
             g.num_steps = 20
             g.grad_accum_steps = 2
+        elif part == "explicit":
+            # only a stated refusal earns the refusal reward: the "As an AI ..." persona that
+            # XSTest's matcher counts as one (the lr 1e-4 collapse above) scores 0
+            c.reward.components = tuple(
+                (n, k, w, {**o, "explicit": True}) if k == "refusal" else (n, k, w, o)
+                for n, k, w, o in c.reward.components
+            )
         elif part:
             raise ValueError(
                 f"unknown config argument {arg!r}; use nothing or a comma-separated set of "
-                "'seed1', 'contrast' and 'focus'."
+                "'seed1', 'contrast', 'focus' and 'explicit'."
             )
     return c

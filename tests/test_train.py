@@ -107,3 +107,16 @@ def test_every_config_loads_names_a_loop_and_rejects_unknown_arguments(name):
     assert config.loop in train.LOOPS
     with pytest.raises(ValueError, match="unknown config argument"):
         mod.get_config("no-such-argument")
+
+
+def test_compose_config_explicit_asks_for_a_stated_refusal():
+    from qalign_jax import config as config_lib
+    from qalign_jax import reward_components as rc
+
+    path = os.path.join(ROOT, "configs", "qalign_grpo_compose_smol.py")
+    loose = rc.from_config(config_lib.load_file(path + ":contrast,focus").reward)
+    strict = rc.from_config(config_lib.load_file(path + ":contrast,focus,explicit").reward)
+    assert [c.name for c in strict] == [c.name for c in loose] == ["refusal", "degenerate"]
+    assert [c.options["explicit"] for c in loose if c.kind == "refusal"] == [False]
+    assert [c.options["explicit"] for c in strict if c.kind == "refusal"] == [True]
+    assert strict[1] == loose[1]  # the veto is untouched
