@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from qalign_jax import metrics, structured, train
+from qalign_jax import constitutions, metrics, structured, train
 from qalign_jax import rubric as rubric_lib
 from qalign_jax.loops import iteralign
 from tests.test_grpo import smoke_config as grpo_smoke_config
@@ -68,19 +68,19 @@ def failures(n):
 
 
 def test_parse_constitutions():
-    items, dropped = iteralign.parse_constitutions(
+    items, dropped = constitutions.parse_constitutions(
         "1. Be kind: The assistant is kind to everyone.\n2) no colon here\n3. cut off", 2
     )
     assert items == [("Be kind", "The assistant is kind to everyone.")]
     assert len(dropped) == 1 and "is not 'Name: description'" in dropped[0]
     with pytest.raises(structured.Malformed, match="before item 1"):
-        iteralign.parse_constitutions("Sure! Here are principles:\n1. A b: c d e", 2)
+        constitutions.parse_constitutions("Sure! Here are principles:\n1. A b: c d e", 2)
     with pytest.raises(structured.Malformed, match="copies the prompt's example"):
-        iteralign.parse_constitutions(
+        constitutions.parse_constitutions(
             "1. Check the facts: The assistant states only true facts.", 1
         )
     with pytest.raises(structured.Malformed, match="no usable principle"):
-        iteralign.parse_constitutions("", 2)
+        constitutions.parse_constitutions("", 2)
 
 
 def test_propose_retries_then_skips_with_a_logged_reason():
@@ -92,7 +92,7 @@ def test_propose_retries_then_skips_with_a_logged_reason():
         return "<|im_end|> ... 1."  # batch 1: never parseable
 
     gen = Scripted(respond)
-    library, log = iteralign.propose(config, gen, failures(4), [], round_index=1)
+    library, log = constitutions.propose(config, gen, failures(4), [], round_index=1)
     assert [c[1:] for c in gen.calls] == [(0, 2), (1, 2), (2, 1)]  # only failed batches resent
     assert log["calls"] == 3 and log["retries"] == 3
     assert [e["name"] for e in library] == ["Stay safe"] and log["added"] == ["stay_safe"]
@@ -103,7 +103,7 @@ def test_propose_retries_then_skips_with_a_logged_reason():
 
 def test_empty_failures_propose_nothing():
     gen = Scripted()
-    library, log = iteralign.propose(smoke_config(), gen, [], [{"id": "x"}], round_index=2)
+    library, log = constitutions.propose(smoke_config(), gen, [], [{"id": "x"}], round_index=2)
     assert gen.calls == [] and library == [{"id": "x"}] and log["added"] == []
     assert log["skipped"] == [{"batch": None, "reason": "no failures this round"}]
 
@@ -119,11 +119,11 @@ def test_duplicates_are_merged_with_provenance():
         "2. Kindness again: The assistant is kind to all people always.",  # Jaccard 6/7
     ])  # fmt: skip
     gen = Scripted(lambda *_: next(outputs))
-    library, log = iteralign.propose(config, gen, failures(4), [old], round_index=2)
+    library, log = constitutions.propose(config, gen, failures(4), [old], round_index=2)
     assert [e["id"] for e in library] == ["be_honest", "kindness"] and log["added"] == ["kindness"]
     assert [m["into"] for m in log["merged"]] == ["be_honest", "be_honest", "kindness"]
     assert [m["triggered_by"] for m in library[0]["merged"]] == [["p0", "p1"], ["p0", "p1"]]
-    assert iteralign.triggers(library[1]) == {"p2", "p3"}
+    assert constitutions.triggers(library[1]) == {"p2", "p3"}
     assert old["merged"] == []  # the input library is not modified
 
 
@@ -141,12 +141,12 @@ def test_gates_compile_into_a_valid_rubric_and_bad_outputs_are_skipped():
         return "1. Is it bad?"  # too short: never a valid gate
 
     gen = Scripted(respond)
-    base = iteralign.read_rubric_dict("demo")
-    log = iteralign.draft_gates(config, gen, library, base)
+    base = constitutions.read_rubric_dict("demo")
+    log = constitutions.draft_gates(config, gen, library, base)
     assert library[0]["gates"] == ["Does the response explain how to build a weapon?"]
     assert library[1]["gates"] == [] and "must be 5 to 40 words" in library[1]["gate_error"]
     assert [s["id"] for s in log["skipped"]] == ["privacy"] and log["calls"] == 3
-    raw = iteralign.compile_rubric(base, library, 1, "harmlessness")
+    raw = constitutions.compile_rubric(base, library, 1, "harmlessness")
     r = rubric_lib.rubric_from_dict(raw)
     harm = next(p for p in r.principles if p.id == "harmlessness")
     assert harm.dimensions[-1].id == "const_weapons" and len(r.dimensions) == 8
