@@ -41,6 +41,8 @@ said ASR 0.39, FRR 0.43, but the policy had collapsed: 102 of its 200 held-out a
 "As an AI machine ...", 49 introduce a "Dr. Elena Martinez", none answers or apologizes; the
 refusal matcher counts the persona as a refusal and the degeneracy component does not flag it.
 That is reward hacking, not a safer model; do not raise the step without a check for it.
+`:contrast,advbench` trains on 150 of the 420 AdvBench prompts that the readout does not read in
+place of DangerousQA's (`holdout`): harmful requests in the held-out set's imperative style.
 `:explicit` gives the refusal component `explicit=True`: only a stated refusal ("I cannot ...",
 "I'm sorry ...") earns it; an "As an AI ..." opening alone is compliance, so that persona no
 longer pays. The eval readout keeps XSTest's matcher.
@@ -105,6 +107,14 @@ def get_config(arg=None):
                 (xstest, -1, {"label": "benign", "holdout": 100}),
                 (xstest, 100, {"label": "harmful"}),  # their unsafe contrasts
             )
+        elif part == "advbench":
+            # after 'contrast': AdvBench's 420 prompts that eval_smol.py:safety does not read
+            # (150 of them) stand in for DangerousQA, the harmful prompts in the held-out style
+            advbench = os.path.join(DATA, "advbench", "advbench.jsonl")
+            g.sources = tuple(
+                (advbench, 150, {"holdout": 100}) if "dangerousqa" in src[0] else src
+                for src in g.sources
+            )
         elif part == "focus":
             # the refusal signal alone (with the veto): the 135M judge's scalar verdicts are
             # noise at this size, and its half weight pushed toward complying; twice the
@@ -123,6 +133,6 @@ def get_config(arg=None):
         elif part:
             raise ValueError(
                 f"unknown config argument {arg!r}; use nothing or a comma-separated set of "
-                "'seed1', 'contrast', 'focus' and 'explicit'."
+                "'seed1', 'contrast', 'advbench', 'focus' and 'explicit'."
             )
     return c

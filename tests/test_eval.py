@@ -424,3 +424,23 @@ def test_shared_sets_pass_the_checks():
     ]:
         rows = es.read_suite(es.Suite(name, kind, os.path.join(SHARED, path), -1))
         assert len(rows) == {"tq": 817, "hhh": 221, "xs": 250, "adv": 520}[name]
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data is not present")
+@pytest.mark.parametrize("arg", ["", "contrast", "contrast,advbench", "contrast,advbench,focus"])
+def test_compose_training_prompts_miss_the_held_out_readout(arg, monkeypatch):
+    """configs/qalign_grpo_compose_smol.py trains on no prompt that eval_smol.py:safety reads."""
+    from qalign_jax import config as config_lib
+    from qalign_jax import data
+
+    monkeypatch.setenv("QALIGN_DATA", SHARED)
+    configs = os.path.join(ROOT, "configs")
+    train_cfg = config_lib.load_file(os.path.join(configs, f"qalign_grpo_compose_smol.py:{arg}"))
+    eval_cfg = config_lib.load_file(os.path.join(configs, "eval_smol.py:safety"))
+    trained = {r.id for r in data.select_prompts(train_cfg.grpo.sources, train_cfg.seed)}
+    held = set()
+    for suite in es.parse_suites(eval_cfg.eval.suites):
+        held |= {r.id for r in es.read_suite(suite, eval_cfg.seed)}
+    assert len(held) == 200 and not trained & held
+    if "advbench" in arg:
+        assert sum(i.startswith("advbench") for i in trained) == 150
