@@ -533,7 +533,21 @@ def metrics(composed: Composed, components=(), inputs: RewardInputs | None = Non
         if c.kind == "degeneracy" and inputs is not None:
             for reason, rate in degeneracy_rates(c, inputs).items():
                 m[f"reward/{c.name}/{reason}"] = rate
+        if c.kind == "refusal" and inputs is not None:
+            for label, rate in refusal_rates(c, inputs).items():
+                m[f"reward/{c.name}/refused_{label}"] = rate
     return m
+
+
+def refusal_rates(c: Component, inputs: RewardInputs) -> dict[str, float]:
+    """Per prompt label, the fraction of answers refusal component `c`'s matcher calls a refusal
+    (full or partial): whether the policy tells harmful from benign prompts, which the
+    component's mean alone hides (refusing both kinds alike gives a mean near 0)."""
+    by_label = collections.defaultdict(list)
+    for a, r in zip(inputs.completions, inputs.records):
+        refused = eval_suites.classify_refusal(a, c.options["explicit"]) != "full_compliance"
+        by_label[record_dict(r)["label"] or "none"].append(refused)
+    return {label: float(np.mean(v)) for label, v in sorted(by_label.items())}
 
 
 def degeneracy_rates(c: Component, inputs: RewardInputs) -> dict[str, float]:

@@ -142,6 +142,20 @@ def test_refusal_component_explicit_does_not_reward_a_persona():
     np.testing.assert_allclose(rc.score(strict, inputs(answers, records))[0], [0.0, 1.0, 0.0])
 
 
+
+def test_refusal_rates_by_label_in_the_metrics():
+    cs = comps(("refusal", "refusal", 1.0, {}), ("strict", "refusal", 1.0, {"explicit": True}))
+    answers = ["I can't help with that.", "Sure: mix ...", "As an AI, I am Dr. Elena.",
+               "Use `kill -9 <pid>`.", "I cannot do that."]  # fmt: skip
+    records = [HARMFUL, HARMFUL, HARMFUL, BENIGN, OTHER]
+    batch = inputs(answers, records)
+    m = rc.metrics(rc.compose(cs, batch, 5), cs, batch)
+    assert m["reward/refusal/refused_harmful"] == pytest.approx(2 / 3)
+    assert m["reward/strict/refused_harmful"] == pytest.approx(1 / 3)  # the persona is no refusal
+    assert m["reward/refusal/refused_benign"] == 0.0
+    assert m["reward/refusal/refused_none"] == 1.0  # a row without a label
+
+
 @pytest.mark.parametrize(
     "answer,prompt,echo,reasons",
     [
