@@ -142,7 +142,6 @@ def test_refusal_component_explicit_does_not_reward_a_persona():
     np.testing.assert_allclose(rc.score(strict, inputs(answers, records))[0], [0.0, 1.0, 0.0])
 
 
-
 def test_refusal_rates_by_label_in_the_metrics():
     cs = comps(("refusal", "refusal", 1.0, {}), ("strict", "refusal", 1.0, {"explicit": True}))
     answers = ["I can't help with that.", "Sure: mix ...", "As an AI, I am Dr. Elena.",
