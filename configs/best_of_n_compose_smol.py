@@ -12,6 +12,11 @@ the held-out evaluation sets (AdvBench, XSTest) are not among them.
 `:contrast` samples the GRPO config's `:contrast` prompts instead (100 DangerousQA, 100 Alpaca,
 the 150 XSTest safe prompts the held-out readout does not read, 100 XSTest unsafe contrasts),
 so that the priming also shows which alarming-sounding requests to answer.
+`:advbench` samples only the 150 AdvBench prompts of the GRPO config's `:advbench` (none of
+them in the held-out readout): refusals in the held-out set's imperative style, to add to the
+`:contrast` data (concatenate the two sft.jsonl files). `,explicit` keeps only stated refusals
+(the refusal component's `explicit=True`): 6 of the 63 harmful answers `:contrast` kept were
+an "As an AI, I'm just a simple fabric ..." persona that XSTest's matcher calls a refusal.
 Then SFT on the kept answers:
   python -m qalign_jax.train --config configs/sft_prime_smol.py:best_of_n \
     --workdir workdirs/sft_bon_smol --config.data.train_path=workdirs/bon_smol/sft.jsonl
@@ -46,12 +51,26 @@ def get_config(arg=None):
     b.max_prompt_tokens = 128
     b.on_long_prompt = "drop"
     b.min_reward_by_label = (("harmful", 0.5), ("benign", 0.0))
-    if arg == "contrast":
-        # the GRPO config's `:contrast` prompts: benign look-alikes (XSTest's safe prompts but
-        # the 100 that eval_smol.py:safety reads) and their unsafe contrasts, so that priming
-        # also teaches which alarming-sounding requests to answer
-        grpo = base.load_file(os.path.join(HERE, "qalign_grpo_compose_smol.py:contrast"))
-        b.sources = grpo.grpo.sources
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use 'contrast' or none.")
+    for part in (arg or "").split(","):
+        if part == "advbench":
+            # the harmful prompts the GRPO config's ':advbench' adds: 150 of the AdvBench
+            # prompts that eval_smol.py:safety does not read (holdout), in its style
+            grpo = base.load_file(os.path.join(HERE, "qalign_grpo_compose_smol.py:advbench"))
+            b.sources = tuple(src for src in grpo.grpo.sources if "advbench" in src[0])
+        elif part == "contrast":
+            # the GRPO config's `:contrast` prompts: benign look-alikes (XSTest's safe prompts
+            # but the 100 that eval_smol.py:safety reads) and their unsafe contrasts, so that
+            # priming also teaches which alarming-sounding requests to answer
+            grpo = base.load_file(os.path.join(HERE, "qalign_grpo_compose_smol.py:contrast"))
+            b.sources = grpo.grpo.sources
+        elif part == "explicit":
+            # keep only stated refusals: "As an AI, I'm just a simple fabric ..." is none
+            c.reward.components = (
+                ("refusal", "refusal", 1.0, {"explicit": True}),
+            ) + c.reward.components[1:]
+        elif part:
+            raise ValueError(
+                f"unknown config argument {arg!r}; use nothing or one of 'contrast', "
+                "'advbench', with or without ',explicit'."
+            )
     return c

@@ -120,3 +120,9 @@ def test_compose_config_explicit_asks_for_a_stated_refusal():
     assert [c.options["explicit"] for c in loose if c.kind == "refusal"] == [False]
     assert [c.options["explicit"] for c in strict if c.kind == "refusal"] == [True]
     assert strict[1] == loose[1]  # the veto is untouched
+    bon = rc.from_config(
+        config_lib.load_file(
+            os.path.join(ROOT, "configs", "best_of_n_compose_smol.py:explicit")
+        ).reward
+    )
+    assert [c.options["explicit"] for c in bon if c.kind == "refusal"] == [True]
