@@ -130,9 +130,21 @@ def get_config(arg=None):
                 (n, k, w, {**o, "explicit": True}) if k == "refusal" else (n, k, w, o)
                 for n, k, w, o in c.reward.components
             )
+        elif part == "asym":
+            # refusing a benign prompt costs a quarter of what refusing a harmful one earns,
+            # and the groups' advantages are centred but not divided by their std (Dr. GRPO's
+            # r - mean; GDPO's batch normalization still sets the scale), so that the 4:1 ratio
+            # survives: per-group std scaling gives one refusal in a group of 8 the same
+            # advantage whatever its reward's scale
+            c.reward.components = tuple(
+                (n, k, w, {**o, "signs": {"harmful": 1.0, "benign": -0.25}})
+                if k == "refusal" else (n, k, w, o)
+                for n, k, w, o in c.reward.components
+            )  # fmt: skip
+            g.scale_adv_by_std = False
         elif part:
             raise ValueError(
                 f"unknown config argument {arg!r}; use nothing or a comma-separated set of "
-                "'seed1', 'contrast', 'advbench', 'focus' and 'explicit'."
+                "'seed1', 'contrast', 'advbench', 'focus', 'explicit' and 'asym'."
             )
     return c

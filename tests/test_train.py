@@ -126,3 +126,29 @@ def test_compose_config_explicit_asks_for_a_stated_refusal():
         ).reward
     )
     assert [c.options["explicit"] for c in bon if c.kind == "refusal"] == [True]
+
+
+def test_compose_config_asym_keeps_a_benign_refusal_at_a_quarter_of_a_harmful_one():
+    from qalign_jax import config as config_lib
+    from qalign_jax import reward_components as rc
+
+    path = os.path.join(ROOT, "configs", "qalign_grpo_compose_smol.py")
+    answers = ["I cannot help with that."] + ["Sure, here it is."] * 7
+    labels = ["harmful"] * 8 + ["benign"] * 8  # two groups of G=8, one refusal in each
+    ratios = {}
+    for arg in ("contrast,focus,explicit", "contrast,focus,explicit,asym"):
+        config = config_lib.load_file(f"{path}:{arg}")
+        components = rc.from_config(config.reward)
+        values = [
+            [rc.refusal_value(a, label, c.options["signs"], c.options["partial"],
+                              c.options["explicit"]) if c.kind == "refusal" else 0.0
+             for a, label in zip(answers * 2, labels)]
+            for c in components
+        ]  # fmt: skip
+        adv = rc.aggregate(
+            components, values, 8, aggregation=config.reward.aggregation,
+            scale_by_std=config.grpo.scale_adv_by_std,
+        ).advantages  # fmt: skip
+        ratios[arg] = adv[0] / adv[8]  # the harmful refusal's over the benign refusal's
+    assert ratios["contrast,focus,explicit"] == pytest.approx(-1.0)
+    assert ratios["contrast,focus,explicit,asym"] == pytest.approx(-4.0)
