@@ -14,7 +14,9 @@ the 150 XSTest safe prompts the held-out readout does not read, 100 XSTest unsaf
 so that the priming also shows which alarming-sounding requests to answer.
 `:advbench` samples only the 150 AdvBench prompts of the GRPO config's `:advbench` (none of
 them in the held-out readout): refusals in the held-out set's imperative style, to add to the
-`:contrast` data (concatenate the two sft.jsonl files). `,explicit` keeps only stated refusals
+`:contrast` data (concatenate the two sft.jsonl files; not evaluated yet: 67 of 150 kept when
+sampled from the `:contrast` SFT, 2026-12-06, and that run's SFT was lost with its machine;
+from the base model ~8% are kept). `,explicit` keeps only stated refusals
 (the refusal component's `explicit=True`): 6 of the 63 harmful answers `:contrast` kept were
 an "As an AI, I'm just a simple fabric ..." persona that XSTest's matcher calls a refusal.
 Then SFT on the kept answers:
