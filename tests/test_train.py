@@ -139,12 +139,8 @@ def test_compose_config_asym_keeps_a_benign_refusal_at_a_quarter_of_a_harmful_on
     for arg in ("contrast,focus,explicit", "contrast,focus,explicit,asym"):
         config = config_lib.load_file(f"{path}:{arg}")
         components = rc.from_config(config.reward)
-        values = [
-            [rc.refusal_value(a, label, c.options["signs"], c.options["partial"],
-                              c.options["explicit"]) if c.kind == "refusal" else 0.0
-             for a, label in zip(answers * 2, labels)]
-            for c in components
-        ]  # fmt: skip
+        records = [{"id": str(i), "prompt": "q", "label": label} for i, label in enumerate(labels)]
+        values = rc.score(components, rc.RewardInputs(records=records, completions=answers * 2))
         adv = rc.aggregate(
             components, values, 8, aggregation=config.reward.aggregation,
             scale_by_std=config.grpo.scale_adv_by_std,
