@@ -75,3 +75,18 @@ def test_best_of_n_config_errors(tmp_path):
     config.reward.components = (("x", "refusal", 1.0, {"bogus": 1}),)
     with pytest.raises(ValueError, match="unknown option"):
         train.run(config, str(tmp_path))
+
+
+def test_best_of_n_samples_from_checkpoint_init(tmp_path, primed_tiny):
+    """`checkpoint.init` (a primed stage's weights) is the sampling policy, not model.source."""
+
+    def answers(workdir, **overrides):
+        config = tiny_config()
+        for key, value in overrides.items():
+            setattr(config.model if key == "source" else config.checkpoint, key, value)
+        train.run(config, str(tmp_path / workdir))
+        return [json.loads(x)["answers"] for x in open(tmp_path / workdir / best_of_n.SAMPLES)]
+
+    from_init = answers("init", init=primed_tiny)
+    assert from_init == answers("source", source=primed_tiny)  # the primed weights sampled
+    assert from_init != answers("base")  # and they are not model.source's

@@ -102,3 +102,19 @@ def test_keep_rules():
     assert rewards.keep_revision("not_worse", 0.2, 0.2)
     assert not rewards.keep_revision("not_worse", 0.3, 0.2)
     assert rewards.keep_revision("all", 0.9, -1.0)
+
+
+def test_checkpoint_init_drafts(full_run, primed_tiny, tmp_path):
+    """`checkpoint.init` (a trained stage) drafts; the judge stays model.source."""
+
+    def drafts(workdir, config):
+        train.run(config, str(tmp_path / workdir))
+        return [r["draft"] for r in read_rows(str(tmp_path / workdir))]
+
+    config = smoke_config()
+    config.checkpoint.init = primed_tiny
+    from_init = drafts("init", config)
+    config = smoke_config()
+    config.model.source = primed_tiny
+    assert from_init == drafts("source", config)
+    assert from_init != [r["draft"] for r in read_rows(full_run)]

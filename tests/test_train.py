@@ -81,6 +81,22 @@ def test_cli_smoke_generate_run(tmp_path):
     assert saved["generate"]["max_new_tokens"] == 5  # the override was applied and recorded
 
 
+def test_generate_answers_with_checkpoint_init_weights(tmp_path, primed_tiny):
+    """`checkpoint.init` (a trained stage) is the model that answers, not model.source."""
+
+    def answers(workdir, **overrides):
+        config = base.load_file(os.path.join(ROOT, "configs", "generate_smol.py:smoke"))
+        config.generate.temperature = 1.0  # greedy, both tiny models say "\\n\\n..."
+        for key, value in overrides.items():
+            setattr(config.model if key == "source" else config.checkpoint, key, value)
+        train.run(config, str(tmp_path / workdir))
+        return [json.loads(x)["answer"] for x in open(tmp_path / workdir / "generations.jsonl")]
+
+    from_init = answers("init", init=primed_tiny)
+    assert from_init == answers("source", source=primed_tiny)
+    assert from_init != answers("base")
+
+
 def test_prompts_file_is_read_in_the_shared_schema(tmp_path):
     from qalign_jax.loops import generate
 

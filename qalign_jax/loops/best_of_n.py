@@ -2,11 +2,12 @@
 
   python -m qalign_jax.train --config configs/best_of_n_compose_smol.py --workdir workdirs/bon
 
-For each prompt of `best_of_n.sources`, the policy samples `num_samples` single-pass answers
-(`rollouts.rollout`); `config.reward.components` score them (their weighted sum with vetoes,
-`reward_components.weighted_totals`, as IterAlign's `detect='reward'`); the best answer is kept
-when its reward reaches the prompt label's threshold (`min_reward_by_label`, ((label,
-threshold), ...), else `min_reward`).
+For each prompt of `best_of_n.sources`, the policy (`checkpoint.init`'s weights when set, e.g.
+an SFT stage's workdir, else `model.source`; the judge is always `model.source`) samples
+`num_samples` single-pass answers (`rollouts.rollout`); `config.reward.components` score them
+(their weighted sum with vetoes, `reward_components.weighted_totals`, as IterAlign's
+`detect='reward'`); the best answer is kept when its reward reaches the prompt label's
+threshold (`min_reward_by_label`, ((label, threshold), ...), else `min_reward`).
 A priming stage for rewards the policy rarely earns: GRPO learns nothing from a group of G
 samples that all score alike, and a behaviour the base model shows in 3% of its samples (a
 refusal of a harmful prompt) is in few groups; N = 16 samples per prompt find it where it
@@ -29,6 +30,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
 from qalign_jax import data, files, reward_components, rollouts, sharding, stages
 from qalign_jax import judge as judge_lib
@@ -105,12 +107,17 @@ def run(config, workdir: str) -> None:
     components = reward_components.from_config(config.reward)
     records = data.select_prompts(b.sources, config.seed)
     mesh = sharding.make_mesh(config.mesh.shape)
-    policy = load.from_config(config, mesh)
-    if policy.tokenizer is None:
+    base_model = load.from_config(config, mesh)
+    if base_model.tokenizer is None:
         raise ValueError("the policy has no tokenizer; set config.model.tokenizer.")
     judge = None
     if reward_components.needs_judge(components):
-        judge = judge_lib.from_config(config, policy)
+        judge = judge_lib.from_config(config, base_model)  # the base judges, as in GRPO
+    # The sampling policy: `checkpoint.init`'s weights when set (a primed stage), else the base.
+    policy, origin = load.with_init(
+        base_model, config.checkpoint.init, source=config.model.source, seed=config.seed
+    )
+    logging.info("best_of_n: sampling from %s", origin)
     prompt_ids = data.chat_ids(policy.tokenizer, records, b.max_prompt_tokens, b.on_long_prompt)
     records = [r for r in records if r.id in prompt_ids]
     base = jax.random.key(config.seed)

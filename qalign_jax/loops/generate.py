@@ -1,8 +1,8 @@
 """The `generate` loop: chat answers from any supported model, written to the workdir.
 
-This is the default job of the README's demo command and the quickest check that a model (or
-a trained checkpoint exported to a Hugging Face directory) loads and talks. It reads top to
-bottom: mesh, model, prompts, sampling in batches, results.
+This is the default job of the README's demo command and the quickest check that a model (or a
+trained stage: `checkpoint.init` = its workdir or Hugging Face export) loads and talks. It reads
+top to bottom: mesh, model, prompts, sampling in batches, results.
 """
 
 from __future__ import annotations
@@ -64,8 +64,11 @@ def chat_completions(model: load.LoadedModel, conversations, sampler_cfg, rng, b
 def run(config, workdir: str) -> None:
     mesh = sharding.make_mesh(config.mesh.shape)
     t0 = time.time()
-    model = load.from_config(config, mesh)
-    logging.info("loaded %s (%.1fM params) in %.1fs", config.model.source,
+    model, origin = load.with_init(  # a trained stage's weights when checkpoint.init is set
+        load.from_config(config, mesh), config.checkpoint.init, source=config.model.source,
+        seed=config.seed,
+    )  # fmt: skip
+    logging.info("loaded %s (%.1fM params) in %.1fs", origin,
                  load.num_params(model.params) / 1e6, time.time() - t0)  # fmt: skip
     system = config.generate.system_prompt
     conversations = [

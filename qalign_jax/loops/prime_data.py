@@ -3,8 +3,8 @@
 For each prompt of the configured mix (`config.prime.sources`, chosen by a hash of the seed
 and the ids, so a later stage can take a disjoint set with `data.split_by_hash`):
 
-  1. the policy drafts an answer;
-  2. the judge scores the draft on the rubric;
+  1. the policy (`checkpoint.init`'s weights when set, else `model.source`) drafts an answer;
+  2. the judge (always `model.source`) scores the draft on the rubric;
   3. the findings are verbalized (`reflection.findings_block`, ending in a forced <Think>);
   4. the reviser (the policy itself, or a stronger model) writes the reflection up to
      </Think> (closed for it if it runs out of tokens), then the revision;
@@ -27,6 +27,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
 from qalign_jax import data, files, reflection, rewards, rollouts, sharding, stages
 from qalign_jax import judge as judge_lib
@@ -125,9 +126,14 @@ def run(config, workdir: str) -> None:
     records = data.select_prompts(config.prime.sources, config.seed)
     rows_path = os.path.join(workdir, ROWS)
     mesh = sharding.make_mesh(config.mesh.shape)
-    policy = load.from_config(config, mesh)
-    if policy.tokenizer is None:
+    base_model = load.from_config(config, mesh)
+    if base_model.tokenizer is None:
         raise ValueError("the policy has no tokenizer; set config.model.tokenizer.")
+    judge = judge_lib.from_config(config, base_model)  # model.source judges, as in GRPO
+    policy, origin = load.with_init(  # checkpoint.init's weights draft when set
+        base_model, config.checkpoint.init, source=config.model.source, seed=config.seed
+    )
+    logging.info("prime_data: drafting with %s", origin)
     reviser = policy
     if config.prime.reviser:
         reviser = load.load_model(
@@ -135,7 +141,6 @@ def run(config, workdir: str) -> None:
             param_dtype=config.model.param_dtype, dtype=config.model.dtype, seed=config.seed,
             tokenizer_source=config.prime.reviser_tokenizer or None,
         )  # fmt: skip
-    judge = judge_lib.from_config(config, policy)
 
     base = jax.random.key(config.seed)
     t0 = time.time()
