@@ -137,7 +137,9 @@ def compile_grpo(
     if frozen is not None:
         ref_graphdef, ref_params, ref_sh = llama.abstract_model(base_cfg)[0], frozen, frozen_sh
     ref_fn = sharding.jit(
-        functools.partial(grpo.token_logprobs, graphdef=ref_graphdef), mesh=mesh, rules=rules,
+        functools.partial(grpo.token_logprobs, graphdef=ref_graphdef,
+                          temperature=grpo.logp_temperature(config.grpo)),
+        mesh=mesh, rules=rules,
         in_shardings=(ref_sh, row_sh, row_sh, sharding.batch_sharding(mesh, 1), row_sh),
         out_shardings=row_sh, name="token_logprobs",
     )  # fmt: skip

@@ -207,8 +207,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.revision_max_tokens = 192  # reflection + </Think> + revision
     c.grpo.max_prompt_tokens = 256  # longer prompts are an error (or dropped, below)
     c.grpo.on_long_prompt = "error"  # 'error' | 'drop'
-    # sampling temperature of the rollouts; the loss's log-probs are the raw policy's (T = 1)
-    # whatever it is, as the sampler records them (TRL divides the logits by T instead)
+    # sampling temperature of the rollouts; the loss's log-probs (policy, old, reference) are
+    # taken at it too, softmax(logits / T), as the sampler records them (TRL and verl do the same)
     c.grpo.temperature = 1.0
     c.grpo.top_p = 1.0
     c.grpo.max_findings = 6

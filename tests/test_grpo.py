@@ -2,6 +2,7 @@
 
 Tiny random policy and judge with the real tokenizer (configs/qalign_grpo_smoke.py)."""
 
+import copy
 import functools
 import importlib.util
 import json
@@ -51,9 +52,13 @@ def grpo_rollout(config, policy, judge, rows, ids, seed, cache_len):
     return rollouts.rollout(policy, judge, rows, ids, opts, k_draft, k_revision)
 
 
-def test_rollout_logprobs_and_mask_match_the_training_forward(setup):
-    """The sampler's logprobs (a diagnostic now) equal a training forward's within 2e-4."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rollout_logprobs_and_mask_match_the_training_forward(setup, temperature):
+    """The sampler's logprobs (a diagnostic now) equal a training forward's within 2e-4, at the
+    sampling temperature: log softmax(logits / T)."""
     config, policy, judge, records, ids = setup
+    config = copy.deepcopy(config)
+    config.grpo.temperature = temperature
     rows = [r for r in records[:2] for _ in range(4)]
     ro = grpo_rollout(config, policy, judge, rows, [ids[r.id] for r in rows], 1, cache_len=512)
     assert ro.rewards.shape == (8,) and all(len(s) > 0 for s in ro.suffix_ids)
@@ -70,7 +75,7 @@ def test_rollout_logprobs_and_mask_match_the_training_forward(setup):
     logits, _ = jax.jit(functools.partial(llama.forward, policy.graphdef))(
         policy.params, batch["tokens"], batch["positions"]
     )
-    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    logp = np.asarray(jax.nn.log_softmax(logits / temperature, -1))
     index = batch["span_start"][:, None] + np.arange(span)  # [8, S] positions of the rows
     logp = np.take_along_axis(logp, index[..., None], 1)
     for i, seq in enumerate(ro.sequence_ids):  # each target is the next token of its row
@@ -173,12 +178,14 @@ def random_batch(cfg, seed=0, a=2, rows=8, t=24):
     }  # fmt: skip
 
 
-def training_forward_logprobs(cfg, params, batch):
+def training_forward_logprobs(cfg, params, batch, temperature=1.0):
     """`grpo.token_logprobs` (what the loop computes) of a [A, rows, T] batch."""
     graphdef, _ = llama.abstract_model(cfg)
     one = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    fn = sharding.jit(functools.partial(grpo.token_logprobs, graphdef=graphdef), mesh=one,
-                      rules=sharding.DEFAULT_RULES)  # fmt: skip
+    fn = sharding.jit(
+        functools.partial(grpo.token_logprobs, graphdef=graphdef, temperature=temperature),
+        mesh=one, rules=sharding.DEFAULT_RULES,
+    )  # fmt: skip
     flat = [batch[k].reshape((-1,) + batch[k].shape[2:]) for k in grpo.ROWS_IN]
     return np.asarray(fn(params, *flat)).reshape(batch["targets"].shape)
 
@@ -270,6 +277,32 @@ def test_one_update_per_batch_has_ratio_exactly_one_and_no_clipping():
     mask = batch["loss_mask"]
     gap = np.sum(np.abs(train_logp - batch["sampler_logp"]) * mask) / mask.sum()
     assert m["sampler_logp_gap"] == pytest.approx(gap, rel=1e-4)
+
+
+def test_the_loss_scores_tokens_at_the_sampling_temperature():
+    """grpo.temperature = T: the step's log-probs, old and reference log-probs are those of
+    softmax(logits / T), the distribution the rollouts were drawn from and the sampler records
+    (`sampler_logp`): against it the gap and the KL are 0; at T = 1 they are not."""
+    cfg = llama.get_preset("tiny")
+    host_params = jax.device_get(llama.init_params(cfg, seed=0))
+    batch = random_batch(cfg)
+    tempered = training_forward_logprobs(cfg, host_params, batch, temperature=0.7)
+    logits, _ = jax.jit(functools.partial(llama.forward, llama.abstract_model(cfg)[0]))(
+        host_params, batch["tokens"][0], batch["positions"][0]
+    )
+    direct = jax.nn.log_softmax(logits / 0.7, -1)
+    direct = np.take_along_axis(np.asarray(direct), batch["targets"][0][..., None], -1)[..., 0]
+    np.testing.assert_allclose(tempered[0], direct, atol=1e-5)  # token_stats at T
+    batch["sampler_logp"] = batch["ref_logp"] = tempered
+    mesh = sharding.make_mesh((1, 8, 1))
+    out = {}
+    for temperature in (0.7, 1.0):
+        g = smoke_config().grpo
+        g.temperature, g.kl_beta = temperature, 0.1
+        out[temperature] = run_steps(mesh, host_params, [batch], g)[1][0]
+    assert out[0.7]["sampler_logp_gap"] < 1e-5 and abs(out[0.7]["kl"]) < 1e-6
+    assert out[1.0]["sampler_logp_gap"] > 1e-2 and out[1.0]["kl"] > 1e-4
+    assert out[0.7]["entropy"] < out[1.0]["entropy"]  # the sharper distribution's
 
 
 def test_several_updates_per_batch_take_old_logprobs_from_the_training_forward():

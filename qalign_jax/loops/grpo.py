@@ -186,10 +186,19 @@ def training_batch(
 # The jitted pieces.
 
 
-def token_logprobs(params, tokens, positions, span_start, targets, *, graphdef):
+def logp_temperature(grpo_cfg) -> float:
+    """The temperature of the loss's log-probabilities (policy, old and reference): the
+    rollouts' sampling temperature, so that the ratio, the gradient and the KL term refer to
+    the distribution the tokens were drawn from (1 for greedy rollouts)."""
+    return grpo_cfg.temperature if grpo_cfg.temperature > 0 else 1.0
+
+
+def token_logprobs(params, tokens, positions, span_start, targets, *, graphdef, temperature=1.0):
     """[rows, S] log p(target) on the rows' spans under `params` (the frozen reference, or the
-    policy before its first update when num_iterations > 1)."""
-    return llama.token_stats(graphdef, params, tokens, positions, targets, start=span_start)["logp"]
+    policy before its first update when num_iterations > 1), at `temperature`."""
+    return llama.token_stats(
+        graphdef, params, tokens, positions, targets, start=span_start, temperature=temperature
+    )["logp"]
 
 
 def grpo_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, param_sh,
@@ -216,7 +225,7 @@ def grpo_step(state: TrainState, batch, frozen=None, *, graphdef, tx, schedule, 
     def loss_fn(weights, micro):
         stats = llama.token_stats(
             graphdef, weights, micro["tokens"], micro["positions"], micro["targets"],
-            start=micro["span_start"], entropy=True,
+            start=micro["span_start"], entropy=True, temperature=logp_temperature(g),
         )  # fmt: skip
         logp = stats["logp"]
         fixed = jax.lax.stop_gradient(logp)
@@ -361,7 +370,8 @@ def run(config, workdir: str) -> None:
     row_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
     rows_sh = {k: sharding.batch_sharding(mesh, 1 if k in ROW_KEYS else 2) for k in ROWS_IN}
     logp_fn = sharding.jit(  # the policy's (old) log-probabilities
-        functools.partial(token_logprobs, graphdef=graphdef), mesh=mesh, rules=rules,
+        functools.partial(token_logprobs, graphdef=graphdef, temperature=logp_temperature(g)),
+        mesh=mesh, rules=rules,
         in_shardings=(train_state.full_params(state_sh.params, frozen_sh), *rows_sh.values()),
         out_shardings=row_sh, name="token_logprobs",
     )  # fmt: skip
@@ -372,9 +382,10 @@ def run(config, workdir: str) -> None:
         ref_params = train_state.full_params(start_adapters, frozen)
     elif frozen is not None:
         ref_logp_fn = sharding.jit(
-            functools.partial(token_logprobs, graphdef=reference.graphdef), mesh=mesh,
-            rules=rules, in_shardings=(frozen_sh, *rows_sh.values()), out_shardings=row_sh,
-            name="ref_token_logprobs",
+            functools.partial(token_logprobs, graphdef=reference.graphdef,
+                              temperature=logp_temperature(g)),
+            mesh=mesh, rules=rules, in_shardings=(frozen_sh, *rows_sh.values()),
+            out_shardings=row_sh, name="ref_token_logprobs",
         )  # fmt: skip
 
     writer = metrics.MetricsWriter(

@@ -585,7 +585,7 @@ def forward(graphdef, params, tokens, positions, cache=None):
 
 def token_stats(
     graphdef, params, tokens, positions, targets, *, start=None, correct: bool = False,
-    entropy: bool = False,
+    entropy: bool = False, temperature: float = 1.0,
 ) -> dict:  # fmt: skip
     """The training losses' per-position numbers, [B, T] float32 each: `logp` = log p(target),
     and if asked `correct` = (argmax == target) and the `entropy` of the next-token
@@ -600,6 +600,9 @@ def token_stats(
     under `jax.checkpoint` inside a scan: neither the forward nor the backward holds the
     [B, T, V] float32 logits, only [B, C, V] (for a 128k vocabulary, 4 GB at 8 x 1024 tokens).
     C = 0 computes them in one piece. The numbers are the same either way (a test).
+
+    `temperature` T: the numbers are those of softmax(logits / T), the distribution a sampler
+    at T draws from (GRPO scores its rollouts under their sampling temperature).
     """
     model = nnx.merge(graphdef, params)
     hidden, _ = model.hidden(tokens, positions)  # [B, T, D]
@@ -609,6 +612,8 @@ def token_stats(
 
     def stats(h, t):
         logits = model.logits(h)  # [B, C, V] float32
+        if temperature != 1.0:
+            logits = logits / temperature
         log_z = jax.nn.logsumexp(logits, axis=-1)
         out = {"logp": jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - log_z}
         if correct:
