@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Training data (`data.py`). SFT JSONL lines: {"id", "prompt", "segments": [{"text",
     # "train"}, ...]} or {"id", "prompt", "completion"}.
     c.data = ml_collections.ConfigDict()
-    c.data.train_path = ""  # SFT JSONL to train on (required by the sft loop)
+    c.data.train_path = ""  # SFT JSONL to train on (required by the sft loop); "a,b": both
     c.data.eval_path = ""  # held-out SFT JSONL; '' = hold out `eval_size` of train_path
     c.data.eval_size = 0  # examples held out of train_path (by a hash of seed and id); 0 = none
     c.data.max_examples = 0  # use only the first N training examples; 0 = all

@@ -262,8 +262,18 @@ def load_sft_examples(
     system_prompt: str = "",
     max_examples: int = 0,
 ) -> SFTExamples:
-    """`read_sft_jsonl` (the first `max_examples` rows if > 0), tokenized on first access."""
-    rows = read_sft_jsonl(path)
+    """`read_sft_jsonl` (the first `max_examples` rows if > 0), tokenized on first access.
+
+    `path` may name several files, comma-separated ("a.jsonl,b.jsonl": e.g. two rounds of
+    rejection sampling): their rows in that order; an id may appear in only one of them.
+    """
+    rows, first = [], {}
+    for part in [p.strip() for p in path.split(",") if p.strip()]:
+        for where, row in read_sft_jsonl(part):
+            if row["id"] in first:
+                _fail(where, f"id {row['id']!r} is also in {first[row['id']]}.")
+            first[row["id"]] = where
+            rows.append((where, row))
     if max_examples > 0:
         rows = rows[:max_examples]
     return SFTExamples(

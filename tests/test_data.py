@@ -73,6 +73,16 @@ def test_completion_rows_are_one_trained_segment(tmp_path):
     assert row["segments"] == [{"text": "yo", "train": True}]
 
 
+def test_several_train_files_are_read_in_order_and_ids_stay_unique(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [example("x"), example("y")])
+    b = write_jsonl(tmp_path / "b.jsonl", [example("z")])
+    examples = data.load_sft_examples(f"{a},{b}", TOK, seq_len=32, on_overflow="error")
+    assert [examples[i].id for i in range(3)] == ["x", "y", "z"]
+    c = write_jsonl(tmp_path / "c.jsonl", [example("y")])
+    with pytest.raises(ValueError, match=r"c.jsonl:1: id 'y' is also in .*a.jsonl:2"):
+        data.load_sft_examples(f"{a},{c}", TOK, seq_len=32, on_overflow="error")
+
+
 def test_system_prompt_goes_into_the_template():
     plain = data.tokenize_sft(example(), TOK, seq_len=32, on_overflow="error")
     with_sys = data.tokenize_sft(example(), TOK, seq_len=32, on_overflow="error", system_prompt="S")
