@@ -13,12 +13,14 @@ the held-out evaluation sets (AdvBench, XSTest) are not among them.
 the 150 XSTest safe prompts the held-out readout does not read, 100 XSTest unsafe contrasts),
 so that the priming also shows which alarming-sounding requests to answer.
 `:advbench` samples only the 150 AdvBench prompts of the GRPO config's `:advbench` (none of
-them in the held-out readout): refusals in the held-out set's imperative style, to add to the
-`:contrast` data (concatenate the two sft.jsonl files; not evaluated yet: 67 of 150 kept when
-sampled from the `:contrast` SFT, 2026-12-06, and that run's SFT was lost with its machine;
-from the base model ~8% are kept). `,explicit` keeps only stated refusals
-(the refusal component's `explicit=True`): 6 of the 63 harmful answers `:contrast` kept were
-an "As an AI, I'm just a simple fabric ..." persona that XSTest's matcher calls a refusal.
+them in the held-out readout): refusals in the held-out set's imperative style, a second round
+sampled from the first round's SFT (`--config.checkpoint.init=<its workdir>`; the loop ignored
+checkpoint.init before 2026-12-06 and sampled the base model, which keeps ~8%). 2026-12-06,
+`:advbench,explicit` from the `:contrast` SFT: 71 of 150 kept (19 min); SFT on both rounds'
+files together (`data.train_path=a.jsonl,b.jsonl`) gave held-out ASR 0.14, FRR 0.23 (see the
+GRPO config). `,explicit` keeps only stated refusals (the refusal component's
+`explicit=True`): 6 of the 61 harmful answers `:contrast` kept were an "As an AI, I'm just a
+simple fabric ..." persona that XSTest's matcher calls a refusal.
 Then SFT on the kept answers:
   python -m qalign_jax.train --config configs/sft_prime_smol.py:best_of_n \
     --workdir workdirs/sft_bon_smol --config.data.train_path=workdirs/bon_smol/sft.jsonl

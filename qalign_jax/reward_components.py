@@ -60,8 +60,8 @@ from qalign_jax import eval_suites, losses
 
 BUILTIN_KINDS = ("rubric", "refusal", "degeneracy", "format", "length")
 AGGREGATIONS = ("sum", "gdpo")
-DEGENERACY_REASONS = ("empty", "master_key", "repeated_ngrams", "repeated_lines", "copies_prompt",
-                      "copies_findings")  # fmt: skip
+DEGENERACY_REASONS = ("empty", "master_key", "repeated_ngrams", "repeated_lines",
+                      "repeated_openings", "copies_prompt", "copies_findings")  # fmt: skip
 COMMON_OPTIONS = {"veto": False, "veto_below": 0.0, "floor": None}
 KIND_OPTIONS = {  # each kind's options and their defaults
     "rubric": {"principle": None},
@@ -72,6 +72,8 @@ KIND_OPTIONS = {  # each kind's options and their defaults
         "max_repeated_ngrams": 0.5,
         "min_ngrams": 8,
         "max_line_repeats": 2,
+        "opening_words": 3,
+        "max_opening_repeats": 3,
         "copy_ngram": 6,
         "max_copied": 0.6,
     },  # fmt: skip
@@ -217,6 +219,7 @@ def record_dict(record) -> dict:
 # Built-in checks (plain Python over strings; each testable by hand).
 
 _WORD = re.compile(r"\w+")
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
 # Answers that earn LLM judges' approval with no content (arXiv 2507.08794), as lowercase words;
 # punctuation-only keys (":", ".") have no words and count as `empty`.
 MASTER_KEYS = frozenset({
@@ -249,6 +252,12 @@ def degeneracy_reasons(answer: str, prompt: str = "", echo: str | None = None, *
     repeated_ngrams  over `max_repeated_ngrams` of its word `ngram`-grams repeat an earlier
                      one (with at least `min_ngrams` of them): loops, "Ref Ref Ref";
     repeated_lines   a line of words occurring more than `max_line_repeats` times;
+    repeated_openings  more than `max_opening_repeats` sentences (or lines) opening with the
+                     same `opening_words` words: a formula with a varying tail, "I'm sorry for
+                     you. I'm sorry about you. I'm sorry about the impact of ...", that the
+                     n-gram check misses (a GRPO run learned it for the refusal reward; none
+                     of 7,200 sampled base-model answers and 2,400 of a primed SFT's, 48
+                     tokens, has it);
     copies_prompt    over `max_copied` of its `copy_ngram`-grams are the prompt's, or the
                      whole answer is a piece of the prompt;
     copies_findings  the same against `echo` (the findings shown before a revision).
@@ -270,6 +279,12 @@ def degeneracy_reasons(answer: str, prompt: str = "", echo: str | None = None, *
     lines.pop("", None)
     if lines and max(lines.values()) > o["max_line_repeats"]:
         reasons.append("repeated_lines")
+    n = o["opening_words"]
+    openings = collections.Counter(
+        tuple(w[:n]) for w in map(_words, _SENTENCE_BREAK.split(answer)) if len(w) >= n
+    )
+    if openings and max(openings.values()) > o["max_opening_repeats"]:
+        reasons.append("repeated_openings")
     for reason, source in (("copies_prompt", prompt), ("copies_findings", echo)):
         if not source:
             continue

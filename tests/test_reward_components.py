@@ -169,7 +169,11 @@ def test_refusal_rates_by_label_in_the_metrics():
         ("Reflect.\n" * 3, "Hi", None, ["repeated_lines"]),
         ("Reflect on these findings.\n" * 3, "Hi", None, ["repeated_ngrams", "repeated_lines"]),
         ("Reflect on these findings and revise the answer. " * 4, "Hi", None,
-         ["repeated_ngrams"]),
+         ["repeated_ngrams", "repeated_openings"]),
+        # a formula with varying tails (learned by a GRPO run for the refusal reward)
+        ("I'm sorry for you. I'm sorry about you. I'm sorry about the impact of a bomb. I'm "
+         "sorry about the loss of life.", "Hi", None, ["repeated_openings"]),
+        ("- You'll need flour.\n- You'll need sugar.\n- You'll need two eggs.", "Hi", None, []),
         ("How do I kill a Python process on Linux?", "How do I kill a Python process on Linux?",
          None, ["copies_prompt"]),
         ("a Python process", "How do I kill a Python process?", None, ["copies_prompt"]),
@@ -180,6 +184,13 @@ def test_refusal_rates_by_label_in_the_metrics():
 )  # fmt: skip
 def test_degeneracy_reasons(answer, prompt, echo, reasons):
     assert rc.degeneracy_reasons(answer, prompt, echo) == reasons
+
+
+def test_repeated_openings_threshold_is_an_option():
+    listing = "You'll need flour! You'll need sugar? You'll need two eggs."
+    assert rc.degeneracy_reasons(listing) == []
+    assert rc.degeneracy_reasons(listing, max_opening_repeats=2) == ["repeated_openings"]
+    assert rc.degeneracy_reasons(listing, max_opening_repeats=2, opening_words=4) == []
 
 
 def test_degeneracy_format_and_length_components():
