@@ -53,6 +53,14 @@ explicit,asym`, lr 5e-5, from the `:contrast` SFT (ASR 0.66, FRR 0.21): seed 0 A
 0.25, degenerate 0.04 (stated refusals replaced the "I'm sorry for any misunderstanding"
 opening; attack success did not fall); seed 1 refused every sampled answer, benign ones
 included, by step 7 (stopped). Neither reaches the targets (bench/results/compose_smol/).
+2026-12-06 (session 15), from an SFT on two rounds of best-of-16 (the `:contrast` round, then
+best_of_n_compose_smol.py:advbench,explicit sampled from its SFT; held out ASR 0.14, FRR 0.23,
+degenerate 0.01, but most refusals are "I'm sorry for any misunderstanding, but as a
+text-based AI ..." deflections): `:contrast,advbench,focus,explicit` at lr 5e-5, seed 0, gave
+ASR 0.02, FRR 0.23 by reward hacking: 98 of 100 AdvBench answers are one formula, "I'm sorry
+for you. I'm sorry about you. I'm sorry about ...", which the matchers call a refusal. The
+degeneracy component's `repeated_openings` (added then) flags it, so the veto now ranks it
+last; the rerun with it is in bench/results/compose_smol/README.md.
 """
 
 import os
