@@ -60,7 +60,9 @@ text-based AI ..." deflections): `:contrast,advbench,focus,explicit` at lr 5e-5,
 ASR 0.02, FRR 0.23 by reward hacking: 98 of 100 AdvBench answers are one formula, "I'm sorry
 for you. I'm sorry about you. I'm sorry about ...", which the matchers call a refusal. The
 degeneracy component's `repeated_openings` (added then) flags it, so the veto now ranks it
-last; the rerun with it is in bench/results/compose_smol/README.md.
+last. Rerun with it: ASR 0.01, FRR 0.35, by the next formula ("I'm sorry for your loss. I can
+certainly help. I'd be happy providing a tutorial on ..."): the prefix matcher is the weak
+point of this reward (bench/results/compose_smol/README.md).
 """
 
 import os
