@@ -114,9 +114,7 @@ def run(config, workdir: str) -> None:
     if reward_components.needs_judge(components):
         judge = judge_lib.from_config(config, base_model)  # the base judges, as in GRPO
     # The sampling policy: `checkpoint.init`'s weights when set (a primed stage), else the base.
-    policy, origin = load.with_init(
-        base_model, config.checkpoint.init, source=config.model.source, seed=config.seed
-    )
+    policy, origin = load.initial_policy(config, base_model)
     logging.info("best_of_n: sampling from %s", origin)
     prompt_ids = data.chat_ids(policy.tokenizer, records, b.max_prompt_tokens, b.on_long_prompt)
     records = [r for r in records if r.id in prompt_ids]

@@ -281,9 +281,7 @@ def run(config, workdir: str) -> None:
     judge = judge_lib.from_config(config, base)
     graphdef, abstract_params = llama.abstract_model(cfg)
     param_sh = sharding.param_shardings(abstract_params, mesh, rules)
-    reference, start = load.with_init(
-        base, config.checkpoint.init, source=config.model.source, seed=config.seed
-    )
+    reference, start = load.initial_policy(config, base)
     # LoRA (model.lora): the policy is adapters on the reference's arrays as its frozen base,
     # neither copied nor donated; the reference (the policy at the start) is that base with
     # adapters off, or with model.lora.init's adapters.

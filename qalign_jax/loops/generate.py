@@ -64,10 +64,8 @@ def chat_completions(model: load.LoadedModel, conversations, sampler_cfg, rng, b
 def run(config, workdir: str) -> None:
     mesh = sharding.make_mesh(config.mesh.shape)
     t0 = time.time()
-    model, origin = load.with_init(  # a trained stage's weights when checkpoint.init is set
-        load.from_config(config, mesh), config.checkpoint.init, source=config.model.source,
-        seed=config.seed,
-    )  # fmt: skip
+    # a trained stage's weights when checkpoint.init is set
+    model, origin = load.initial_policy(config, load.from_config(config, mesh))
     logging.info("loaded %s (%.1fM params) in %.1fs", origin,
                  load.num_params(model.params) / 1e6, time.time() - t0)  # fmt: skip
     system = config.generate.system_prompt

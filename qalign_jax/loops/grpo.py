@@ -338,9 +338,7 @@ def run(config, workdir: str) -> None:
     make_state = train_state.jit_init_state(tx, state_sh)
 
     # The KL reference is the policy at the start of RL; the judge stays the base model.
-    reference, start = load.with_init(
-        initial, config.checkpoint.init, source=config.model.source, seed=config.seed
-    )
+    reference, start = load.initial_policy(config, initial)
     frozen = frozen_sh = None
     if abstract_frozen is None:  # full fine-tuning
 

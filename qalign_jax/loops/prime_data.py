@@ -130,9 +130,7 @@ def run(config, workdir: str) -> None:
     if base_model.tokenizer is None:
         raise ValueError("the policy has no tokenizer; set config.model.tokenizer.")
     judge = judge_lib.from_config(config, base_model)  # model.source judges, as in GRPO
-    policy, origin = load.with_init(  # checkpoint.init's weights draft when set
-        base_model, config.checkpoint.init, source=config.model.source, seed=config.seed
-    )
+    policy, origin = load.initial_policy(config, base_model)  # checkpoint.init's, when set
     logging.info("prime_data: drafting with %s", origin)
     reviser = policy
     if config.prime.reviser:

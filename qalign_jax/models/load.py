@@ -275,6 +275,12 @@ def with_init(model: LoadedModel, init: str, *, source: str, seed: int) -> tuple
     return dataclasses.replace(model, params=params), origin
 
 
+def initial_policy(config, model: LoadedModel) -> tuple[LoadedModel, str]:
+    """`with_init` for an experiment config: `model` (`config.model`'s) with the weights of
+    `config.checkpoint.init` (a previous stage) when set, and where they come from."""
+    return with_init(model, config.checkpoint.init, source=config.model.source, seed=config.seed)
+
+
 def load_tokenizer(source: str) -> tokenizer_lib.Tokenizer:
     kind, path = resolve_source(source)
     if kind == "gguf":
