@@ -64,8 +64,9 @@ def chat_completions(model: load.LoadedModel, conversations, sampler_cfg, rng, b
 def run(config, workdir: str) -> None:
     mesh = sharding.make_mesh(config.mesh.shape)
     t0 = time.time()
-    # a trained stage's weights when checkpoint.init is set
-    model, origin = load.initial_policy(config, load.from_config(config, mesh))
+    # a trained stage's weights when checkpoint.init is set, read in place of model.source's
+    origin = config.checkpoint.init or config.model.source
+    model = load.from_config(config, mesh, source=config.checkpoint.init or None)
     logging.info("loaded %s (%.1fM params) in %.1fs", origin,
                  load.num_params(model.params) / 1e6, time.time() - t0)  # fmt: skip
     system = config.generate.system_prompt
