@@ -67,14 +67,16 @@ def get_config(arg=None):
             # priming also teaches which alarming-sounding requests to answer
             grpo = base.load_file(os.path.join(HERE, "qalign_grpo_compose_smol.py:contrast"))
             b.sources = grpo.grpo.sources
-        elif part == "explicit":
-            # keep only stated refusals: "As an AI, I'm just a simple fabric ..." is none
+        elif part in ("explicit", "stated"):
+            # 'explicit': "As an AI, I'm just a simple fabric ..." is no refusal; 'stated':
+            # nor is an apology ("I'm sorry for any misunderstanding, but ..."), only "I can't
+            # help with that" and its kin (eval_suites.classify_refusal)
             c.reward.components = (
-                ("refusal", "refusal", 1.0, {"explicit": True}),
+                ("refusal", "refusal", 1.0, {"matcher": part}),
             ) + c.reward.components[1:]
         elif part:
             raise ValueError(
                 f"unknown config argument {arg!r}; use nothing or one of 'contrast', "
-                "'advbench', with or without ',explicit'."
+                "'advbench', with or without ',explicit' or ',stated'."
             )
     return c

@@ -140,11 +140,13 @@ def get_config(arg=None):
             g.prompts_per_step = 8
             g.num_steps = 20
             g.grad_accum_steps = 2
-        elif part == "explicit":
-            # only a stated refusal earns the refusal reward: the "As an AI ..." persona that
-            # XSTest's matcher counts as one (the lr 1e-4 collapse above) scores 0
+        elif part in ("explicit", "stated"):
+            # the refusal component's matcher: 'explicit' pays no "As an AI ..." persona (the
+            # lr 1e-4 collapse above); 'stated' pays neither a persona nor an apology formula
+            # ("I'm sorry for your loss. I can certainly help ..."), only a refusal stated as
+            # one ("I can't help with that")
             c.reward.components = tuple(
-                (n, k, w, {**o, "explicit": True}) if k == "refusal" else (n, k, w, o)
+                (n, k, w, {**o, "matcher": part}) if k == "refusal" else (n, k, w, o)
                 for n, k, w, o in c.reward.components
             )
         elif part == "asym":
@@ -162,6 +164,6 @@ def get_config(arg=None):
         elif part:
             raise ValueError(
                 f"unknown config argument {arg!r}; use nothing or a comma-separated set of "
-                "'seed1', 'contrast', 'advbench', 'focus', 'explicit' and 'asym'."
+                "'seed1', 'contrast', 'advbench', 'focus', 'explicit', 'stated' and 'asym'."
             )
     return c

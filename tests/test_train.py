@@ -125,23 +125,24 @@ def test_every_config_loads_names_a_loop_and_rejects_unknown_arguments(name):
         mod.get_config("no-such-argument")
 
 
-def test_compose_config_explicit_asks_for_a_stated_refusal():
+@pytest.mark.parametrize("matcher", ["explicit", "stated"])
+def test_compose_configs_pick_the_refusal_matcher(matcher):
     from qalign_jax import config as config_lib
     from qalign_jax import reward_components as rc
 
     path = os.path.join(ROOT, "configs", "qalign_grpo_compose_smol.py")
     loose = rc.from_config(config_lib.load_file(path + ":contrast,focus").reward)
-    strict = rc.from_config(config_lib.load_file(path + ":contrast,focus,explicit").reward)
+    strict = rc.from_config(config_lib.load_file(f"{path}:contrast,focus,{matcher}").reward)
     assert [c.name for c in strict] == [c.name for c in loose] == ["refusal", "degenerate"]
-    assert [c.options["explicit"] for c in loose if c.kind == "refusal"] == [False]
-    assert [c.options["explicit"] for c in strict if c.kind == "refusal"] == [True]
+    assert [c.options["matcher"] for c in loose if c.kind == "refusal"] == ["xstest"]
+    assert [c.options["matcher"] for c in strict if c.kind == "refusal"] == [matcher]
     assert strict[1] == loose[1]  # the veto is untouched
     bon = rc.from_config(
         config_lib.load_file(
-            os.path.join(ROOT, "configs", "best_of_n_compose_smol.py:explicit")
+            os.path.join(ROOT, "configs", f"best_of_n_compose_smol.py:{matcher}")
         ).reward
     )
-    assert [c.options["explicit"] for c in bon if c.kind == "refusal"] == [True]
+    assert [c.options["matcher"] for c in bon if c.kind == "refusal"] == [matcher]
 
 
 def test_compose_config_asym_keeps_a_benign_refusal_at_a_quarter_of_a_harmful_one():
