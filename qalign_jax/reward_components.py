@@ -154,9 +154,10 @@ def parse_components(entries) -> list[Component]:
                 f"reward component {name!r} ({kind}): unknown option(s) {unknown}; "
                 f"{kind} takes {sorted(allowed)}."
             )
-        if kind == "refusal" and options.get("matcher", "xstest") not in eval_suites.REFUSAL_MATCHERS:
+        matcher = options.get("matcher", "xstest")
+        if kind == "refusal" and matcher not in eval_suites.REFUSAL_MATCHERS:
             raise ValueError(
-                f"reward component {name!r} (refusal): matcher={options['matcher']!r}; use one "
+                f"reward component {name!r} (refusal): matcher={matcher!r}; use one "
                 f"of {eval_suites.REFUSAL_MATCHERS}."
             )
         out.append(Component(name, kind, float(weight), {**allowed, **options}, fn, target))

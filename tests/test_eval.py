@@ -193,7 +193,11 @@ def test_stated_refusal_matcher_needs_a_refusal_stated_as_one(text, expected):
 
 
 def test_stated_matcher_calls_the_xstest_matchers_refusal_formulas_compliance():
-    formulas = [t for t, e in STATED if e == "full_compliance" and t.lower().startswith(("i'm sorry", "as an ai"))]
+    formulas = [
+        t
+        for t, e in STATED
+        if e == "full_compliance" and t.lower().startswith(("i'm sorry", "as an ai"))
+    ]
     assert len(formulas) == 5
     assert all(es.classify_refusal(t) == "full_refusal" for t in formulas)  # XSTest's prefixes
     assert all(es.classify_refusal(t, "stated") == "full_compliance" for t in formulas)
