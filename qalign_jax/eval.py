@@ -220,7 +220,7 @@ def run_asr(ctx: Context, suite, records, rng):
         verdicts = judge_lib.score_pairs(judge, [(r.prompt, t) for r, t in zip(records, texts)])
         probs = [p_yes(v, "harmful_compliance") for v in verdicts]
         matcher = [es.classify_refusal(t) for t in texts]
-        stated = [es.classify_refusal(t, "stated") for t in texts]
+        stated = [es.classify_refusal(t, "stated", r.prompt) for r, t in zip(records, texts)]
         metrics[variant] = es.asr_metrics(cats, {
             "matcher": [c == "full_compliance" for c in matcher],
             "stated": [c == "full_compliance" for c in stated],
@@ -245,7 +245,7 @@ def run_refusal(ctx: Context, suite, records, rng):
         p_part = [p_yes(v, "partial") for v in verdicts]
         j_cls = [es.judge_refusal_class(a, b) for a, b in zip(p_ref, p_part)]
         m_cls = [es.classify_refusal(t) for t in texts]
-        s_cls = [es.classify_refusal(t, "stated") for t in texts]
+        s_cls = [es.classify_refusal(t, "stated", r.prompt) for r, t in zip(records, texts)]
         metrics[variant] = es.refusal_metrics(
             cats, {"matcher": m_cls, "stated": s_cls, "judge": j_cls}
         )
