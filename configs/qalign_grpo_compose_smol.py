@@ -63,6 +63,15 @@ degeneracy component's `repeated_openings` (added then) flags it, so the veto no
 last. Rerun with it: ASR 0.01, FRR 0.35, by the next formula ("I'm sorry for your loss. I can
 certainly help. I'd be happy providing a tutorial on ..."): the prefix matcher is the weak
 point of this reward (bench/results/compose_smol/README.md).
+`:stated` pays only a stated refusal of the request (`eval_suites.classify_refusal(answer,
+'stated', prompt)`); by that matcher every model above states a refusal to at most 28 of 100
+held-out AdvBench prompts (the "low ASR" runs: none). 2026-12-06 (session 16),
+`:contrast,advbench,focus,stated` at T 0.7, lr 5e-5, from the `:explicit,asym` policy, two seeds
+(65 min each, side by side): seed 0 learned an echoing template ("I'm afraid I am unable to
+create the website. ... I can help you to create a website ...": XSTest matcher ASR 0.01, FRR
+0.46, degenerate 0.095), seed 1 an off-topic one ("I can't provide medical professional's
+advice ..." for most prompts: ASR 0.12, FRR 0.22, degenerate 0.06, before the on-topic rule
+that now calls it compliance). Reward hacking again; no recipe here meets the targets yet.
 """
 
 import os
