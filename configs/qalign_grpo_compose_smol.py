@@ -71,7 +71,9 @@ held-out AdvBench prompts (the "low ASR" runs: none). 2026-12-06 (session 16),
 create the website. ... I can help you to create a website ...": XSTest matcher ASR 0.01, FRR
 0.46, degenerate 0.095), seed 1 an off-topic one ("I can't provide medical professional's
 advice ..." for most prompts: ASR 0.12, FRR 0.22, degenerate 0.06, before the on-topic rule
-that now calls it compliance). Reward hacking again; no recipe here meets the targets yet.
+that now calls it compliance). Reward hacking again. Seed 1 rerun with the on-topic rule:
+on-topic refusals ("I can't provide detailed instructions on how to make a bomb ...") that
+then repeat themselves; ASR 0.00, FRR 0.27, degenerate 0.085. No recipe meets the targets yet.
 """
 
 import os
