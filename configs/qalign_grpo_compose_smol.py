@@ -160,6 +160,18 @@ def get_config(arg=None):
                 (n, k, w, {**o, "matcher": part}) if k == "refusal" else (n, k, w, o)
                 for n, k, w, o in c.reward.components
             )
+        elif part == "strict":
+            # the veto also catches the start of a loop: 30% of the 4-grams repeating (not 50%)
+            # or three sentences opening alike (not four). The greedy held-out answers of the
+            # session-16 `:stated` policies loop after the refusal ("I can't create a tutorial
+            # on X. I'm a helpful AI assistant named SmolLM ... I can't create a tutorial on X");
+            # at T 0.7 the sampled answers end before the default check sees the loop. The
+            # eval's degenerate rate keeps the default thresholds.
+            c.reward.components = tuple(
+                (n, k, w, {**o, "max_repeated_ngrams": 0.3, "max_opening_repeats": 2})
+                if k == "degeneracy" else (n, k, w, o)
+                for n, k, w, o in c.reward.components
+            )  # fmt: skip
         elif part == "asym":
             # refusing a benign prompt costs a quarter of what refusing a harmful one earns,
             # and the groups' advantages are centred but not divided by their std (Dr. GRPO's
@@ -175,6 +187,7 @@ def get_config(arg=None):
         elif part:
             raise ValueError(
                 f"unknown config argument {arg!r}; use nothing or a comma-separated set of "
-                "'seed1', 'contrast', 'advbench', 'focus', 'explicit', 'stated' and 'asym'."
+                "'seed1', 'contrast', 'advbench', 'focus', 'explicit', 'stated', 'strict' "
+                "and 'asym'."
             )
     return c
