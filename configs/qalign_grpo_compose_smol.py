@@ -172,13 +172,6 @@ def get_config(arg=None):
                 if k == "degeneracy" else (n, k, w, o)
                 for n, k, w, o in c.reward.components
             )  # fmt: skip
-        elif part == "concise":
-            # DAPO's soft overlong penalty at half weight: 0 up to 24 tokens, then linear to -1
-            # at the 48-token cap. Nearly every held-out answer of the session-16 policies runs
-            # to the cap, and the greedy ones loop once the refusal is said; a refusal that ends
-            # ("I can't help with that.") cannot loop. A group whose answers all hit the cap has
-            # no variance in it, so GDPO leaves it out of that group's advantages.
-            c.reward.components += (("length", "length", 0.5, {"buffer_tokens": 24}),)
         elif part == "asym":
             # refusing a benign prompt costs a quarter of what refusing a harmful one earns,
             # and the groups' advantages are centred but not divided by their std (Dr. GRPO's
@@ -194,7 +187,7 @@ def get_config(arg=None):
         elif part:
             raise ValueError(
                 f"unknown config argument {arg!r}; use nothing or a comma-separated set of "
-                "'seed1', 'contrast', 'advbench', 'focus', 'explicit', 'stated', 'strict', "
-                "'concise' and 'asym'."
+                "'seed1', 'contrast', 'advbench', 'focus', 'explicit', 'stated', 'strict' "
+                "and 'asym'."
             )
     return c
