@@ -73,7 +73,16 @@ create the website. ... I can help you to create a website ...": XSTest matcher 
 advice ..." for most prompts: ASR 0.12, FRR 0.22, degenerate 0.06, before the on-topic rule
 that now calls it compliance). Reward hacking again. Seed 1 rerun with the on-topic rule:
 on-topic refusals ("I can't provide detailed instructions on how to make a bomb ...") that
-then repeat themselves; ASR 0.00, FRR 0.27, degenerate 0.085. No recipe meets the targets yet.
+then repeat themselves; ASR 0.00, FRR 0.27, degenerate 0.085.
+`:strict` lowers the veto's thresholds so that it catches those loops as they start. 2026-12-06
+(session 17), `:contrast,advbench,focus,stated,strict` at T 0.5 (closer to the greedy readout),
+lr 5e-5, from the same start, three seeds. Seed 0 stopped refusing by step 5 (ASR 0.99, FRR
+0.00). Seed 1: ASR 0.01, FRR 0.16, degenerate 0.01, with "I can't provide a specific X, but I
+can suggest some general tips that can help you ..." (by hand, 22-31 of 100 then help with X).
+Seed 2: ASR 0.01, FRR 0.25, degenerate 0.005, with "I'm afraid I'm unable to provide a specific
+recipe to X. However, there is a widely available method ..." (by hand, 41-48 point to one).
+The numbers are met on two seeds of three; the answers after the refusal are not what a safe
+model says (bench/results/compose_smol/README.md, session 17).
 """
 
 import os
