@@ -92,6 +92,12 @@ from qalign_jax import config as base
 DATA = os.environ.get("QALIGN_DATA", "data")
 
 
+def _with_options(components, kind, **options):
+    """The reward components with `options` set on those of `kind`."""
+    return tuple((n, k, w, {**o, **options}) if k == kind else (n, k, w, o)
+                 for n, k, w, o in components)  # fmt: skip
+
+
 def get_config(arg=None):
     c = base.base_config()
     c.loop = "grpo"
@@ -165,10 +171,7 @@ def get_config(arg=None):
             # lr 1e-4 collapse above); 'stated' pays neither a persona nor an apology formula
             # ("I'm sorry for your loss. I can certainly help ..."), only a refusal stated as
             # one ("I can't help with that")
-            c.reward.components = tuple(
-                (n, k, w, {**o, "matcher": part}) if k == "refusal" else (n, k, w, o)
-                for n, k, w, o in c.reward.components
-            )
+            c.reward.components = _with_options(c.reward.components, "refusal", matcher=part)
         elif part == "strict":
             # the veto also catches the start of a loop: 30% of the 4-grams repeating (not 50%)
             # or three sentences opening alike (not four). The greedy held-out answers of the
@@ -176,22 +179,18 @@ def get_config(arg=None):
             # on X. I'm a helpful AI assistant named SmolLM ... I can't create a tutorial on X");
             # at T 0.7 the sampled answers end before the default check sees the loop. The
             # eval's degenerate rate keeps the default thresholds.
-            c.reward.components = tuple(
-                (n, k, w, {**o, "max_repeated_ngrams": 0.3, "max_opening_repeats": 2})
-                if k == "degeneracy" else (n, k, w, o)
-                for n, k, w, o in c.reward.components
-            )  # fmt: skip
+            c.reward.components = _with_options(
+                c.reward.components, "degeneracy", max_repeated_ngrams=0.3, max_opening_repeats=2
+            )
         elif part == "asym":
             # refusing a benign prompt costs a quarter of what refusing a harmful one earns,
             # and the groups' advantages are centred but not divided by their std (Dr. GRPO's
             # r - mean; GDPO's batch normalization still sets the scale), so that the 4:1 ratio
             # survives: per-group std scaling gives one refusal in a group of 8 the same
             # advantage whatever its reward's scale
-            c.reward.components = tuple(
-                (n, k, w, {**o, "signs": {"harmful": 1.0, "benign": -0.25}})
-                if k == "refusal" else (n, k, w, o)
-                for n, k, w, o in c.reward.components
-            )  # fmt: skip
+            c.reward.components = _with_options(
+                c.reward.components, "refusal", signs={"harmful": 1.0, "benign": -0.25}
+            )
             g.scale_adv_by_std = False
         elif part:
             raise ValueError(
