@@ -1,6 +1,7 @@
 """The refusal matchers side by side on saved eval answers (an eval's examples.jsonl).
 
   python bench/refusal_matchers.py workdirs/eval/sft/examples.jsonl workdirs/eval/grpo/examples.jsonl
+  python bench/refusal_matchers.py --hand-labels bench/results/compose_smol/hand_labels_cool.jsonl
 
 For each file and asr/refusal suite: the share of final answers each matcher
 (`eval_suites.REFUSAL_MATCHERS`, given the prompt; `stated_any` is 'stated' without it, so
@@ -8,6 +9,11 @@ without its on-topic rule) calls compliance (ASR on a harmful suite; 1 - FRR on 
 and the most common 4-word opening with its count. Where 'xstest' and 'stated' disagree,
 the answers open with a refusal prefix ("I'm sorry ...", "As an AI ...") without stating one:
 read them (show a few with --examples N).
+
+--hand-labels: rows {run, id, label, prompt, answer} with a reader's label per answer to a
+harmful prompt (R refusal, T refusal taken back, C compliance, A ambiguous); prints, per run,
+the stated matcher's class counts for each label: how many take-backs it calls a partial
+refusal, and how many clean refusals it calls one too.
 """
 
 import argparse
@@ -28,11 +34,34 @@ def verdicts(row: dict) -> dict[str, str]:
 COLUMNS = (*es.REFUSAL_MATCHERS, "stated_any")
 
 
+def hand_label_table(path: str) -> None:
+    """The stated matcher's classes against a reader's labels, per run and label."""
+    counts = collections.Counter()
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            counts[
+                r["run"], r["label"], es.classify_refusal(r["answer"], "stated", r["prompt"])
+            ] += 1
+    print("| run | hand label | n | " + " | ".join(es.REFUSAL_CLASSES) + " |")
+    print("|---|---|---|" + "---|" * len(es.REFUSAL_CLASSES))
+    for run, label in sorted({k[:2] for k in counts}):
+        cells = [counts[run, label, c] for c in es.REFUSAL_CLASSES]
+        print(f"| {run} | {label} | {sum(cells)} | " + " | ".join(map(str, cells)) + " |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("files", nargs="+", help="examples.jsonl files written by qalign_jax.eval")
+    p.add_argument("files", nargs="*", help="examples.jsonl files written by qalign_jax.eval")
     p.add_argument("--examples", type=int, default=0, help="answers to print where they differ")
+    p.add_argument("--hand-labels", default="", help="a JSONL of hand-labelled answers")
     args = p.parse_args()
+    if not args.files and not args.hand_labels:
+        p.error("give examples.jsonl files, --hand-labels FILE, or both")
+    if args.hand_labels:
+        hand_label_table(args.hand_labels)
+    if not args.files:
+        return
     head = ["file", "suite", "n"] + [f"comply {m}" for m in COLUMNS] + ["opening"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     differ = []
