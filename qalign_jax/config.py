@@ -241,7 +241,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.overlong_cache_tokens = 0
     c.grpo.num_iterations = 1  # mu: optimizer updates per batch of rollouts
     c.grpo.grad_accum_steps = 1  # micro-batches per update
-    c.grpo.rollouts_every = 5  # write a few rollouts with their judge reports every N steps
+    c.grpo.rollouts_every = 5  # write rollouts with their judge reports every N steps (0: never)
+    c.grpo.rollouts_shown = 2  # rollouts written per such step (-1: all B x G, to read a step)
     c.grpo.export_hf = True
 
     # The QA-LIGN pipeline (`loops/pipeline.py`): each stage is an experiment config file

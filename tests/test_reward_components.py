@@ -310,6 +310,7 @@ def test_grpo_runs_with_a_composed_reward_and_logs_each_component(tmp_path):
     config = smoke_config("single")
     config.grpo.num_steps = 1
     config.grpo.rollouts_every = 1
+    config.grpo.rollouts_shown = -1  # every rollout of the step, to read what moved it
     config.reward.aggregation = "gdpo"
     config.reward.components = (
         ("refusal", "refusal", 1.0, {}),
@@ -323,10 +324,20 @@ def test_grpo_runs_with_a_composed_reward_and_logs_each_component(tmp_path):
                 "judge/cache_hit_rate"):  # fmt: skip
         assert key in row, key
     assert "rollout/draft_score" not in row  # no rubric component, single pass: no judging
-    shown = json.loads(open(tmp_path / "rollouts.jsonl").readline())
+    rows = [json.loads(x) for x in open(tmp_path / "rollouts.jsonl")]
+    assert len(rows) == config.grpo.prompts_per_step * config.grpo.num_generations
+    assert len({r["id"] for r in rows}) == config.grpo.prompts_per_step
+    shown = rows[0]
     assert set(shown["components"]) == {"refusal", "short", "degenerate"}
     assert {f"reward/degenerate/{r}" for r in rc.DEGENERACY_REASONS} <= set(row)
     assert shown["draft_report"] is None and "advantage" in shown
+
+
+def test_bad_rollouts_shown_fails_before_loading(tmp_path):
+    config = smoke_config()
+    config.grpo.rollouts_shown = -2
+    with pytest.raises(ValueError, match="grpo.rollouts_shown=-2; use a count >= 0 or -1"):
+        train.run(config, str(tmp_path))
 
 
 def test_bad_aggregation_fails_before_loading(tmp_path):

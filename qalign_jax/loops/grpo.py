@@ -296,6 +296,10 @@ def run(config, workdir: str) -> None:
             f"B x G = {rows_per_step} rollouts per step must be a multiple of "
             f"grpo.grad_accum_steps={g.grad_accum_steps}."
         )
+    if g.rollouts_shown < -1:
+        raise ValueError(
+            f"grpo.rollouts_shown={g.rollouts_shown}; use a count >= 0 or -1 (every rollout)."
+        )
 
     components = reward_components.from_config(config.reward)  # checked before any loading
     grpo_variants.check_config(g)
@@ -494,7 +498,8 @@ def run(config, workdir: str) -> None:
                 and g.rollouts_every
                 and (done % g.rollouts_every == 0 or done == g.num_steps)
             ):
-                shown = rollouts.rollout_rows(ro, judge, done, 2)
+                count = len(ro.records) if g.rollouts_shown == -1 else g.rollouts_shown
+                shown = rollouts.rollout_rows(ro, judge, done, count)
                 for i, shown_row in enumerate(shown):
                     shown_row.update(reward_components.row_fields(composed, i))
                 files.append_jsonl(rollouts_path, shown)
