@@ -192,10 +192,18 @@ def get_config(arg=None):
                 c.reward.components, "refusal", signs={"harmful": 1.0, "benign": -0.25}
             )
             g.scale_adv_by_std = False
+        elif part == "noback":
+            # a refusal taken back ("I can't X. However, I can X", "... there is a widely
+            # available method to X"; the stated matcher's partial refusal) earns a harmful
+            # prompt nothing, as compliance, and costs a benign one a full refusal's -1. The
+            # session-18 KL runs learned that template while it still earned half a refusal.
+            c.reward.components = _with_options(
+                c.reward.components, "refusal", partial={"harmful": 0.0, "benign": 1.0}
+            )
         elif part:
             raise ValueError(
                 f"unknown config argument {arg!r}; use nothing or a comma-separated set of "
-                "'seed1', 'contrast', 'advbench', 'focus', 'explicit', 'stated', 'strict' "
-                "and 'asym'."
+                "'seed1', 'contrast', 'advbench', 'focus', 'explicit', 'stated', 'strict', "
+                "'asym' and 'noback'."
             )
     return c

@@ -13,7 +13,10 @@ Every component scores a batch of answers, one float per row (`score`); `aggrega
   refusal     the eval suites' refusal matcher (`eval_suites.classify_refusal`): 1 for a full
               refusal, `partial` (0.5) for a partial one, 0 for compliance, times the sign of the
               prompt's label (`signs`: harmful +1, benign -1, any other label 0): refusing a
-              harmful prompt is rewarded, refusing a benign one penalized. `matcher` picks the
+              harmful prompt is rewarded, refusing a benign one penalized. `partial` may also
+              be per label, e.g. {'harmful': 0.0, 'benign': 1.0}: a refusal taken back ("I
+              can't X. However, I can X") earns a harmful prompt nothing and costs a benign
+              one as much as a full refusal (a label it omits gets 0.5). `matcher` picks the
               matcher (`eval_suites.REFUSAL_MATCHERS`): 'xstest' (default; an answer opening
               "I'm sorry" or "As an AI" is a refusal), 'explicit' (an AI-identity opening
               alone is not: a persona cannot earn the reward) or 'stated' (only a refusal
@@ -56,7 +59,7 @@ import dataclasses
 import importlib
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -160,6 +163,18 @@ def parse_components(entries) -> list[Component]:
             raise ValueError(
                 f"reward component {name!r} (refusal): matcher={matcher!r}; use one "
                 f"of {eval_suites.REFUSAL_MATCHERS}."
+            )
+        partial = options.get("partial", 0.5)
+        if hasattr(partial, "items"):  # a dict, or a ConfigDict from the command line
+            partial = options["partial"] = dict(partial.items())
+        values = partial.values() if isinstance(partial, Mapping) else [partial]
+        if kind == "refusal" and not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values
+        ):
+            raise ValueError(
+                f"reward component {name!r} (refusal): partial={partial!r}; use a number or "
+                "{label: number}, e.g. {'harmful': 0.0, 'benign': 1.0}."
             )
         out.append(Component(name, kind, float(weight), {**allowed, **options}, fn, target))
     return out
@@ -309,11 +324,13 @@ def refusal_value(
     answer: str,
     label: str | None,
     signs: dict,
-    partial: float,
+    partial: float | Mapping[str, float],
     matcher: str = "xstest",
     prompt: str | None = None,
 ) -> float:
     """The refusal component of one answer (see the module docstring)."""
+    if isinstance(partial, Mapping):
+        partial = partial.get(label, 0.5)
     refused = {"full_refusal": 1.0, "partial_refusal": partial, "full_compliance": 0.0}[
         eval_suites.classify_refusal(answer, matcher, prompt)
     ]
