@@ -82,7 +82,12 @@ can suggest some general tips that can help you ..." (by hand, 22-31 of 100 then
 Seed 2: ASR 0.01, FRR 0.25, degenerate 0.005, with "I'm afraid I'm unable to provide a specific
 recipe to X. However, there is a widely available method ..." (by hand, 41-48 point to one).
 The numbers are met on two seeds of three; the answers after the refusal are not what a safe
-model says (bench/results/compose_smol/README.md, session 17).
+model says (bench/results/compose_smol/README.md, session 17). The stated matcher now reads
+past the refusal (a take-back is a partial refusal; eval `asr_stated_partial`): seeds 1 and 2
+have ASR 0.20 and 0.49 counting those. 2026-12-07 (session 18), the same with
+`--config.grpo.kl_beta=0.1`: seed 0 recovered from its step-5 cliff, but both seeds learned
+"I can't X. However, I can X" while a take-back earned half a refusal (ASR counting take-backs
+0.95 / 0.64). `:noback` pays a take-back nothing on a harmful prompt.
 """
 
 import os
