@@ -205,10 +205,16 @@ def get_config(arg=None):
             c.reward.components = _with_options(
                 c.reward.components, "refusal", partial={"harmful": 0.0, "benign": 1.0}
             )
+        elif part == "balanced":
+            # four harmful and four benign prompts every step (`grpo.label_mix`). A uniform
+            # draw from the 250 + 250 gave seed 0's step 5 two harmful prompts and six benign
+            # look-alikes that the policy refused ("How do I kill someone in Call of Duty?"):
+            # one step that pushed every refusal down, the cliff of sessions 17 and 18
+            g.label_mix = {"harmful": 4, "benign": 4}
         elif part:
             raise ValueError(
                 f"unknown config argument {arg!r}; use nothing or a comma-separated set of "
                 "'seed1', 'contrast', 'advbench', 'focus', 'explicit', 'stated', 'strict', "
-                "'asym' and 'noback'."
+                "'asym', 'noback' and 'balanced'."
             )
     return c

@@ -200,6 +200,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.priming_data = ""  # the priming stage's prime_data.jsonl ('' = no check)
     c.grpo.on_overlap = "error"  # a prompt id also in priming_data: 'error' | 'exclude'
     c.grpo.prompts_per_step = 2  # B prompts per step
+    # {} draws the B prompts uniformly; {'harmful': 4, 'benign': 4} draws that many of each
+    # label every step (counts sum to B; 'none' = prompts without a label; 0 leaves a label out;
+    # DAPO's resampled extra prompts stay a uniform draw)
+    c.grpo.label_mix = {}
     c.grpo.num_generations = 5  # G samples per prompt
     c.grpo.num_steps = 10
     c.grpo.two_pass = True  # draft -> findings -> <Think> -> revision; False: single pass

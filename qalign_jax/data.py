@@ -389,6 +389,47 @@ def prompts_for_step(records, step: int, per_step: int, seed: int):
     return out
 
 
+def check_label_mix(records, mix, per_step: int) -> dict[str, list]:
+    """The prompts by label for `prompts_for_step(label_mix=mix)`, checked: the counts are
+    whole numbers summing to `per_step`, every label of the prompts is in `mix` (0 leaves its
+    prompts out) and each label drawn from has prompts."""
+    mix = dict(mix.items())
+    by_label = {label: [] for label in mix}
+    for r in records:
+        label = r.label if r.label is not None else "none"
+        if label not in by_label:
+            raise ValueError(
+                f"grpo.label_mix={mix} has no count for label {label!r} (prompt {r.id!r}); "
+                f"give every label of the prompts a count (0 leaves them out; 'none' = no label)."
+            )
+        by_label[label].append(r)
+    counts = list(mix.values())
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        raise ValueError(f"grpo.label_mix={mix}: counts must be whole numbers >= 0.")
+    if sum(counts) != per_step:
+        raise ValueError(
+            f"grpo.label_mix={mix} draws {sum(counts)} prompts per step; the counts must sum "
+            f"to grpo.prompts_per_step={per_step}."
+        )
+    empty = [label for label, n in mix.items() if n and not by_label[label]]
+    if empty:
+        raise ValueError(f"grpo.label_mix={mix}: no prompts have label(s) {empty}.")
+    return by_label
+
+
+def prompts_for_step_by_label(records, step: int, per_step: int, seed: int, mix) -> list:
+    """`mix[label]` prompts of each label per step, each label its own `prompts_for_step`
+    stream (seeded by seed and the label's position in `mix`): every step holds the same
+    harmful-to-benign ratio, where a uniform draw gives 6 benign and 2 harmful in one step and
+    the reverse in the next."""
+    by_label = check_label_mix(records, mix, per_step)
+    out = []
+    for i, (label, n) in enumerate(dict(mix.items()).items()):
+        if n:
+            out += prompts_for_step(by_label[label], step, n, seed * 1009 + i)
+    return out
+
+
 def chat_ids(tokenizer, records, max_tokens: int, on_long: str) -> dict[str, list[int]]:
     """Chat-template token ids per prompt id; over-long prompts are an error or dropped."""
     out, long = {}, []

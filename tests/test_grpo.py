@@ -473,3 +473,33 @@ def test_resample_in_the_loop_is_bounded_and_masks_what_stays_flat(tmp_path):
     assert m["grpo/extra_prompts"] == 2 * config.grpo.prompts_per_step
     assert m["grpo/zero_variance_fraction"] == 1.0
     assert m["grpo/masked_rows"] == 8 and m["train/trained_tokens"] == 0
+
+
+def test_label_mix_draws_a_fixed_count_of_each_label_every_step():
+    recs = [data.PromptRecord(f"h{i}", "q", None, "harmful") for i in range(5)]
+    recs += [data.PromptRecord(f"b{i}", "q", None, "benign") for i in range(10)]
+    mix = {"harmful": 2, "benign": 2}
+    steps = [data.prompts_for_step_by_label(recs, s, 4, 0, mix) for s in range(11)]
+    assert steps == [data.prompts_for_step_by_label(recs, s, 4, 0, mix) for s in range(11)]
+    for batch in steps:  # 2 of each label in every step (a uniform draw varies, below)
+        assert sorted(r.label for r in batch) == ["benign", "benign", "harmful", "harmful"]
+    benign = [r.id for batch in steps[:5] for r in batch if r.label == "benign"]
+    assert sorted(benign[:10]) == sorted(r.id for r in recs[5:15])  # an epoch of each label
+    uniform = [data.prompts_for_step(recs, s, 4, 0) for s in range(11)]
+    assert len({sum(r.label == "harmful" for r in b) for b in uniform}) > 1
+
+
+@pytest.mark.parametrize(
+    "mix,match",
+    [({"harmful": 2, "benign": 1}, "draws 3 prompts per step; the counts must sum to"),
+     ({"harmful": 4}, "has no count for label 'benign'"),
+     ({"harmful": 2, "benign": 1.5, "none": 0.5}, "counts must be whole numbers"),
+     ({"harmful": 2, "benign": 0, "none": 2}, r"no prompts have label\(s\) \['none'\]")],
+)  # fmt: skip
+def test_label_mix_errors(mix, match):
+    recs = [
+        data.PromptRecord("h", "q", None, "harmful"),
+        data.PromptRecord("b", "q", None, "benign"),
+    ]
+    with pytest.raises(ValueError, match=match):
+        data.check_label_mix(recs, mix, 4)

@@ -203,6 +203,26 @@ def test_compose_config_noback_pays_a_taken_back_refusal_nothing():
     assert paid["contrast,advbench,focus,stated,strict,noback"] == [0.0, 1.0]
 
 
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data is not present")
+def test_compose_config_balanced_draws_four_prompts_of_each_label(monkeypatch):
+    from qalign_jax import config as config_lib
+    from qalign_jax import data
+    from qalign_jax.loops import grpo
+
+    monkeypatch.setenv("QALIGN_DATA", SHARED_DATA)
+    path = os.path.join(ROOT, "configs", "qalign_grpo_compose_smol.py")
+    config = config_lib.load_file(f"{path}:contrast,advbench,focus,stated,strict,balanced")
+    records = grpo.read_prompts(config)
+    for step in range(20):
+        batch = grpo.step_prompts(records, step, config.grpo, config.seed)
+        assert sorted(r.label for r in batch) == ["benign"] * 4 + ["harmful"] * 4
+    uniform = [data.prompts_for_step(records, s, 8, config.seed) for s in range(20)]
+    assert sorted(sum(r.label == "harmful" for r in b) for b in uniform)[0] <= 2  # seed 0's step 5
+
+
 def test_compose_config_asym_keeps_a_benign_refusal_at_a_quarter_of_a_harmful_one():
     from qalign_jax import config as config_lib
     from qalign_jax import reward_components as rc

@@ -110,7 +110,16 @@ def read_prompts(config) -> list[data.PromptRecord]:
         raise ValueError(
             f"{len(records)} GRPO prompts < grpo.prompts_per_step={g.prompts_per_step}."
         )
+    if g.label_mix:
+        data.check_label_mix(records, g.label_mix, g.prompts_per_step)
     return records
+
+
+def step_prompts(records, step: int, g, seed: int) -> list:
+    """The B prompts of `step`: a uniform draw, or `grpo.label_mix` prompts of each label."""
+    if g.label_mix:
+        return data.prompts_for_step_by_label(records, step, g.prompts_per_step, seed, g.label_mix)
+    return data.prompts_for_step(records, step, g.prompts_per_step, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +421,7 @@ def run(config, workdir: str) -> None:
     with train_state.closing(manager, writer):
         for step in range(first_step, g.num_steps):
             t0 = time.perf_counter()
-            batch_records = data.prompts_for_step(records, step, g.prompts_per_step, config.seed)
+            batch_records = step_prompts(records, step, g, config.seed)
             rows = [r for r in batch_records for _ in range(g.num_generations)]
             policy = train_state.policy_model(initial, policy_cfg, graphdef, state.params, frozen)
             k_draft, k_revision = jax.random.split(jax.random.fold_in(base_rng, step))
