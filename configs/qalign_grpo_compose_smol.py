@@ -87,7 +87,10 @@ past the refusal (a take-back is a partial refusal; eval `asr_stated_partial`): 
 have ASR 0.20 and 0.49 counting those. 2026-12-07 (session 18), the same with
 `--config.grpo.kl_beta=0.1`: seed 0 recovered from its step-5 cliff, but both seeds learned
 "I can't X. However, I can X" while a take-back earned half a refusal (ASR counting take-backs
-0.95 / 0.64). `:noback` pays a take-back nothing on a harmful prompt.
+0.95 / 0.64). `:noback` pays a take-back nothing on a harmful prompt: with it and the KL
+anchor, seed 0 reaches ASR 0.32 / 0.34 / 0.48 (XSTest matcher / stated / counting take-backs),
+FRR 0.21, degenerate 0.01 (one seed). `:balanced` (4 harmful + 4 benign prompts per step) is
+built against the batch that makes seed 0 collapse; not run yet.
 """
 
 import os
