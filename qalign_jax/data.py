@@ -390,7 +390,7 @@ def prompts_for_step(records, step: int, per_step: int, seed: int):
 
 
 def check_label_mix(records, mix, per_step: int) -> dict[str, list]:
-    """The prompts by label for `prompts_for_step(label_mix=mix)`, checked: the counts are
+    """The prompts by label for `prompts_for_step_by_label(mix=mix)`, checked: the counts are
     whole numbers summing to `per_step`, every label of the prompts is in `mix` (0 leaves its
     prompts out) and each label drawn from has prompts."""
     mix = dict(mix.items())
@@ -424,7 +424,7 @@ def prompts_for_step_by_label(records, step: int, per_step: int, seed: int, mix)
     the reverse in the next."""
     by_label = check_label_mix(records, mix, per_step)
     out = []
-    for i, (label, n) in enumerate(dict(mix.items()).items()):
+    for i, (label, n) in enumerate(mix.items()):
         if n:
             out += prompts_for_step(by_label[label], step, n, seed * 1009 + i)
     return out
