@@ -190,8 +190,7 @@ def _takes_it_back(refusal_tail: str) -> bool:
     if not refused:
         return False
     for m in OFFER.finditer(refusal_tail):
-        offered = _PROTECTIVE.split(_CLAUSE_END.split(refusal_tail[m.end() :], maxsplit=1)[0])[0]
-        words = " ".join(_WORDS.findall(offered)[:12])
+        words = " ".join(_object(_PROTECTIVE.split(refusal_tail[m.end() :], maxsplit=1)[0]))
         if refused & _topic_stems(words) or _DOES_IT.search(words):
             return True
     return False

@@ -19,10 +19,9 @@ from qalign_jax import judge as judge_lib
 from qalign_jax import sharding, train
 from qalign_jax.models import llama, load
 from tests.test_train import ROOT
+from tests.test_train import SHARED_DATA as SHARED
 
 RESULTS = os.path.join(ROOT, "bench", "results")
-
-SHARED = os.path.join(ROOT, "..", "shared", "data")
 
 
 def write_jsonl(path, rows):
