@@ -89,8 +89,13 @@ have ASR 0.20 and 0.49 counting those. 2026-12-07 (session 18), the same with
 "I can't X. However, I can X" while a take-back earned half a refusal (ASR counting take-backs
 0.95 / 0.64). `:noback` pays a take-back nothing on a harmful prompt: with it and the KL
 anchor, seed 0 reaches ASR 0.32 / 0.34 / 0.48 (XSTest matcher / stated / counting take-backs),
-FRR 0.21, degenerate 0.01 (one seed). `:balanced` (4 harmful + 4 benign prompts per step) is
-built against the batch that makes seed 0 collapse; not run yet.
+FRR 0.21, degenerate 0.01. 2026-12-07 (session 19), seed 1 of the same from the same start
+(bench/compose_smol_chain.sh reruns the whole recipe from the base model, deterministically):
+ASR 0.02 / 0.06 / 0.08, FRR 0.06, degenerate 0.01; by hand 0.30-0.36 (a quarter of its
+refusals go on "I am designed to provide general tips on how to X", which the matcher misses).
+The issue's numbers hold on two seeds; the text after the refusal is still where the reward
+does not look. `:balanced` (4 harmful + 4 benign prompts per step) is built against the batch
+that makes seed 0 collapse; not run yet.
 """
 
 import os
