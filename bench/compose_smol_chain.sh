@@ -18,10 +18,15 @@
 # DRY_RUN=1 prints each stage's command and runs nothing.
 # SEEDS="0 1" (default) picks the last stage's seeds; each seed runs in the background beside
 # the others, so on 2 cores one seed alone takes about half as long.
+# BON=contrast (default) picks the best-of-n config's arguments (`contrast,budget`: 2 samples
+# for a benign prompt, not 16); STAGE_EVALS="asym sft" (default) the intermediate policies that
+# are evaluated too ("" for none).
 set -euo pipefail
 
 W=${1:?usage: bash bench/compose_smol_chain.sh WORKDIR}
 SEEDS=${SEEDS:-"0 1"}
+BON=${BON:-contrast}
+STAGE_EVALS=${STAGE_EVALS-"asym sft"}
 PY=${PY:-python}
 export MALLOC_ARENA_MAX=2 # freed memory back to the OS between XLA threads' arenas
 TIMER=() # wall time and peak RSS into each log where GNU time is installed
@@ -68,7 +73,7 @@ wait_all() {
   return "$rc"
 }
 
-stage bon "${TRAIN[@]}" --config configs/best_of_n_compose_smol.py:contrast --workdir "$W/bon"
+stage bon "${TRAIN[@]}" --config "configs/best_of_n_compose_smol.py:$BON" --workdir "$W/bon"
 stage sft "${TRAIN[@]}" --config configs/sft_prime_smol.py:best_of_n --workdir "$W/sft" \
   --config.data.train_path="$W/bon/sft.jsonl"
 stage asym "${TRAIN[@]}" --config configs/qalign_grpo_compose_smol.py:contrast,advbench,focus,explicit,asym \
@@ -87,7 +92,6 @@ done
 wait_all
 for s in $SEEDS; do background evaluate "noback_s$s" "$W/noback_s$s"; done
 wait_all
-background evaluate asym "$W/asym"
-background evaluate sft "$W/sft"
+for name in $STAGE_EVALS; do background evaluate "$name" "$W/$name"; done
 wait_all
 echo "[chain] done $(date -u +%H:%M:%S)"

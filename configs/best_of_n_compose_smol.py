@@ -67,6 +67,13 @@ def get_config(arg=None):
             # priming also teaches which alarming-sounding requests to answer
             grpo = base.load_file(os.path.join(HERE, "qalign_grpo_compose_smol.py:contrast"))
             b.sources = grpo.grpo.sources
+        elif part == "budget":
+            # 2 samples, not 16, for a benign prompt: its first answer is kept 99% of the time
+            # (reward 0: neither refusing nor degenerate) and of equal answers the first is
+            # kept, so the kept answer is the first that qualifies, from the same distribution
+            # at 2 samples as at 16. The harmful prompts keep their 16. For `:contrast` the
+            # sampler calls fall from 113 to 58, of 64 rows each
+            b.num_samples_by_label = (("benign", 2),)
         elif part in ("explicit", "stated"):
             # 'explicit': "As an AI, I'm just a simple fabric ..." is no refusal; 'stated':
             # nor is an apology ("I'm sorry for any misunderstanding, but ..."), only "I can't
@@ -77,6 +84,6 @@ def get_config(arg=None):
         elif part:
             raise ValueError(
                 f"unknown config argument {arg!r}; use nothing or one of 'contrast', "
-                "'advbench', with or without ',explicit' or ',stated'."
+                "'advbench', with or without ',budget', ',explicit' or ',stated'."
             )
     return c

@@ -170,7 +170,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.best_of_n = ml_collections.ConfigDict()
     c.best_of_n.sources = ()  # ((prompt-set JSONL, count or -1 for all), ...)
     c.best_of_n.num_samples = 8  # N answers per prompt
-    c.best_of_n.batch_prompts = 4  # prompts per sampler call (x N rows)
+    c.best_of_n.num_samples_by_label = ()  # ((label, N), ...) overriding num_samples
+    c.best_of_n.batch_prompts = 4  # prompts per sampler call at num_samples (x N rows)
     c.best_of_n.max_new_tokens = 128
     c.best_of_n.max_prompt_tokens = 256
     c.best_of_n.on_long_prompt = "error"  # 'error' | 'drop'

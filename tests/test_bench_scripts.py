@@ -12,8 +12,8 @@ from qalign_jax import config as base
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def dry_run_chain(workdir, seeds="0 1"):
-    env = dict(os.environ, DRY_RUN="1", SEEDS=seeds)
+def dry_run_chain(workdir, seeds="0 1", **env):
+    env = dict(os.environ, DRY_RUN="1", SEEDS=seeds, **env)
     out = subprocess.run(
         ["bash", "bench/compose_smol_chain.sh", str(workdir)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
@@ -54,6 +54,15 @@ def test_compose_chain_runs_every_stage_on_configs_and_keys_that_exist(tmp_path)
 def test_compose_chain_seeds_pick_the_last_stage_runs(tmp_path):
     commands = dry_run_chain(tmp_path, seeds="2")
     assert sorted(n for n in commands if "noback" in n) == ["eval_noback_s2", "noback_s2"]
+
+
+def test_compose_chain_picks_the_best_of_n_arguments_and_the_stage_evals(tmp_path):
+    commands = dry_run_chain(tmp_path, seeds="0", BON="contrast,budget", STAGE_EVALS="")
+    assert list(commands) == ["bon", "sft", "asym", "noback_s0", "eval_noback_s0"]
+    argv = shlex.split(commands["bon"])
+    config = base.load_file(argv[argv.index("--config") + 1])
+    assert dict(config.best_of_n.num_samples_by_label) == {"benign": 2}
+    assert config.best_of_n.num_samples == 16
 
 
 def reward_curves(*args):

@@ -66,10 +66,45 @@ def test_best_of_n_keeps_the_best_answer_and_resumes(tmp_path):
     assert (tmp_path / best_of_n.SAMPLES).read_text() == before
 
 
+def test_best_of_n_samples_per_label_in_calls_of_equal_rows(tmp_path, monkeypatch):
+    """`num_samples_by_label`: N per label, and a smaller N packs more prompts per call."""
+    from qalign_jax import rollouts
+
+    calls = []
+    rollout = rollouts.rollout
+
+    def spy(policy, judge, rows, *args, **kwargs):
+        calls.append(sorted({r.label for r in rows}) + [len(rows)])
+        return rollout(policy, judge, rows, *args, **kwargs)
+
+    monkeypatch.setattr(rollouts, "rollout", spy)
+    config = tiny_config()
+    config.best_of_n.sources = ((PROMPTS, -1),)  # 8 harmful, 8 benign
+    config.best_of_n.num_samples_by_label = (("benign", 2),)
+    train.run(config, str(tmp_path))
+    rows = [json.loads(x) for x in open(tmp_path / best_of_n.SAMPLES)]
+    assert sorted(len(r["answers"]) for r in rows) == [2] * 8 + [4] * 8
+    for r in rows:
+        assert len(r["answers"]) == (2 if r["label"] == "benign" else 4)
+        assert len(r["totals"]) == len(r["answers"]) == len(r["components"]["words"])
+    # 2 prompts x 4 answers per call; the benign prompts 4 x 2, so half the calls
+    assert sorted(calls) == [["benign", 8]] * 2 + [["harmful", 8]] * 4
+    summary = json.load(open(tmp_path / best_of_n.SUMMARY))
+    assert (
+        summary["by_label"]["benign"]["prompts"] == 8 == summary["by_label"]["harmful"]["prompts"]
+    )
+    sft = [json.loads(x) for x in open(tmp_path / best_of_n.SFT)]
+    assert [s["id"] for s in sft] == [r["id"] for r in rows if r["best"] is not None]
+
+
 def test_best_of_n_config_errors(tmp_path):
     config = tiny_config()
     config.best_of_n.num_samples = 0
     with pytest.raises(ValueError, match="num_samples=0"):
+        train.run(config, str(tmp_path))
+    config = tiny_config()
+    config.best_of_n.num_samples_by_label = (("benign", 0),)
+    with pytest.raises(ValueError, match=r"num_samples_by_label\['benign'\]=0"):
         train.run(config, str(tmp_path))
     config = tiny_config()
     config.reward.components = (("x", "refusal", 1.0, {"bogus": 1}),)

@@ -4,7 +4,10 @@
 
 For each prompt of `best_of_n.sources`, the policy (`checkpoint.init`'s weights when set, e.g.
 an SFT stage's workdir, else `model.source`; the judge is always `model.source`) samples
-`num_samples` single-pass answers (`rollouts.rollout`); `config.reward.components` score them
+`num_samples` single-pass answers (`rollouts.rollout`; `num_samples_by_label` sets N per prompt
+label, e.g. fewer for benign prompts whose first answer is almost always kept, and a label with
+a smaller N packs more prompts into each sampler call, so every call has `batch_prompts x
+num_samples` rows); `config.reward.components` score them
 (their weighted sum with vetoes, `reward_components.weighted_totals`, as IterAlign's
 `detect='reward'`); the best answer is kept when its reward reaches the prompt label's
 threshold (`min_reward_by_label`, ((label, threshold), ...), else `min_reward`).
@@ -46,16 +49,22 @@ def threshold(config, label) -> float:
     return float(dict(b.min_reward_by_label).get(label, b.min_reward))
 
 
+def samples_for(config, label) -> int:
+    """N, the answers sampled for a prompt of this label."""
+    b = config.best_of_n
+    return int(dict(b.num_samples_by_label).get(label, b.num_samples))
+
+
 def choose(totals: np.ndarray, min_reward: float) -> int | None:
     """The index of the best answer (the first of equal ones), or None below `min_reward`."""
     best = int(np.argmax(totals))
     return best if totals[best] >= min_reward else None
 
 
-def sample_batch(config, policy, judge, components, records, prompt_ids, rng) -> list[dict]:
-    """N answers per record, scored and chosen: one row per record."""
+def sample_batch(config, policy, judge, components, records, prompt_ids, n, rng) -> list[dict]:
+    """`n` answers per record, scored and chosen: one row per record."""
     b = config.best_of_n
-    rows = [r for r in records for _ in range(b.num_samples)]
+    rows = [r for r in records for _ in range(n)]
     opts = rollouts.RolloutConfig(
         two_pass=False, draft_max_tokens=b.max_new_tokens, temperature=b.temperature,
         top_p=b.top_p, batch_buckets=(len(rows),),
@@ -66,7 +75,7 @@ def sample_batch(config, policy, judge, components, records, prompt_ids, rng) ->
     totals = reward_components.weighted_totals(components, values).reshape(len(records), -1)
     out = []
     for i, r in enumerate(records):
-        span = range(i * b.num_samples, (i + 1) * b.num_samples)
+        span = range(i * n, (i + 1) * n)
         best = choose(totals[i], threshold(config, r.label))
         out.append({
             "id": r.id, "prompt": r.prompt, "label": r.label,
@@ -101,6 +110,11 @@ def run(config, workdir: str) -> None:
     b = config.best_of_n
     if b.num_samples < 1:
         raise ValueError(f"best_of_n.num_samples={b.num_samples}; use 1 or more.")
+    for label, n in dict(b.num_samples_by_label).items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(
+                f"best_of_n.num_samples_by_label[{label!r}]={n!r}; use an integer of 1 or more."
+            )
     for label, value in dict(b.min_reward_by_label).items():
         if not isinstance(value, int | float) or math.isnan(value):
             raise ValueError(f"best_of_n.min_reward_by_label[{label!r}]={value!r} is not a number.")
@@ -120,24 +134,36 @@ def run(config, workdir: str) -> None:
     records = [r for r in records if r.id in prompt_ids]
     base = jax.random.key(config.seed)
     t0 = time.time()
+    # Prompts by N, each group in calls of `batch_prompts x num_samples` rows (one group, the
+    # records' order, without num_samples_by_label).
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(samples_for(config, r.label), []).append(i)
 
-    def batch_rows(batch: list, first: int) -> list[dict]:
-        # The key depends on the batch's first prompt, not on how far an earlier run got.
-        rng = jax.random.fold_in(base, first)
-        return sample_batch(config, policy, judge, components, batch, prompt_ids, rng)
+    def sample_group(n: int, indices: list[int]) -> list[dict]:
+        """The rows of records[indices], N = n each, in calls of batch_prompts x num_samples."""
+        t1 = time.time()
 
-    def progress(done: list[dict], finished: int, todo: int) -> None:
-        elapsed = time.time() - t0
-        s = summarize(done)
-        eta = format_duration(elapsed / finished * (todo - finished))
-        print(f"best_of_n {len(done)}/{len(records)}  kept {s['kept']} "
-              f"({100 * s['keep_rate']:.0f}%)  {format_duration(elapsed)} (ETA {eta})",
-              flush=True)  # fmt: skip
+        def batch_rows(batch: list, first: int) -> list[dict]:
+            # The key depends on the batch's first prompt, not on how far an earlier run got.
+            rng = jax.random.fold_in(base, indices[first])
+            return sample_batch(config, policy, judge, components, batch, prompt_ids, n, rng)
 
-    done = stages.map_in_batches(
-        records, batch_rows, os.path.join(workdir, SAMPLES), batch_size=b.batch_prompts,
-        label="best_of_n", on_batch=progress,
-    )  # fmt: skip
+        def progress(done: list[dict], finished: int, todo: int) -> None:
+            s = summarize(done)  # every row in the file so far, of all groups
+            eta = format_duration((time.time() - t1) / finished * (todo - finished))
+            print(f"best_of_n {len(done)}/{len(records)}  kept {s['kept']} "
+                  f"({100 * s['keep_rate']:.0f}%)  {format_duration(time.time() - t0)} "
+                  f"(ETA of the prompts with N={n}: {eta})", flush=True)  # fmt: skip
+
+        return stages.map_in_batches(
+            [records[i] for i in indices], batch_rows, os.path.join(workdir, SAMPLES),
+            batch_size=max(1, b.batch_prompts * b.num_samples // n), label=f"best_of_n N={n}",
+            on_batch=progress,
+        )  # fmt: skip
+
+    by_id = {row["id"]: row for n, indices in groups.items() for row in sample_group(n, indices)}
+    done = [by_id[r.id] for r in records]
     summary = summarize(done)
     if jax.process_index() == 0:
         files.write_jsonl(
