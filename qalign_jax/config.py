@@ -203,7 +203,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.prompts_per_step = 2  # B prompts per step
     # {} draws the B prompts uniformly; {'harmful': 4, 'benign': 4} draws that many of each
     # label every step (counts sum to B; 'none' = prompts without a label; 0 leaves a label out;
-    # DAPO's resampled extra prompts stay a uniform draw)
+    # DAPO's resampled extra prompts are drawn with the same mix)
     c.grpo.label_mix = {}
     c.grpo.num_generations = 5  # G samples per prompt
     c.grpo.num_steps = 10

@@ -97,6 +97,21 @@ def test_resample_prompts_are_a_pure_function_of_seed_step_and_round():
     assert a != data.prompts_for_step(records, 3, 2, 0)  # not the main stream's
 
 
+def test_resample_prompts_keep_the_label_mix():
+    """Under `grpo.label_mix` each round's extra prompts hold the step's ratio of labels (a
+    uniform draw from 2 harmful and 8 benign prompts would mostly add benign ones)."""
+    records = [types.SimpleNamespace(id=str(i), label="harmful" if i < 2 else "benign")
+               for i in range(10)]  # fmt: skip
+    mix = {"harmful": 1, "benign": 1}
+    for step in range(6):
+        for r in (1, 2):
+            more = grpo_variants.resample_prompts(records, step, r, 2, 0, 2, mix)
+            assert sorted(x.label for x in more) == ["benign", "harmful"]
+            assert more == grpo_variants.resample_prompts(records, step, r, 2, 0, 2, mix)
+    main = data.prompts_for_step_by_label(records, 3, 2, 0, mix)
+    assert grpo_variants.resample_prompts(records, 3, 1, 2, 0, 2, mix) != main
+
+
 def test_truncated_rows_read_the_final_pass():
     ro = fake_rollouts(
         [0, 1, 2, 3], "a", finish=["length", "eos", "length", "eos"],

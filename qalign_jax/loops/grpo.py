@@ -436,7 +436,13 @@ def run(config, workdir: str) -> None:
 
                 def draw(r, step=step, policy=policy):  # round r's B x G extra rollouts
                     more = grpo_variants.resample_prompts(
-                        records, step, r, g.prompts_per_step, config.seed, g.max_resample_rounds
+                        records,
+                        step,
+                        r,
+                        g.prompts_per_step,
+                        config.seed,
+                        g.max_resample_rounds,
+                        g.label_mix,
                     )
                     more = [x for x in more for _ in range(g.num_generations)]
                     key = jax.random.fold_in(jax.random.fold_in(base_rng, step), r)
