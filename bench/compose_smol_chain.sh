@@ -12,9 +12,11 @@
 #              into stated refusals, which the last stage's reward counts
 #   4. noback  GRPO `:contrast,advbench,focus,stated,strict,noback`, T 0.5, KL 0.1 to the asym
 #              policy, lr 5e-5, 20 steps, seeds 0 and 1 side by side (~60 min together)
-#   5. eval    configs/eval_smol.py:safety on the base model, each stage's policy and both seeds
-# A stage that finished is skipped on a rerun (marker $W/.done_NAME); a stopped training stage
-# resumes from its last checkpoint. Each stage logs to $W/NAME.log with its wall time and peak RSS.
+#   5. eval    configs/eval_smol.py:safety on each seed's policy and on STAGE_EVALS' (the base
+#              model's readout is bench/results/compose_smol/eval_base_stated.md)
+# A stage that finished is skipped on a rerun with the same command (marker $W/.done_NAME holds
+# it; a rerun with another command, e.g. another BON, stops and says so); a stopped training
+# stage resumes from its last checkpoint. Each stage logs to $W/NAME.log with its wall time and peak RSS.
 # DRY_RUN=1 prints each stage's command and runs nothing.
 # SEEDS="0 1" (default) picks the last stage's seeds; each seed runs in the background beside
 # the others, so on 2 cores one seed alone takes about half as long.
@@ -37,8 +39,13 @@ stage() { # stage NAME COMMAND...: run COMMAND once (a marker file records its s
   local name=$1 done="$W/.done_$1"
   shift
   if [[ -e $done ]]; then
-    echo "[chain] $name: done before, skipped"
-    return
+    if [[ ! -s $done || $(<"$done") == "$*" ]]; then # (an empty marker: the command unrecorded)
+      echo "[chain] $name: done before, skipped"
+      return
+    fi
+    printf '[chain] %s was done with another command:\n  %s\nnot this one:\n  %s\n%s\n' \
+      "$name" "$(<"$done")" "$*" "Use another workdir, or remove $done and $W/$name to rerun it." >&2
+    return 1
   fi
   if [[ -n ${DRY_RUN:-} ]]; then # print the command, run nothing
     echo "[dry-run] $name: $*"
@@ -52,14 +59,14 @@ stage() { # stage NAME COMMAND...: run COMMAND once (a marker file records its s
     tail -20 "$W/$name.log" >&2
     return "$rc"
   fi
-  touch "$done"
+  printf '%s\n' "$*" >"$done"
   echo "[chain] $name: done in $(((SECONDS - t0) / 60)) min," \
     "$(grep -o 'Maximum resident set size (kbytes): [0-9]*' "$W/$name.log" | awk '{print int($NF / 1e6 * 10) / 10}') GB peak RSS"
 }
 
 TRAIN=("$PY" -m qalign_jax.train)
 evaluate() { # evaluate NAME MODEL: the held-out readout into $W/eval_NAME
-  stage "eval_$1" $PY -m qalign_jax.eval --config configs/eval_smol.py:safety --model "$2" \
+  stage "eval_$1" "$PY" -m qalign_jax.eval --config configs/eval_smol.py:safety --model "$2" \
     --name "$1" --output "$W/eval_$1"
 }
 background() { # background COMMAND...: run it beside the others; `wait_all` fails if one did

@@ -103,7 +103,11 @@ def parse_options(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or key not in known:
             raise SystemExit(f"--option {pair!r}: use KEY=VALUE with KEY one of {sorted(known)}")
-        out[key] = type(known[key])(value)
+        try:
+            out[key] = type(known[key])(value)
+        except ValueError:
+            kind = "whole number" if isinstance(known[key], int) else "number"
+            raise SystemExit(f"--option {pair!r}: {key} takes a {kind}") from None
     return out
 
 

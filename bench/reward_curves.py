@@ -56,8 +56,12 @@ def columns(rows):
             (f"{name} zero-var", f"reward/{name}/zero_variance_groups"),
         ]
     cols.append(("veto", "reward/veto_rate"))
-    labels = sorted({k.rsplit("_", 1)[1] for row in rows for k in row if "/refused_" in k})
-    cols += [(f"refused {label}", f"reward/refusal/refused_{label}") for label in labels]
+    refused = sorted(
+        {k for row in rows for k in row if re.fullmatch(r"reward/[^/]+/refused_.+", k)}
+    )  # each refusal component's sampled refusal rate per label
+    for key in refused:
+        name, label = key[len("reward/") :].split("/refused_", 1)
+        cols.append((f"refused {label}" if name == "refusal" else f"{name} refused {label}", key))
     cols.append(("KL", "train/kl"))
     return [(h, k) for h, k in cols if any(k in row for row in rows)]
 
@@ -99,9 +103,12 @@ def plot(runs, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("metrics", nargs="+", help="metrics.jsonl files of GRPO runs")
-    p.add_argument("--every", type=int, default=1, help="print every Nth step (and the last)")
+    p.add_argument("--every", type=int, default=1,
+                   help="print every Nth step (and the first and the last)")  # fmt: skip
     p.add_argument("--png", default="", help="also plot the curves into this PNG")
     args = p.parse_args()
+    if args.every < 1:
+        p.error(f"--every {args.every}: use 1 or more")
     runs = []
     for path in args.metrics:
         rows = read_metrics(path)

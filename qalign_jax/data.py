@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -414,19 +415,27 @@ def check_label_mix(records, mix, per_step: int) -> dict[str, list]:
     empty = [label for label, n in mix.items() if n and not by_label[label]]
     if empty:
         raise ValueError(f"grpo.label_mix={mix}: no prompts have label(s) {empty}.")
+    short = {label: len(by_label[label]) for label, n in mix.items() if n > len(by_label[label])}
+    if short:
+        raise ValueError(
+            f"grpo.label_mix={mix} draws more prompts of a label per step than there are "
+            f"(prompts per label: {short}), so a step would repeat a prompt; lower its count "
+            "or add prompts of that label."
+        )
     return by_label
 
 
 def prompts_for_step_by_label(records, step: int, per_step: int, seed: int, mix) -> list:
     """`mix[label]` prompts of each label per step, each label its own `prompts_for_step`
-    stream (seeded by seed and the label's position in `mix`): every step holds the same
-    harmful-to-benign ratio, where a uniform draw gives 6 benign and 2 harmful in one step and
-    the reverse in the next."""
+    stream (seeded by seed and the label's name, so neither the order of `mix` nor another
+    label's count changes it): every step holds the same harmful-to-benign ratio, where a
+    uniform draw gives 6 benign and 2 harmful in one step and the reverse in the next."""
     by_label = check_label_mix(records, mix, per_step)
     out = []
-    for i, (label, n) in enumerate(mix.items()):
+    for label, n in mix.items():
         if n:
-            out += prompts_for_step(by_label[label], step, n, seed * 1009 + i)
+            stream = seed * 1009 + zlib.crc32(label.encode())
+            out += prompts_for_step(by_label[label], step, n, stream)
     return out
 
 

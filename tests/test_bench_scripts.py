@@ -12,12 +12,15 @@ from qalign_jax import config as base
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def dry_run_chain(workdir, seeds="0 1", **env):
+def dry_run_chain(workdir, seeds="0 1", check=True, **env):
+    """{stage: command} of a dry run (with check=False, the finished process)."""
     env = dict(os.environ, DRY_RUN="1", SEEDS=seeds, **env)
     out = subprocess.run(
         ["bash", "bench/compose_smol_chain.sh", str(workdir)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=check,
     )  # fmt: skip
+    if not check:
+        return out
     return dict(re.findall(r"^\[dry-run\] (\S+): (.*)$", out.stdout, flags=re.M))
 
 
@@ -65,6 +68,19 @@ def test_compose_chain_picks_the_best_of_n_arguments_and_the_stage_evals(tmp_pat
     assert config.best_of_n.num_samples == 16
 
 
+def test_compose_chain_skips_a_stage_done_with_the_same_command_and_stops_on_another(tmp_path):
+    bon = dry_run_chain(tmp_path, seeds="0")["bon"]
+    (tmp_path / ".done_bon").write_text(bon + "\n")  # what a finished stage leaves
+    assert "bon" not in dry_run_chain(tmp_path, seeds="0")  # skipped, the rest still runs
+    (tmp_path / ".done_bon").write_text("")  # a marker of before the command was recorded
+    assert list(dry_run_chain(tmp_path, seeds="0"))[0] == "sft"
+    (tmp_path / ".done_bon").write_text(bon + "\n")
+    out = dry_run_chain(tmp_path, seeds="0", check=False, BON="contrast,budget")
+    assert out.returncode != 0 and "[dry-run] sft" not in out.stdout  # nothing after it runs
+    assert "bon was done with another command" in out.stderr
+    assert f"remove {tmp_path}/.done_bon" in out.stderr
+
+
 def reward_curves(*args):
     return subprocess.run(
         [sys.executable, "bench/reward_curves.py", *map(str, args)],
@@ -78,7 +94,7 @@ def test_reward_curves_table_reads_components_labels_and_kl(tmp_path):
         {"step": s, "reward/total_mean": 0.1 * s, "reward/refusal/mean": 0.25 * s,
          "reward/refusal/zero_variance_groups": 0.5, "reward/veto_rate": 0.125,
          "reward/refusal/refused_harmful": 0.75, "reward/refusal/refused_benign": 0.0,
-         "train/kl": 0.01 * s}
+         "reward/refusal/refused_safe_contrast": 0.25, "train/kl": 0.01 * s}
         for s in (1, 2, 3, 4, 5)
     ]  # fmt: skip
     lines = [json.dumps(r) for r in rows]
@@ -88,14 +104,15 @@ def test_reward_curves_table_reads_components_labels_and_kl(tmp_path):
     assert out.returncode == 0, out.stderr
     table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     assert table[0] == (
-        "| step | total | refusal | refusal zero-var | veto | refused benign | refused harmful | KL |"
-    )
+        "| step | total | refusal | refusal zero-var | veto | refused benign | refused harmful "
+        "| refused safe_contrast | KL |"
+    )  # a label with "_" in it whole
     # every 2nd step, and the first and last
     assert table[1:] == [
-        "| 1 | 0.100 | 0.250 | 0.500 | 0.125 | 0.000 | 0.750 | 0.010 |",
-        "| 2 | 0.200 | 0.500 | 0.500 | 0.125 | 0.000 | 0.750 | 0.020 |",
-        "| 4 | 0.400 | 1.000 | 0.500 | 0.125 | 0.000 | 0.750 | 0.040 |",
-        "| 5 | 0.500 | 1.250 | 0.500 | 0.125 | 0.000 | 0.750 | 0.050 |",
+        "| 1 | 0.100 | 0.250 | 0.500 | 0.125 | 0.000 | 0.750 | 0.250 | 0.010 |",
+        "| 2 | 0.200 | 0.500 | 0.500 | 0.125 | 0.000 | 0.750 | 0.250 | 0.020 |",
+        "| 4 | 0.400 | 1.000 | 0.500 | 0.125 | 0.000 | 0.750 | 0.250 | 0.040 |",
+        "| 5 | 0.500 | 1.250 | 0.500 | 0.125 | 0.000 | 0.750 | 0.250 | 0.050 |",
     ]
 
 
@@ -108,3 +125,5 @@ def test_reward_curves_says_what_is_wrong_with_a_file_that_is_not_grpo_metrics(t
     broken.write_text("{not json\n")
     out = reward_curves(broken)
     assert out.returncode != 0 and "broken.jsonl:1: not a JSON line" in out.stderr
+    out = reward_curves(sft, "--every", "0")
+    assert out.returncode != 0 and "--every 0: use 1 or more" in out.stderr

@@ -67,7 +67,9 @@ def test_best_of_n_keeps_the_best_answer_and_resumes(tmp_path):
 
 
 def test_best_of_n_samples_per_label_in_calls_of_equal_rows(tmp_path, monkeypatch):
-    """`num_samples_by_label`: N per label, and a smaller N packs more prompts per call."""
+    """`num_samples_by_label`: N per label, a smaller N packing more prompts per call; the
+    outputs keep the prompts' order, and a run stopped in its second group resumes to the same
+    rows."""
     from qalign_jax import rollouts
 
     calls = []
@@ -78,23 +80,38 @@ def test_best_of_n_samples_per_label_in_calls_of_equal_rows(tmp_path, monkeypatc
         return rollout(policy, judge, rows, *args, **kwargs)
 
     monkeypatch.setattr(rollouts, "rollout", spy)
+    prompts = [json.loads(x) for x in open(PROMPTS)]  # 8 harmful, then 8 benign
+    mixed = tmp_path / "mixed.jsonl"  # benign first, the labels alternating
+    mixed.write_text("".join(json.dumps(p) + "\n" for pair in zip(prompts[8:], prompts[:8])
+                             for p in pair))  # fmt: skip
     config = tiny_config()
-    config.best_of_n.sources = ((PROMPTS, -1),)  # 8 harmful, 8 benign
+    config.best_of_n.sources = ((str(mixed), -1),)
     config.best_of_n.num_samples_by_label = (("benign", 2),)
-    train.run(config, str(tmp_path))
-    rows = [json.loads(x) for x in open(tmp_path / best_of_n.SAMPLES)]
-    assert sorted(len(r["answers"]) for r in rows) == [2] * 8 + [4] * 8
+    workdir = tmp_path / "run"
+    train.run(config, str(workdir))
+    rows = [json.loads(x) for x in open(workdir / best_of_n.SAMPLES)]
     for r in rows:
         assert len(r["answers"]) == (2 if r["label"] == "benign" else 4)
         assert len(r["totals"]) == len(r["answers"]) == len(r["components"]["words"])
     # 2 prompts x 4 answers per call; the benign prompts 4 x 2, so half the calls
-    assert sorted(calls) == [["benign", 8]] * 2 + [["harmful", 8]] * 4
-    summary = json.load(open(tmp_path / best_of_n.SUMMARY))
+    assert calls == [["benign", 8]] * 2 + [["harmful", 8]] * 4
+    assert [r["label"] for r in rows] == ["benign"] * 8 + ["harmful"] * 8  # sampled by group
+    sft = [json.loads(x) for x in open(workdir / best_of_n.SFT)]
+    order = [p["id"] for p in map(json.loads, mixed.read_text().splitlines())]
+    kept = {r["id"] for r in rows if r["best"] is not None}
+    assert [s["id"] for s in sft] == [i for i in order if i in kept]  # the prompts' order
+    summary = json.load(open(workdir / best_of_n.SUMMARY))
     assert (
         summary["by_label"]["benign"]["prompts"] == 8 == summary["by_label"]["harmful"]["prompts"]
     )
-    sft = [json.loads(x) for x in open(tmp_path / best_of_n.SFT)]
-    assert [s["id"] for s in sft] == [r["id"] for r in rows if r["best"] is not None]
+    # Stopped after the second group's first call: the rerun samples its last call alike.
+    before = (workdir / best_of_n.SAMPLES).read_text()
+    lines = before.splitlines(keepends=True)
+    (workdir / best_of_n.SAMPLES).write_text("".join(lines[:-2]))
+    calls.clear()
+    train.run(config, str(workdir))
+    assert calls == [["harmful", 8]]
+    assert (workdir / best_of_n.SAMPLES).read_text() == before
 
 
 def test_best_of_n_config_errors(tmp_path):
@@ -105,6 +122,10 @@ def test_best_of_n_config_errors(tmp_path):
     config = tiny_config()
     config.best_of_n.num_samples_by_label = (("benign", 0),)
     with pytest.raises(ValueError, match=r"num_samples_by_label\['benign'\]=0"):
+        train.run(config, str(tmp_path))
+    config = tiny_config()
+    config.best_of_n.num_samples_by_label = (("benigm", 2),)
+    with pytest.raises(ValueError, match=r"no prompt has label 'benigm'.*'benign', 'harmful'"):
         train.run(config, str(tmp_path))
     config = tiny_config()
     config.reward.components = (("x", "refusal", 1.0, {"bogus": 1}),)

@@ -480,7 +480,10 @@ def test_label_mix_draws_a_fixed_count_of_each_label_every_step():
     recs += [data.PromptRecord(f"b{i}", "q", None, "benign") for i in range(10)]
     mix = {"harmful": 2, "benign": 2}
     steps = [data.prompts_for_step_by_label(recs, s, 4, 0, mix) for s in range(11)]
-    assert steps == [data.prompts_for_step_by_label(recs, s, 4, 0, mix) for s in range(11)]
+    # each label's stream is its own: the order of the mix changes nothing but the batch order
+    swapped = [data.prompts_for_step_by_label(recs, s, 4, 0, dict(reversed(mix.items())))
+               for s in range(11)]  # fmt: skip
+    assert [sorted(r.id for r in b) for b in steps] == [sorted(r.id for r in b) for b in swapped]
     for batch in steps:  # 2 of each label in every step (a uniform draw varies, below)
         assert sorted(r.label for r in batch) == ["benign", "benign", "harmful", "harmful"]
     benign = [r.id for batch in steps[:5] for r in batch if r.label == "benign"]
@@ -494,7 +497,9 @@ def test_label_mix_draws_a_fixed_count_of_each_label_every_step():
     [({"harmful": 2, "benign": 1}, "draws 3 prompts per step; the counts must sum to"),
      ({"harmful": 4}, "has no count for label 'benign'"),
      ({"harmful": 2, "benign": 1.5, "none": 0.5}, "counts must be whole numbers"),
-     ({"harmful": 2, "benign": 0, "none": 2}, r"no prompts have label\(s\) \['none'\]")],
+     ({"harmful": 2, "benign": 0, "none": 2}, r"no prompts have label\(s\) \['none'\]"),
+     ({"harmful": 3, "benign": 1}, r"more prompts of a label per step than there are \(prompts "
+      r"per label: \{'harmful': 1\}\)")],
 )  # fmt: skip
 def test_label_mix_errors(mix, match):
     recs = [

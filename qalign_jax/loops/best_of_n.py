@@ -5,12 +5,12 @@
 For each prompt of `best_of_n.sources`, the policy (`checkpoint.init`'s weights when set, e.g.
 an SFT stage's workdir, else `model.source`; the judge is always `model.source`) samples
 `num_samples` single-pass answers (`rollouts.rollout`; `num_samples_by_label` sets N per prompt
-label, e.g. fewer for benign prompts whose first answer is almost always kept, and a label with
-a smaller N packs more prompts into each sampler call, so every call has `batch_prompts x
-num_samples` rows); `config.reward.components` score them
-(their weighted sum with vetoes, `reward_components.weighted_totals`, as IterAlign's
-`detect='reward'`); the best answer is kept when its reward reaches the prompt label's
-threshold (`min_reward_by_label`, ((label, threshold), ...), else `min_reward`).
+label, e.g. fewer for benign prompts whose first answer is almost always kept; a label with a
+smaller N packs more prompts into each sampler call, up to `batch_prompts x num_samples`
+rows); `config.reward.components` score them (their weighted sum with vetoes,
+`reward_components.weighted_totals`, as IterAlign's `detect='reward'`); the best answer is kept
+when its reward reaches the prompt label's threshold (`min_reward_by_label`, ((label,
+threshold), ...), else `min_reward`).
 A priming stage for rewards the policy rarely earns: GRPO learns nothing from a group of G
 samples that all score alike, and a behaviour the base model shows in 3% of its samples (a
 refusal of a harmful prompt) is in few groups; N = 16 samples per prompt find it where it
@@ -132,16 +132,24 @@ def run(config, workdir: str) -> None:
     logging.info("best_of_n: sampling from %s", origin)
     prompt_ids = data.chat_ids(policy.tokenizer, records, b.max_prompt_tokens, b.on_long_prompt)
     records = [r for r in records if r.id in prompt_ids]
+    labels = sorted({str(r.label) for r in records})
+    unknown = [label for label in dict(b.num_samples_by_label) if label not in labels]
+    if unknown:
+        raise ValueError(
+            f"best_of_n.num_samples_by_label: no prompt has label {unknown[0]!r}; the prompts' "
+            f"labels are {labels} ('None' for prompts without one)."
+        )
     base = jax.random.key(config.seed)
     t0 = time.time()
-    # Prompts by N, each group in calls of `batch_prompts x num_samples` rows (one group, the
-    # records' order, without num_samples_by_label).
+    # Prompts by N, each group in calls of up to `batch_prompts x num_samples` rows (one group,
+    # the records' order, without num_samples_by_label).
     groups: dict[int, list[int]] = {}
     for i, r in enumerate(records):
         groups.setdefault(samples_for(config, r.label), []).append(i)
 
     def sample_group(n: int, indices: list[int]) -> list[dict]:
-        """The rows of records[indices], N = n each, in calls of batch_prompts x num_samples."""
+        """The rows of records[indices], N = n each, in calls of up to batch_prompts x
+        num_samples rows."""
         t1 = time.time()
 
         def batch_rows(batch: list, first: int) -> list[dict]:
