@@ -51,6 +51,8 @@ def test_compose_chain_runs_every_stage_on_configs_and_keys_that_exist(tmp_path)
         assert f"--config.checkpoint.init={w}/asym " in commands[f"noback_s{s}"]
         assert f"--config.seed={s} " in commands[f"noback_s{s}"]
         assert f"--model {w}/noback_s{s} " in commands[f"eval_noback_s{s}"]
+    for name in ("asym", "sft"):
+        assert f"--model {w}/{name} " in commands[f"eval_{name}"]
     assert not os.listdir(tmp_path), "a dry run wrote into the workdir"
 
 
