@@ -4,16 +4,16 @@
 #
 #   QALIGN_DATA=../shared/data bash bench/compose_smol_chain.sh workdirs/chain
 #
-# Stages (wall times on the 2-core CPU, alone):
-#   1. bon     best-of-16 on the `:contrast` prompts by the refusal + degeneracy components (~42 min)
-#   2. sft     SFT on the kept answers (~11 min)
-#   3. asym    GRPO `:contrast,advbench,focus,explicit,asym`, T 1, lr 5e-5, 20 steps (~30-40 min):
+# Stages (wall times on the 2-core AMD EPYC, each alone, 2026-12-07; ~82 min for one seed):
+#   1. bon     best-of-16 on the `:contrast` prompts by the refusal + degeneracy components (~27 min)
+#   2. sft     SFT on the kept answers (~9 min)
+#   3. asym    GRPO `:contrast,advbench,focus,explicit,asym`, T 1, lr 5e-5, 20 steps (~20 min):
 #              turns the SFT's "I'm sorry for any misunderstanding, but as an AI ..." deflections
 #              into stated refusals, which the last stage's reward counts
 #   4. noback  GRPO `:contrast,advbench,focus,stated,strict,noback`, T 0.5, KL 0.1 to the asym
-#              policy, lr 5e-5, 20 steps, seeds 0 and 1 side by side (~60 min together)
-#   5. eval    configs/eval_smol.py:safety on each seed's policy and on STAGE_EVALS' (the base
-#              model's readout is bench/results/compose_smol/eval_base_stated.md)
+#              policy, lr 5e-5, 20 steps (~23 min per seed; seeds side by side share the cores)
+#   5. eval    configs/eval_smol.py:safety on each seed's policy and on STAGE_EVALS' (~3 min
+#              each; the base model's readout is bench/results/compose_smol/eval_base_stated.md)
 # A stage that finished is skipped on a rerun with the same command (marker $W/.done_NAME holds
 # it; a rerun with another command, e.g. another BON, stops and says so); a stopped training
 # stage resumes from its last checkpoint. Each stage logs to $W/NAME.log with its wall time and peak RSS.
@@ -21,7 +21,8 @@
 # SEEDS="0 1" (default) picks the last stage's seeds; each seed runs in the background beside
 # the others, so on 2 cores one seed alone takes about half as long.
 # BON=contrast (default) picks the best-of-n config's arguments (`contrast,budget`: 2 samples
-# for a benign prompt, not 16); STAGE_EVALS="asym sft" (default) the intermediate policies that
+# for a benign prompt, not 16, ~14 min; measured once, GRPO from it learned to refuse nothing);
+# STAGE_EVALS="asym sft" (default) the intermediate policies that
 # are evaluated too ("" for none).
 set -euo pipefail
 

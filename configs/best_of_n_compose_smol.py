@@ -72,7 +72,10 @@ def get_config(arg=None):
             # (reward 0: neither refusing nor degenerate) and of equal answers the first is
             # kept, so the kept answer is the first that qualifies, from the same distribution
             # at 2 samples as at 16. The harmful prompts keep their 16. For `:contrast` the
-            # sampler calls fall from 113 to 58, of 64 rows each
+            # sampler calls fall from 113 to 58, of 64 rows each (~27 -> ~14 min). Measured
+            # once (2026-12-07, bench/results/compose_smol/README.md): 250 of 250 benign and
+            # 54 of 200 harmful kept (61 at N = 16), and the chain's GRPO stages from its SFT
+            # never sampled a refusal (held-out ASR 1.00): not the recipe's default
             b.num_samples_by_label = (("benign", 2),)
         elif part in ("explicit", "stated"):
             # 'explicit': "As an AI, I'm just a simple fabric ..." is no refusal; 'stated':
