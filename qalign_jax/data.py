@@ -439,6 +439,14 @@ def prompts_for_step_by_label(records, step: int, per_step: int, seed: int, mix)
     return out
 
 
+def draw_prompts(records, step: int, per_step: int, seed: int, label_mix=None) -> list:
+    """The `per_step` prompts of `step`: a uniform draw (`prompts_for_step`), or `label_mix`
+    of each label (`prompts_for_step_by_label`) when one is given (`grpo.label_mix`)."""
+    if label_mix:
+        return prompts_for_step_by_label(records, step, per_step, seed, label_mix)
+    return prompts_for_step(records, step, per_step, seed)
+
+
 def chat_ids(tokenizer, records, max_tokens: int, on_long: str) -> dict[str, list[int]]:
     """Chat-template token ids per prompt id; over-long prompts are an error or dropped."""
     out, long = {}, []

@@ -81,10 +81,7 @@ def resample_prompts(records, step: int, round_index: int, per_step: int, seed: 
     """The B extra prompts of `step`'s round r >= 1: a pure function of (seed, step, r), drawn
     as the step's own prompts are: uniformly, or `label_mix` of each label (`grpo.label_mix`)."""
     index = step * max_rounds + round_index - 1
-    seed += RESAMPLE_SEED_OFFSET
-    if label_mix:
-        return data.prompts_for_step_by_label(records, index, per_step, seed, label_mix)
-    return data.prompts_for_step(records, index, per_step, seed)
+    return data.draw_prompts(records, index, per_step, seed + RESAMPLE_SEED_OFFSET, label_mix)
 
 
 def join_rollouts(parts: list):

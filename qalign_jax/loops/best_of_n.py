@@ -132,12 +132,12 @@ def run(config, workdir: str) -> None:
     logging.info("best_of_n: sampling from %s", origin)
     prompt_ids = data.chat_ids(policy.tokenizer, records, b.max_prompt_tokens, b.on_long_prompt)
     records = [r for r in records if r.id in prompt_ids]
-    labels = sorted({str(r.label) for r in records})
+    labels = sorted({r.label for r in records}, key=str)  # as samples_for looks them up
     unknown = [label for label in dict(b.num_samples_by_label) if label not in labels]
     if unknown:
         raise ValueError(
             f"best_of_n.num_samples_by_label: no prompt has label {unknown[0]!r}; the prompts' "
-            f"labels are {labels} ('None' for prompts without one)."
+            f"labels are {labels}."
         )
     base = jax.random.key(config.seed)
     t0 = time.time()

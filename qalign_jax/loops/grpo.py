@@ -117,9 +117,7 @@ def read_prompts(config) -> list[data.PromptRecord]:
 
 def step_prompts(records, step: int, g, seed: int) -> list:
     """The B prompts of `step`: a uniform draw, or `grpo.label_mix` prompts of each label."""
-    if g.label_mix:
-        return data.prompts_for_step_by_label(records, step, g.prompts_per_step, seed, g.label_mix)
-    return data.prompts_for_step(records, step, g.prompts_per_step, seed)
+    return data.draw_prompts(records, step, g.prompts_per_step, seed, g.label_mix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,14 +434,9 @@ def run(config, workdir: str) -> None:
 
                 def draw(r, step=step, policy=policy):  # round r's B x G extra rollouts
                     more = grpo_variants.resample_prompts(
-                        records,
-                        step,
-                        r,
-                        g.prompts_per_step,
-                        config.seed,
-                        g.max_resample_rounds,
+                        records, step, r, g.prompts_per_step, config.seed, g.max_resample_rounds,
                         g.label_mix,
-                    )
+                    )  # fmt: skip
                     more = [x for x in more for _ in range(g.num_generations)]
                     key = jax.random.fold_in(jax.random.fold_in(base_rng, step), r)
                     return rollouts.rollout(
